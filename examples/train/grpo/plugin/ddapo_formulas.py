@@ -1,0 +1,147 @@
+"""DDAPO attention-balance formulas, Eq. (1)-(7) of the DDAPO notation (docs: ../shared/ddapo_method.md).
+
+Pure tensor functions: no ms-swift, no model. The data flow is
+
+    attention probabilities of one layer --layer_modality_masses--> [|o_i|, 2]   (Eq. 1 numerators)
+    stacked over the layers Lambda     --token_text_mass-------->  m^T_{i,t}    (Eq. 1 + Eq. 4)
+    m^T_{i,t}, |T|, |V|                --sequence_scores-------->  M^T_i, rho_text_i, rho_vis_i, TDR_i,
+                                                                   eta^X_i, R^bal_i (Eq. 2, 3, 5, 6, 7)
+
+Cases where a value is undefined (notation, section 4) raise `NotApplicable` with a short reason
+code; the caller turns that into `None` for GRPO and counts the reason.
+"""
+import math
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+TEXT, VISION = 0, 1  # column order of the per-layer masses
+
+
+class NotApplicable(ValueError):
+    """The reward is undefined for this output (notation section 4); ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str = ''):
+        super().__init__(f'{reason}: {detail}' if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def layer_modality_masses(attention: torch.Tensor, text_keys: torch.Tensor, vision_keys: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention mass on the text and vision keys, per query row: the sums of Eq. (1).
+
+    ``attention``: ``[H, |o_i|, S]`` softmax probabilities of one layer, rows ``s_{i,t}`` only;
+    ``text_keys`` / ``vision_keys``: ``[S]`` boolean masks of ``T`` and ``V``.
+    Returns ``[|o_i|, 2]`` float32: column 0 is ``sum_{j in T} (1/H) sum_h alpha``, column 1 the same over ``V``.
+
+    Example: one head, one row ``[0.5, 0.3, 0.2]``, ``T = {0}``, ``V = {1}`` gives ``[[0.5, 0.3]]``
+    (key 2, e.g. a special token, is in neither set).
+    """
+    head_mean = attention.float().mean(dim=0)  # [|o_i|, S]
+    key_masks = torch.stack([text_keys, vision_keys], dim=1).to(head_mean)  # [S, 2]
+    return head_mean @ key_masks
+
+
+def token_text_mass(layer_masses: torch.Tensor) -> torch.Tensor:
+    """``m^T_{i,t}`` of Eq. (4): Eq. (1)'s renormalised text share, averaged over the layers read.
+
+    ``layer_masses``: ``[|Lambda|, |o_i|, 2]`` from `layer_modality_masses`, one slice per layer of ``Lambda``.
+    A layer whose Eq. (1) denominator is 0 for a token is left out of that token's mean (notation
+    section 4); a token with no such layer at all gets NaN. ``m^V_{i,t} = 1 - m^T_{i,t}``.
+
+    Example: two layers giving a token masses ``[0.6, 0.2]`` and ``[0.1, 0.1]`` give
+    ``m^T = (0.75 + 0.5) / 2 = 0.625``.
+    """
+    layer_masses = layer_masses.double()
+    denominator = layer_masses.sum(dim=-1)  # [|Lambda|, |o_i|]
+    valid = denominator > 0
+    share = torch.where(valid, layer_masses[..., TEXT] / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.)
+    count = valid.sum(dim=0)
+    return torch.where(count > 0, share.sum(dim=0) / count.clamp_min(1), torch.nan)
+
+
+@dataclass(frozen=True)
+class DDAPOScores:
+    """Sequence-level quantities of one output ``o_i`` (notation section 3)."""
+    num_text_keys: int  # |T|
+    num_vision_keys: int  # |V|
+    num_tokens: int  # |o_i| tokens whose m^T is defined
+    M_text: float  # M^T_i, Eq. (5)
+    M_vis: float  # M^V_i = 1 - M^T_i
+    rho_text: float  # Eq. (2)
+    rho_vis: float  # Eq. (2)
+    tdr: float  # TDR_i, Eq. (3); inf when M^V_i = 0
+    eta_text: float  # eta^T_i, Eq. (6)
+    eta_vis: float  # eta^V_i, Eq. (6)
+    reward_balance: float  # R^bal_i, Eq. (7)
+
+
+def balance_reward(rho_text: float, rho_vis: float) -> float:
+    """``R^bal_i = rho_vis_i / (rho_text_i + rho_vis_i) = 1 / (1 + TDR_i)``, Eq. (7), in ``[0, 1]``.
+
+    Example: ``rho_text = 0.03``, ``rho_vis = 0.01`` (``TDR = 3``) gives ``0.25``; ``rho_vis = 0`` gives ``0``.
+    """
+    total = rho_text + rho_vis
+    if total <= 0:
+        raise NotApplicable('no_prompt_attention', 'rho_text + rho_vis = 0')
+    return rho_vis / total
+
+
+def sequence_scores(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> DDAPOScores:
+    """Eq. (2), (3), (5), (6), (7) from the per-token text masses ``m^T_{i,t}`` (NaN tokens are left out).
+
+    Raises `NotApplicable` for ``|V| = 0`` (``no_vision_keys``), ``|T| = 0`` (``no_text_keys``),
+    ``|o_i| = 0`` (``empty_completion``) and when no token has a defined mass (``no_prompt_attention``).
+
+    Example: ``m^T = [0.8, 0.6]``, ``|T| = 10``, ``|V| = 30``: ``M^T = 0.7``, ``rho_text = 0.07``,
+    ``rho_vis = 0.01``, ``TDR = 7``, ``eta^T = 2.8``, ``eta^V = 0.4``, ``R^bal = 0.125``.
+    """
+    if num_vision_keys == 0:
+        raise NotApplicable('no_vision_keys', 'the prompt has no image or video token (|V| = 0)')
+    if num_text_keys == 0:
+        raise NotApplicable('no_text_keys', 'the prompt has no text key outside special tokens and system turn')
+    if m_text.numel() == 0:
+        raise NotApplicable('empty_completion', '|o_i| = 0')
+    defined = m_text[~torch.isnan(m_text)]
+    if defined.numel() == 0:
+        raise NotApplicable('no_prompt_attention', 'no generated token attends to a text or vision key')
+    M_text = float(defined.mean())
+    M_vis = 1.0 - M_text
+    rho_text, rho_vis = M_text / num_text_keys, M_vis / num_vision_keys
+    share_text = num_text_keys / (num_text_keys + num_vision_keys)
+    return DDAPOScores(
+        num_text_keys=num_text_keys,
+        num_vision_keys=num_vision_keys,
+        num_tokens=int(defined.numel()),
+        M_text=M_text,
+        M_vis=M_vis,
+        rho_text=rho_text,
+        rho_vis=rho_vis,
+        tdr=rho_text / rho_vis if rho_vis > 0 else math.inf,
+        eta_text=M_text / share_text,
+        eta_vis=M_vis / (1.0 - share_text),
+        reward_balance=balance_reward(rho_text, rho_vis),
+    )
+
+
+def layer_set(num_layers: int, spec: str = 'last:8') -> List[int]:
+    """The layers ``Lambda`` read, as 0-based indices: ``last:K`` (all when ``L < K``), ``all``, or a third.
+
+    Thirds per the notation (layers numbered from 1): ``early = 1..floor(L/3)``,
+    ``middle = floor(L/3)+1..floor(2L/3)``, ``late = floor(2L/3)+1..L``.
+    Example: ``L = 28``: ``last:8`` is ``[20..27]``, ``early`` is ``[0..8]``, ``late`` is ``[18..27]``.
+    """
+    if num_layers <= 0:
+        raise ValueError(f'num_layers must be positive, got {num_layers}')
+    if spec == 'all':
+        return list(range(num_layers))
+    if spec.startswith('last:'):
+        k = int(spec[len('last:'):])
+        if k <= 0:
+            raise ValueError(f'last:K needs K >= 1, got {spec!r}')
+        return list(range(max(0, num_layers - k), num_layers))
+    a, b = num_layers // 3, (2 * num_layers) // 3
+    thirds = {'early': range(0, a), 'middle': range(a, b), 'late': range(b, num_layers)}
+    if spec not in thirds:
+        raise ValueError(f"layer set must be 'last:K', 'all', 'early', 'middle' or 'late', got {spec!r}")
+    return list(thirds[spec])

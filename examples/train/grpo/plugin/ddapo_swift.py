@@ -1,0 +1,181 @@
+"""Everything the DDAPO reward needs from ms-swift, in one place.
+
+    reward kwargs row --encode_completion--> the trainer's template encoding of [q ; o_i], exact
+                                             generated ids, prompt_len P, collated forward kwargs
+    trainer           --policy_forward-----> one no-grad eval forward of the policy model with the
+                                             language model's attention on `ddapo_eager`, every
+                                             piece of state it touches restored on exit
+"""
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from swift.model.utils import AttnImpl
+from swift.rl_core.data import GRPOSample
+from swift.rlhf_trainers.utils import encode_sample
+from swift.trainers.utils import disable_gradient_checkpointing
+from swift.utils import to_device
+
+from ddapo_capture import attention_settings, language_attention, language_config
+
+TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swift/pipelines/train/rlhf.py)
+NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state'})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the reward needs to know of the policy model and its tokenizer."""
+    vision_token_ids: FrozenSet[int]  # image_token_id, video_token_id of the model config
+    special_ids: FrozenSet[int]
+    im_start_id: int
+    im_end_id: int
+    system_role_ids: Tuple[int, ...]
+    num_layers: int  # L, the language model's decoder layers
+
+
+def unwrap_policy(trainer) -> torch.nn.Module:
+    """The Hugging Face model that really runs: DeepSpeed / DDP unwrapped by accelerate, then PEFT."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return model.get_base_model() if hasattr(model, 'get_base_model') else model
+
+
+def model_spec(trainer) -> ModelSpec:
+    """Read and validate the policy's vision token ids, special tokens and layer count.
+
+    Raises ValueError when the model config has no image/video token id (not a vision-language model).
+    """
+    model = unwrap_policy(trainer)
+    config = model.config
+    vision_ids = {getattr(config, k, None) for k in ('image_token_id', 'video_token_id')} - {None}
+    if not vision_ids:
+        raise ValueError(f'ddapo_attention needs a vision-language model: the config of {type(model).__name__} '
+                         f'(model_type={config.model_type!r}) has no image_token_id or video_token_id, so the '
+                         "prompt's vision keys V cannot be found. Use Qwen2-VL or Qwen2.5-VL, or drop the reward.")
+    tokenizer = trainer.template.tokenizer
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    num_layers = getattr(language_config(config), 'num_hidden_layers', None)
+    if not num_layers:
+        raise ValueError(f'ddapo_attention cannot find num_hidden_layers on the language config of {type(model).__name__}')
+    return ModelSpec(
+        vision_token_ids=frozenset(vision_ids),
+        special_ids=frozenset(special),
+        im_start_id=tokenizer.convert_tokens_to_ids('<|im_start|>'),
+        im_end_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
+        system_role_ids=tuple(tokenizer.encode('system', add_special_tokens=False)),
+        num_layers=int(num_layers),
+    )
+
+
+def reward_rows(kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, Any]]:
+    """Split ms-swift's batched reward kwargs (one list per column) back into per-sample rows."""
+    columns = {k: v for k, v in kwargs.items()
+               if k not in NOT_ROW_KWARGS and isinstance(v, (list, tuple)) and len(v) == num_completions}
+    return [{k: v[i] for k, v in columns.items()} for i in range(num_completions)]
+
+
+def generated_ids(response_token_ids: Sequence) -> List[int]:
+    """The ids of the final generated turn (ms-swift stores a list per turn, or one flat list)."""
+    if response_token_ids and isinstance(response_token_ids[0], (list, tuple)):
+        return list(response_token_ids[-1])
+    return list(response_token_ids or [])
+
+
+@dataclass
+class EncodedCompletion:
+    """``x_i = [q ; o_i]`` as the template encodes it, and where ``o_i`` sits in it."""
+    input_ids: List[int]
+    prompt_len: int  # P
+    num_generated: int  # |o_i|
+    forward_kwargs: Dict[str, Any] = field(repr=False)
+
+
+class GeneratedIdsMismatch(ValueError):
+    """The template's encoding does not hold the generated ids right after the prompt."""
+
+
+def encode_completion(trainer, row: Dict[str, Any]) -> EncodedCompletion:
+    """Encode the prompt with the trainer's template followed by exactly ``response_token_ids``.
+
+    ms-swift's own `encode_sample` does what the training forward does (response ids injected, never
+    re-tokenised text); the template then appends ``<|im_end|>\\n``, so ``o_i`` is the ``|o_i|``
+    positions right after the prompt, the first labelled position.
+    """
+    template = trainer.template
+    sample = GRPOSample.from_row(row)
+    ids = generated_ids(sample.response_token_ids)
+    if not ids:
+        raise GeneratedIdsMismatch('the row has no response_token_ids (is the reward run by a GRPO trainer?)')
+    sample.response_token_ids = [ids]  # the last turn alone, as it was generated
+    encoded = encode_sample(sample, template)
+    encoded.pop('_extra_kwargs', None)
+    input_ids, labels = list(encoded['input_ids']), list(encoded['labels'])
+    prompt_len = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+    if input_ids[prompt_len:prompt_len + len(ids)] != ids:
+        raise GeneratedIdsMismatch(f'encoded sequence does not hold the {len(ids)} generated ids at position '
+                                   f'{prompt_len} (sequence length {len(input_ids)})')
+    batch = template.data_collator([encoded])
+    batch.pop('labels', None)
+    batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
+    return EncodedCompletion(input_ids, prompt_len, len(ids), to_device(batch, trainer.accelerator.device))
+
+
+@contextmanager
+def _template_state(template) -> Iterator[None]:
+    saved = (template.mode, template.max_length, template.padding_free)
+    template.set_mode(TEMPLATE_MODE)
+    template.max_length = None  # as the trainer's own encoding for the policy forward
+    template.padding_free = False  # one sequence, batch size 1: nothing to pack
+    try:
+        yield
+    finally:
+        template.set_mode(saved[0])
+        template.max_length, template.padding_free = saved[1:]
+
+
+@contextmanager
+def _eval_modes(model: torch.nn.Module) -> Iterator[None]:
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+@dataclass
+class ForwardReport:
+    """What the one-time ``[DDAPO_DEBUG]`` report shows of the reward forward."""
+    attention_before: Dict[str, Dict[str, Any]]
+    attention_during: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    gradient_checkpointing: Optional[bool] = None
+
+
+@contextmanager
+def policy_forward(trainer) -> Iterator[Tuple[Any, ForwardReport]]:
+    """Set the policy up for reward forwards; yields ``(forward, report)`` where ``forward(**kwargs)``
+    calls ``trainer.model`` (template hook included) under ``torch.no_grad()``.
+
+    Inside: template in ``train`` mode without truncation or packing, every module in eval mode,
+    gradient checkpointing off, language attention on ``ddapo_eager``. All of it is restored on exit,
+    exceptions included.
+    """
+    model = trainer.model
+    config = unwrap_policy(trainer).config
+    keys = AttnImpl.attn_impl_keys
+    report = ForwardReport(attention_before=attention_settings(config, keys),
+                           gradient_checkpointing=getattr(model, 'is_gradient_checkpointing', None))
+    with ExitStack() as stack:
+        stack.enter_context(_template_state(trainer.template))
+        stack.enter_context(_eval_modes(model))
+        stack.enter_context(disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs))
+        stack.enter_context(language_attention(config, keys))
+        report.attention_during = attention_settings(config, keys)
+
+        def forward(**kwargs):
+            with torch.no_grad():
+                return model(**kwargs)
+
+        yield forward, report

@@ -1,0 +1,119 @@
+"""Runtime form of ``ms_swift_4.6_grpo_reward_kwargs.diff``: the GRPO trainer hands itself to reward functions.
+
+ms-swift 4.6 passes reward functions text columns only. With this patch applied:
+- every reward function call gets ``trainer=<GRPOTrainer>`` in its kwargs;
+- reward functions with an ``on_trainer_init(trainer)`` method are called once the trainer has built
+  its rewards, so they can validate the policy model at start;
+- the all-``None`` row warning of ``compute_rewards_per_func`` (which indexes every reward kwarg by
+  row) never sees the trainer, so it cannot crash on it.
+
+The diff puts ``trainer`` into ``extra_reward_kwargs`` and skips it in that warning. A runtime patch
+cannot edit a line inside ``compute_rewards_per_func``, so here the trainer is bound into each reward
+function for the duration of the call instead; reward functions see the same kwargs either way.
+`apply()` is idempotent, does nothing when the diff is already in the installed ms-swift, and fails
+with a clear message when the methods it wraps are not what it expects.
+"""
+import functools
+import inspect
+from contextvars import ContextVar
+from typing import Any, Callable, List, Optional
+
+PATCH_FLAG = '__ddapo_reward_kwargs_patch__'
+DIFF_MARKER = "extra_reward_kwargs = {'trainer': self}"
+SUPPORTED_SWIFT = '>=4.6,<5'
+_TRAINER: ContextVar[Optional[Any]] = ContextVar('ddapo_reward_trainer', default=None)
+
+
+class PatchError(RuntimeError):
+    pass
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        import swift
+        raise PatchError(f'swift_patches.grpo_reward_kwargs cannot patch ms-swift {swift.__version__} '
+                         f'(supported: {SUPPORTED_SWIFT}): {what}. Apply swift_patches/'
+                         'ms_swift_4.6_grpo_reward_kwargs.diff by hand or use a supported ms-swift.')
+
+
+def _params(func: Callable) -> List[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def _bind_trainer(reward_func: Callable, trainer: Any) -> Callable:
+    """``reward_func`` with ``trainer=trainer`` added to every call; reward models are left alone."""
+    import torch
+    if isinstance(reward_func, torch.nn.Module):
+        return reward_func  # called through its plugin with `inputs=`, not with reward kwargs
+    from swift.rl_core.grpo_algorithm import _is_async_reward
+    if _is_async_reward(reward_func):
+
+        async def bound_async(completions, **kwargs):
+            return await reward_func(completions, trainer=trainer, **kwargs)
+
+        return bound_async
+
+    def bound(completions, **kwargs):
+        return reward_func(completions, trainer=trainer, **kwargs)
+
+    return bound
+
+
+def is_applied() -> bool:
+    """True when reward functions receive ``trainer`` (runtime patch or diff)."""
+    from swift.rlhf_trainers import grpo_trainer
+    method = grpo_trainer.GRPOTrainer._compute_rewards_per_func
+    return getattr(method, PATCH_FLAG, False) or DIFF_MARKER in inspect.getsource(method)
+
+
+def apply() -> str:
+    """Patch ms-swift's GRPO trainer in this process. Returns ``'applied'``, ``'already applied'`` or
+    ``'diff installed'``; raises `PatchError` when ms-swift is not the version this patch knows."""
+    from swift.rlhf_trainers import grpo_trainer
+    trainer_cls = grpo_trainer.GRPOTrainer
+    compute = getattr(trainer_cls, '_compute_rewards_per_func', None)
+    prepare = getattr(trainer_cls, '_prepare_rewards', None)
+    _expect(compute is not None and prepare is not None,
+            'GRPOTrainer has no _compute_rewards_per_func / _prepare_rewards')
+    if getattr(compute, PATCH_FLAG, False):
+        return 'already applied'
+    compute_source = inspect.getsource(compute)
+    if DIFF_MARKER in compute_source:
+        return 'diff installed'
+    _expect(_params(compute) == ['self', 'samples'], f'_compute_rewards_per_func{inspect.signature(compute)}')
+    _expect('score_completions(' in compute_source and hasattr(grpo_trainer, 'score_completions'),
+            '_compute_rewards_per_func no longer calls score_completions')
+    score = grpo_trainer.score_completions
+    _expect(_params(score)[:2] == ['samples', 'reward_funcs'], f'score_completions{inspect.signature(score)}')
+    _expect(_params(prepare)[:2] == ['self', 'reward_funcs'] and 'self.reward_funcs' in inspect.getsource(prepare),
+            f'_prepare_rewards{inspect.signature(prepare)} no longer sets self.reward_funcs')
+
+    @functools.wraps(compute)
+    def _compute_rewards_per_func(self, samples):
+        token = _TRAINER.set(self)
+        try:
+            return compute(self, samples)
+        finally:
+            _TRAINER.reset(token)
+
+    @functools.wraps(score)
+    def score_completions(samples, reward_funcs, *args, **kwargs):
+        trainer = _TRAINER.get()
+        if trainer is not None:
+            reward_funcs = [_bind_trainer(f, trainer) for f in reward_funcs]
+        return score(samples, reward_funcs, *args, **kwargs)
+
+    @functools.wraps(prepare)
+    def _prepare_rewards(self, *args, **kwargs):
+        result = prepare(self, *args, **kwargs)
+        for reward_func in self.reward_funcs:
+            if hasattr(reward_func, 'on_trainer_init'):
+                reward_func.on_trainer_init(self)
+        return result
+
+    for wrapper in (_compute_rewards_per_func, score_completions, _prepare_rewards):
+        setattr(wrapper, PATCH_FLAG, True)
+    trainer_cls._compute_rewards_per_func = _compute_rewards_per_func
+    trainer_cls._prepare_rewards = _prepare_rewards
+    grpo_trainer.score_completions = score_completions
+    return 'applied'

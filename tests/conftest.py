@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random Qwen2.5-VL / Qwen2-VL built offline, ms-swift's real template and hook.
+
+The reward code touches the trainer only through ``trainer.model``, ``trainer.template``,
+``trainer.accelerator`` and ``trainer.args.gradient_checkpointing_kwargs``; `policy` hands it those
+real objects without building a whole GRPOTrainer (the end-to-end test runs the real one).
+"""
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN_DIR = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin')
+GRPO_DIR = os.path.join(ROOT, 'examples', 'train', 'grpo')
+for path in (PLUGIN_DIR, GRPO_DIR, ROOT):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+from tiny_qwen_vl import build_shapes_dataset, build_tiny_qwen_vl  # noqa: E402
+
+MODEL_TYPES = ['qwen2_5_vl', 'qwen2_vl']
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(model_type) -> path``, each model built once per session."""
+    root = tmp_path_factory.mktemp('tiny_models')
+
+    def build(model_type: str = 'qwen2_5_vl') -> str:
+        return build_tiny_qwen_vl(str(root / model_type), model_type)
+
+    return build
+
+
+@pytest.fixture(scope='session')
+def shapes_dataset(tmp_path_factory):
+    return build_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_rows=8)
+
+
+def make_policy(model_dir: str, model_type: str, gradient_checkpointing: bool = False):
+    """The real model, processor and GRPO-mode template, with the template's post-encode hook registered."""
+    import torch
+    from accelerate import Accelerator
+    from swift.model import get_model_processor
+    from swift.template import get_template
+    model, processor = get_model_processor(model_dir, check_model=False, model_type=model_type,
+                                           torch_dtype=torch.float32)
+    template = get_template(processor, template_type=model_type)
+    template.set_mode('train')
+    template.model = model  # as ms-swift's pipelines do; Qwen2-VL's collator uses it for rope indices
+    template.register_post_encode_hook([model])
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return SimpleNamespace(model=model, template=template, processor=processor,
+                           accelerator=Accelerator(cpu=True),
+                           args=SimpleNamespace(gradient_checkpointing_kwargs=None, use_vllm=False))
+
+
+@pytest.fixture(scope='module', params=MODEL_TYPES)
+def policy(request, tiny_model_dir):
+    policy = make_policy(tiny_model_dir(request.param), request.param)
+    policy.model_type = request.param
+    yield policy
+    policy.template.remove_post_encode_hook()
+
+
+def image(colour=(255, 0, 0), size=112, seed=0):
+    """A small RGB image with a coloured block whose place depends on ``seed``."""
+    from PIL import Image, ImageDraw
+    img = Image.new('RGB', (size, size), (255, 255, 255))
+    offset = (seed * 17) % (size // 2)
+    ImageDraw.Draw(img).rectangle([offset, offset, offset + size // 3, offset + size // 2], fill=colour)
+    return img

@@ -1,0 +1,30 @@
+"""DDAPOConfig: the reward's validated DDAPO_* settings."""
+import pytest
+
+from ddapo_config import DDAPOConfig
+
+
+class TestDDAPOConfig:
+    """Edge cases: defaults, boolean spellings, a bad value names the variable and the allowed values, an
+    unknown DDAPO_* variable (a typo) fails instead of being ignored, non-DDAPO variables are ignored."""
+
+    def test_defaults(self):
+        assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True)
+
+    @pytest.mark.parametrize('raw, value', [('0', False), ('false', False), ('Off', False), ('1', True), ('yes', True)])
+    def test_bool_spellings(self, raw, value):
+        assert DDAPOConfig.from_env({'DDAPO_DEBUG': raw}).debug is value
+
+    def test_bad_value(self):
+        with pytest.raises(ValueError, match=r"DDAPO_DEBUG='maybe'.*allowed values: 1, true"):
+            DDAPOConfig.from_env({'DDAPO_DEBUG': 'maybe'})
+
+    def test_unknown_variable(self):
+        with pytest.raises(ValueError, match='Unknown DDAPO setting.*DDAPO_DEGUB.*known: DDAPO_DEBUG'):
+            DDAPOConfig.from_env({'DDAPO_DEGUB': '1'})
+
+    def test_other_variables_ignored(self):
+        assert DDAPOConfig.from_env({'PATH': '/bin', 'DDAPOX': '1'}).debug is True
+
+    def test_describe(self):
+        assert DDAPOConfig(debug=False).describe() == 'DDAPO_DEBUG=False'

@@ -1,0 +1,141 @@
+"""Eq. (1)-(7) on synthetic attention with hand-computed answers (ddapo_formulas)."""
+import math
+
+import pytest
+import torch
+
+from ddapo_formulas import (NotApplicable, balance_reward, layer_modality_masses, layer_set, sequence_scores,
+                            token_text_mass)
+
+
+def mask(size, positions):
+    out = torch.zeros(size, dtype=torch.bool)
+    out[list(positions)] = True
+    return out
+
+
+class TestLayerModalityMasses:
+    """Edge cases: head averaging; keys in neither set (special tokens) carry mass that is not counted."""
+
+    def test_docstring_example(self):
+        attention = torch.tensor([[[0.5, 0.3, 0.2]]])  # [H=1, rows=1, S=3]
+        masses = layer_modality_masses(attention, mask(3, [0]), mask(3, [1]))
+        assert torch.allclose(masses, torch.tensor([[0.5, 0.3]]))
+
+    def test_heads_are_averaged_before_summing(self):
+        attention = torch.tensor([[[0.6, 0.4, 0.0]], [[0.2, 0.2, 0.6]]])  # two heads
+        masses = layer_modality_masses(attention, mask(3, [0]), mask(3, [1, 2]))
+        assert torch.allclose(masses, torch.tensor([[0.4, 0.6]]))
+
+    def test_bf16_input_gives_float32(self):
+        attention = torch.full((2, 3, 4), 0.25, dtype=torch.bfloat16)
+        masses = layer_modality_masses(attention, mask(4, [0]), mask(4, [2, 3]))
+        assert masses.dtype == torch.float32 and masses.shape == (3, 2)
+        assert torch.allclose(masses, torch.tensor([[0.25, 0.5]] * 3))
+
+
+class TestTokenTextMass:
+    """Edge cases: Eq. (1) renormalisation; a layer with zero denominator is left out; no valid layer -> NaN."""
+
+    def test_docstring_example(self):
+        layer_masses = torch.tensor([[[0.6, 0.2]], [[0.1, 0.1]]])  # [L=2, tokens=1, 2]
+        assert token_text_mass(layer_masses).item() == pytest.approx(0.625)
+
+    def test_renormalisation_ignores_mass_outside_keys(self):
+        # 0.3 text, 0.1 vision, the rest on special tokens: a = 0.75 whatever the rest is
+        assert token_text_mass(torch.tensor([[[0.3, 0.1]]])).item() == pytest.approx(0.75)
+        assert token_text_mass(torch.tensor([[[0.03, 0.01]]])).item() == pytest.approx(0.75)
+
+    def test_zero_denominator_layer_left_out(self):
+        layer_masses = torch.tensor([[[0.0, 0.0]], [[0.2, 0.6]]])
+        assert token_text_mass(layer_masses).item() == pytest.approx(0.25)
+
+    def test_token_without_valid_layer_is_nan(self):
+        layer_masses = torch.tensor([[[0.0, 0.0], [0.5, 0.5]]])
+        m_text = token_text_mass(layer_masses)
+        assert math.isnan(m_text[0].item()) and m_text[1].item() == pytest.approx(0.5)
+
+
+class TestSequenceScores:
+    """Edge cases: worked example, Eq. (5)/(6) identities, length invariance, NaN tokens, M^V = 0 and the
+    undefined cases of notation section 4 (|V| = 0, |T| = 0, |o_i| = 0, no defined token)."""
+
+    def test_docstring_example(self):
+        s = sequence_scores(torch.tensor([0.8, 0.6]), num_text_keys=10, num_vision_keys=30)
+        assert s.M_text == pytest.approx(0.7) and s.M_vis == pytest.approx(0.3)
+        assert s.rho_text == pytest.approx(0.07) and s.rho_vis == pytest.approx(0.01)
+        assert s.tdr == pytest.approx(7.0)
+        assert s.eta_text == pytest.approx(2.8) and s.eta_vis == pytest.approx(0.4)
+        assert s.reward_balance == pytest.approx(0.125)
+        assert (s.num_text_keys, s.num_vision_keys, s.num_tokens) == (10, 30, 2)
+
+    def test_identities(self):
+        s = sequence_scores(torch.tensor([0.9, 0.35, 0.5]), num_text_keys=7, num_vision_keys=64)
+        assert s.tdr == pytest.approx((s.M_text * 64) / (s.M_vis * 7))  # Eq. (5)
+        assert s.tdr == pytest.approx(s.eta_text / s.eta_vis)  # Eq. (6)
+        assert s.reward_balance == pytest.approx(1 / (1 + s.tdr))  # Eq. (7)
+
+    def test_balance_is_one_half(self):
+        s = sequence_scores(torch.tensor([0.25]), num_text_keys=10, num_vision_keys=30)  # 0.25/10 == 0.75/30
+        assert s.tdr == pytest.approx(1.0) and s.reward_balance == pytest.approx(0.5)
+
+    def test_length_invariance(self):
+        short = sequence_scores(torch.tensor([0.8, 0.6]), 10, 30)
+        long = sequence_scores(torch.tensor([0.8, 0.6] * 50), 10, 30)
+        assert long.reward_balance == pytest.approx(short.reward_balance) and long.num_tokens == 100
+
+    def test_nan_tokens_left_out(self):
+        s = sequence_scores(torch.tensor([0.8, float('nan'), 0.6]), 10, 30)
+        assert s.M_text == pytest.approx(0.7) and s.num_tokens == 2
+
+    def test_no_vision_mass_gives_infinite_tdr_and_zero_reward(self):
+        s = sequence_scores(torch.tensor([1.0, 1.0]), 10, 30)
+        assert s.tdr == math.inf and s.reward_balance == 0.0
+
+    def test_all_vision_mass_gives_reward_one(self):
+        s = sequence_scores(torch.tensor([0.0]), 10, 30)
+        assert s.tdr == 0.0 and s.reward_balance == 1.0
+
+    @pytest.mark.parametrize('m_text, num_text, num_vision, reason', [
+        (torch.tensor([0.5]), 10, 0, 'no_vision_keys'),
+        (torch.tensor([0.5]), 0, 30, 'no_text_keys'),
+        (torch.tensor([]), 10, 30, 'empty_completion'),
+        (torch.tensor([float('nan')] * 3), 10, 30, 'no_prompt_attention'),
+    ])
+    def test_undefined_cases(self, m_text, num_text, num_vision, reason):
+        with pytest.raises(NotApplicable) as error:
+            sequence_scores(m_text, num_text, num_vision)
+        assert error.value.reason == reason
+
+
+class TestBalanceReward:
+    """Edge cases: worked example, rho_vis = 0 gives 0, both densities 0 is undefined."""
+
+    def test_docstring_example(self):
+        assert balance_reward(0.03, 0.01) == pytest.approx(0.25)
+
+    def test_no_vision_density(self):
+        assert balance_reward(0.03, 0.0) == 0.0
+
+    def test_no_density_at_all(self):
+        with pytest.raises(NotApplicable):
+            balance_reward(0.0, 0.0)
+
+
+class TestLayerSet:
+    """Edge cases: last:K with L >= K and L < K, all, thirds (docstring example), bad specs."""
+
+    def test_last_k(self):
+        assert layer_set(28, 'last:8') == list(range(20, 28))
+        assert layer_set(4, 'last:8') == [0, 1, 2, 3]
+
+    def test_thirds_and_all(self):
+        assert layer_set(28, 'early') == list(range(0, 9))
+        assert layer_set(28, 'middle') == list(range(9, 18))
+        assert layer_set(28, 'late') == list(range(18, 28))
+        assert layer_set(3, 'all') == [0, 1, 2]
+
+    @pytest.mark.parametrize('spec', ['last:0', 'first:2', 'LATE'])
+    def test_bad_spec(self, spec):
+        with pytest.raises(ValueError):
+            layer_set(28, spec)

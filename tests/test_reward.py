@@ -1,0 +1,168 @@
+"""DDAPOAttentionORM on real tiny models and ms-swift's template: capture vs the naive computation,
+state restoration, and the failures that must happen at start."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import image, make_policy
+from ddapo_attention_reward import DDAPOAttentionORM
+from ddapo_key_sets import build_key_sets
+from ddapo_swift import TEMPLATE_MODE, encode_completion, model_spec
+
+COMPLETIONS = ['The answer is red', 'It is a square, I think', 'blue', 'Think step by step. The shape is yellow']
+
+
+def reward_kwargs(policy, completions=COMPLETIONS, images_per_row=1, text_only_rows=()):
+    """The columns ms-swift hands a reward function (rows as after rollout), plus the trainer."""
+    tokenizer = policy.processor.tokenizer
+    columns = {'messages': [], 'images': [], 'response_token_ids': [], 'prompt_id': [], 'trainer': policy}
+    for i, completion in enumerate(completions):
+        n_images = 0 if i in text_only_rows else images_per_row
+        columns['messages'].append([{'role': 'user', 'content': '<image>' * n_images + 'What colour is the shape?'},
+                                    {'role': 'assistant', 'content': completion}])
+        columns['images'].append([image(colour=(40 * i, 200, 90), seed=i + j) for j in range(n_images)])
+        columns['response_token_ids'].append([tokenizer.encode(completion, add_special_tokens=False)])
+        columns['prompt_id'].append(f'p{i}')
+    return columns
+
+
+def naive_reward(policy, row, num_layers_read=8):
+    """Eq. (1)-(7) written out from `output_attentions=True` of the unwrapped eager model, all layers kept."""
+    spec = model_spec(policy)
+    encoded = encode_completion(policy, row)  # the template's train-mode encoding
+    model, config = policy.model, policy.model.config
+    kwargs = {k: v for k, v in encoded.forward_kwargs.items()
+              if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids')}
+    handles = policy.template.remove_post_encode_hook()  # the hook would drop output_attentions
+    saved = config._attn_implementation
+    try:
+        config._attn_implementation = 'eager'
+        model.eval()
+        with torch.no_grad():
+            attentions = model(**kwargs, output_attentions=True).attentions
+    finally:
+        config._attn_implementation = saved
+        policy.template.register_post_encode_hook(handles)
+    assert len(attentions) == spec.num_layers
+    P, n = encoded.prompt_len, encoded.num_generated
+    ks = build_key_sets(encoded.input_ids, P, spec.vision_token_ids, spec.special_ids, spec.im_start_id,
+                        spec.im_end_id, spec.system_role_ids)
+    rows = torch.stack(attentions[-num_layers_read:])[:, 0, :, P:P + n, :].double().mean(dim=1)  # [L, n, S]
+    text_mass, vision_mass = rows[..., ks.text_keys].sum(-1), rows[..., ks.vision_keys].sum(-1)
+    m_text = (text_mass / (text_mass + vision_mass)).mean(dim=0)  # Eq. (1) + (4)
+    M_text = m_text.mean().item()  # Eq. (5)
+    rho_text, rho_vis = M_text / ks.num_text_keys, (1 - M_text) / ks.num_vision_keys  # Eq. (2)
+    return rho_vis / (rho_text + rho_vis)  # Eq. (7)
+
+
+def rows_of(columns):
+    n = len(columns['messages'])
+    return [{k: v[i] for k, v in columns.items() if k != 'trainer'} for i in range(n)]
+
+
+class TestRewardEqualsNaiveComputation:
+    """The capture (inside the attention function, through ms-swift's hook) equals the naive computation
+    from output_attentions=True, sample by sample, fp32, 1e-5; samples differ from each other."""
+
+    def test_sample_by_sample(self, policy):
+        columns = reward_kwargs(policy)
+        rewards = DDAPOAttentionORM()(COMPLETIONS, **columns)
+        expected = [naive_reward(policy, row) for row in rows_of(columns)]
+        assert rewards == pytest.approx(expected, abs=1e-5)
+        assert all(0.0 <= r <= 1.0 for r in rewards)
+        assert max(rewards) - min(rewards) > 1e-3, 'rewards should differ between samples'
+
+    def test_two_images(self, policy):
+        columns = reward_kwargs(policy, COMPLETIONS[:2], images_per_row=2)
+        rewards = DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
+        assert rewards == pytest.approx([naive_reward(policy, row) for row in rows_of(columns)], abs=1e-5)
+
+
+class TestNotApplicable:
+    """A text-only prompt gives None, counted by reason; other rows in the call are still scored."""
+
+    def test_text_only_row(self, policy):
+        orm = DDAPOAttentionORM()
+        rewards = orm(COMPLETIONS[:3], **reward_kwargs(policy, COMPLETIONS[:3], text_only_rows=(1,)))
+        assert rewards[1] is None and rewards[0] is not None and rewards[2] is not None
+        assert orm.not_applicable == {'no_vision_keys': 1}
+
+
+def policy_state(policy):
+    model, config = policy.model, policy.model.config
+    keys = ('_attn_implementation', 'attn_implementation', 'llm_attn_implementation')
+    return {
+        'attention': [(label, k, getattr(cfg, k)) for label, cfg in (('config', config), ('text', config.text_config),
+                                                                     ('vision', config.vision_config))
+                      for k in keys if hasattr(cfg, k)],
+        'training': [m.training for m in model.modules()],
+        'gradient_checkpointing': model.is_gradient_checkpointing,
+        'template': (policy.template.mode, policy.template.max_length, policy.template.padding_free),
+        'grad_enabled': torch.is_grad_enabled(),
+    }
+
+
+class TestStateRestored:
+    """Model modes (per module, a frozen eval-mode submodule included), attention keys, gradient
+    checkpointing and template state are as before, after a normal call and after a forward that raises."""
+
+    @pytest.fixture()
+    def checkpointed_policy(self, tiny_model_dir):
+        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', gradient_checkpointing=True)
+        policy.model.visual.eval()  # a submodule whose mode differs from the model's
+        policy.template.max_length = 4096
+        policy.template.set_mode('rlhf')
+        yield policy
+        policy.template.remove_post_encode_hook()
+
+    def test_after_normal_call(self, checkpointed_policy):
+        before = policy_state(checkpointed_policy)
+        assert before['gradient_checkpointing'] and before['template'][0] != TEMPLATE_MODE
+        DDAPOAttentionORM()(COMPLETIONS[:1], **reward_kwargs(checkpointed_policy, COMPLETIONS[:1]))
+        assert policy_state(checkpointed_policy) == before
+
+    def test_after_forward_that_raises(self, checkpointed_policy):
+        before = policy_state(checkpointed_policy)
+        layer = checkpointed_policy.model.model.language_model.layers[1]
+
+        def explode(module, args, kwargs):
+            assert checkpointed_policy.model.config.text_config._attn_implementation == 'ddapo_eager'
+            assert not checkpointed_policy.model.training and not torch.is_grad_enabled()
+            raise RuntimeError('boom')
+
+        handle = layer.register_forward_pre_hook(explode, with_kwargs=True)
+        try:
+            with pytest.raises(RuntimeError, match='boom'):
+                DDAPOAttentionORM()(COMPLETIONS[:1], **reward_kwargs(checkpointed_policy, COMPLETIONS[:1]))
+        finally:
+            handle.remove()
+        assert policy_state(checkpointed_policy) == before
+
+
+class TestFailsClearly:
+    """Misconfigurations fail at construction or first call, naming the fix."""
+
+    def test_missing_trainer(self, policy):
+        columns = reward_kwargs(policy, COMPLETIONS[:1])
+        del columns['trainer']
+        with pytest.raises(RuntimeError, match='plugin.py'):
+            DDAPOAttentionORM()(COMPLETIONS[:1], **columns)
+
+    def test_vllm_rollout(self):
+        with pytest.raises(ValueError, match='--use_vllm false'):
+            DDAPOAttentionORM(args=SimpleNamespace(use_vllm=True))
+
+    def test_model_without_vision_tokens(self, policy):
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        text_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=1, num_attention_heads=2,
+                                                  num_key_value_heads=1))
+        trainer = SimpleNamespace(model=text_model, template=policy.template, accelerator=policy.accelerator)
+        with pytest.raises(ValueError, match='no image_token_id or video_token_id'):
+            DDAPOAttentionORM().on_trainer_init(trainer)
+
+    def test_unknown_setting(self, monkeypatch):
+        monkeypatch.setenv('DDAPO_DEBGU', '1')
+        with pytest.raises(ValueError, match='DDAPO_DEBGU'):
+            DDAPOAttentionORM()
