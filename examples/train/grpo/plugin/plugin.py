@@ -5,7 +5,9 @@
 
 Importing this file applies the ms-swift patch that puts the trainer into the reward kwargs
 (swift_patches/grpo_reward_kwargs.py, the runtime form of swift_patches/*.diff) and registers
-``orms['ddapo_attention'] = DDAPOAttentionORM``.
+``orms['ddapo_attention'] = DDAPOAttentionORM
+orms['answer_match'] = AnswerMatchORM`` and ``orms['answer_match'] = AnswerMatchORM`` (an
+accuracy reward for image question sets with a ``solution`` column).
 """
 import os
 import sys
@@ -19,8 +21,10 @@ for _path in (_HERE, _ROOT):
 from swift.rewards import orms  # noqa: E402
 from swift.utils import get_logger  # noqa: E402
 
+from answer_match_reward import AnswerMatchORM  # noqa: E402
 from ddapo_attention_reward import DDAPOAttentionORM  # noqa: E402
 from swift_patches import grpo_reward_kwargs  # noqa: E402
 
 get_logger().info(f'[DDAPO] ms-swift GRPO reward-kwargs patch: {grpo_reward_kwargs.apply()}')
 orms['ddapo_attention'] = DDAPOAttentionORM
+orms['answer_match'] = AnswerMatchORM

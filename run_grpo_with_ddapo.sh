@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# GRPO with the DDAPO attention-balance reward (ddapo_attention) in ms-swift.
+#
+#   bash run_grpo_with_ddapo.sh                 # one node, two GPUs, Qwen2.5-VL-3B-Instruct, LoRA, ZeRO-2
+#   bash run_grpo_with_ddapo.sh --demo          # offline demo: tiny random Qwen2.5-VL + generated shapes, CPU ok
+#   bash run_grpo_with_ddapo.sh --dry-run       # print the command, run nothing (works with --demo too)
+#   MODEL=/path/to/Qwen2-VL-7B NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash run_grpo_with_ddapo.sh --num_train_epochs 2
+#
+# Every default below can be overridden by the environment variable of the same name; any other
+# argument is passed through to `swift rlhf` (later flags win).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PLUGIN="$ROOT/examples/train/grpo/plugin/plugin.py"
+
+DEMO=0 DRY_RUN=0 PASSTHROUGH=()
+for arg in "$@"; do
+  case "$arg" in
+    --demo) DEMO=1 ;;
+    --dry-run) DRY_RUN=1 ;;
+    *) PASSTHROUGH+=("$arg") ;;
+  esac
+done
+
+SYSTEM_PROMPT=${SYSTEM_PROMPT:-"A conversation between User and Assistant. The assistant first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"}
+REWARD_FUNCS=${REWARD_FUNCS:-"ddapo_attention format answer_match"}
+
+if [ "$DEMO" = 1 ]; then
+  # The embedded default: built once under OUTPUT_DIR, then a handful of single-process GRPO steps.
+  OUTPUT_DIR=${OUTPUT_DIR:-"$ROOT/output/ddapo_demo"}
+  MODEL=${MODEL:-"$OUTPUT_DIR/tiny-qwen2_5_vl"}
+  DATASET=${DATASET:-"$OUTPUT_DIR/shapes/train.jsonl"}
+  NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+  MODEL_TYPE=${MODEL_TYPE:-qwen2_5_vl}
+  DEEPSPEED=${DEEPSPEED:-}
+  TORCH_DTYPE=${TORCH_DTYPE:-float32}
+  NUM_GENERATIONS=${NUM_GENERATIONS:-4}
+  BATCH_SIZE=${BATCH_SIZE:-4}
+  GRAD_ACC=${GRAD_ACC:-1}
+  MAX_COMPLETION_LENGTH=${MAX_COMPLETION_LENGTH:-16}
+  MAX_LENGTH=${MAX_LENGTH:-1024}
+  MAX_STEPS=${MAX_STEPS:-6}
+  LEARNING_RATE=${LEARNING_RATE:-1e-4}
+  LORA_RANK=${LORA_RANK:-8}
+  LOGGING_STEPS=${LOGGING_STEPS:-1}
+  SAVE_STRATEGY=${SAVE_STRATEGY:-no}
+  REPORT_TO=${REPORT_TO:-none}
+  DATALOADER_WORKERS=${DATALOADER_WORKERS:-0}
+  export HF_HUB_OFFLINE=1
+else
+  OUTPUT_DIR=${OUTPUT_DIR:-"$ROOT/output/grpo_ddapo"}
+  MODEL=${MODEL:-Qwen/Qwen2.5-VL-3B-Instruct}
+  DATASET=${DATASET:-AI-ModelScope/clevr_cogen_a_train}
+  NPROC_PER_NODE=${NPROC_PER_NODE:-2}
+  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
+  MODEL_TYPE=${MODEL_TYPE:-}
+  DEEPSPEED=${DEEPSPEED:-zero2}
+  TORCH_DTYPE=${TORCH_DTYPE:-bfloat16}
+  NUM_GENERATIONS=${NUM_GENERATIONS:-8}
+  BATCH_SIZE=${BATCH_SIZE:-8}          # per GPU: 2 GPUs x 8 = 16 completions = 2 prompts x 8 generations
+  GRAD_ACC=${GRAD_ACC:-2}
+  MAX_COMPLETION_LENGTH=${MAX_COMPLETION_LENGTH:-512}
+  MAX_LENGTH=${MAX_LENGTH:-2048}
+  MAX_STEPS=${MAX_STEPS:--1}
+  LEARNING_RATE=${LEARNING_RATE:-1e-5}
+  LORA_RANK=${LORA_RANK:-16}
+  LOGGING_STEPS=${LOGGING_STEPS:-5}
+  SAVE_STRATEGY=${SAVE_STRATEGY:-steps}
+  REPORT_TO=${REPORT_TO:-tensorboard}
+  DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}
+fi
+export MAX_PIXELS=${MAX_PIXELS:-401408}   # Qwen-VL image budget (512 x 28 x 28): bounds vision tokens per image
+[ "$NPROC_PER_NODE" -gt 1 ] && export NPROC_PER_NODE || unset NPROC_PER_NODE
+
+if command -v swift >/dev/null 2>&1; then SWIFT=(swift); else SWIFT=(python3 -m swift.cli.main); fi
+# shellcheck disable=SC2206  # REWARD_FUNCS is a space-separated list on purpose
+CMD=("${SWIFT[@]}" rlhf
+  --rlhf_type grpo
+  --model "$MODEL"
+  --dataset "$DATASET"
+  --use_vllm false
+  --external_plugins "$PLUGIN"
+  --reward_funcs $REWARD_FUNCS
+  --system "$SYSTEM_PROMPT"
+  --tuner_type lora --lora_rank "$LORA_RANK" --lora_alpha "$((LORA_RANK * 2))" --target_modules all-linear
+  --torch_dtype "$TORCH_DTYPE"
+  --num_generations "$NUM_GENERATIONS"
+  --per_device_train_batch_size "$BATCH_SIZE"
+  --gradient_accumulation_steps "$GRAD_ACC"
+  --max_completion_length "$MAX_COMPLETION_LENGTH"
+  --max_length "$MAX_LENGTH"
+  --temperature 1.0
+  --learning_rate "$LEARNING_RATE"
+  --num_train_epochs 1
+  --max_steps "$MAX_STEPS"
+  --logging_steps "$LOGGING_STEPS"
+  --save_strategy "$SAVE_STRATEGY" --save_steps 100 --save_total_limit 2
+  --log_completions true
+  --report_to "$REPORT_TO"
+  --dataloader_num_workers "$DATALOADER_WORKERS"
+  --output_dir "$OUTPUT_DIR/train")
+[ -n "$MODEL_TYPE" ] && CMD+=(--model_type "$MODEL_TYPE" --template "$MODEL_TYPE")
+[ -n "$DEEPSPEED" ] && CMD+=(--deepspeed "$DEEPSPEED")
+[ "$DEMO" = 1 ] && CMD+=(--check_model false --seed 1)
+CMD+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")
+
+ENV_SHOWN="NPROC_PER_NODE=${NPROC_PER_NODE:-1} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} MAX_PIXELS=$MAX_PIXELS"
+echo "+ $ENV_SHOWN $(printf '%q ' "${CMD[@]}")"
+[ "$DRY_RUN" = 1 ] && exit 0
+
+if [ "$DEMO" = 1 ]; then
+  python3 "$ROOT/examples/train/grpo/ddapo_demo.py" prepare "$OUTPUT_DIR"
+fi
+"${CMD[@]}"
+if [ "$DEMO" = 1 ]; then
+  echo
+  echo "DDAPO demo: mean rewards per step (ddapo_attention = R^bal = 1 / (1 + TDR), 0.5 = balanced attention)"
+  python3 "$ROOT/examples/train/grpo/ddapo_demo.py" summarize "$OUTPUT_DIR"
+fi

@@ -1,0 +1,96 @@
+"""run_grpo_with_ddapo.sh: the composed two-GPU command (dry run), and the offline demo run for real."""
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, 'run_grpo_with_ddapo.sh')
+PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
+OVERRIDABLE = ('MODEL', 'DATASET', 'OUTPUT_DIR', 'NPROC_PER_NODE', 'CUDA_VISIBLE_DEVICES', 'DEEPSPEED', 'BATCH_SIZE',
+               'NUM_GENERATIONS', 'REWARD_FUNCS', 'MAX_STEPS')
+
+
+def run_script(*args, timeout=60, **env):
+    base = {k: v for k, v in os.environ.items() if k not in OVERRIDABLE and not k.startswith('DDAPO_')}
+    return subprocess.run(['bash', SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**base, **env})
+
+
+def composed(result):
+    """(environment shown, argv) from the script's `+ ...` line."""
+    line = next(line for line in result.stdout.splitlines() if line.startswith('+ '))
+    words = shlex.split(line[2:])
+    env = dict(w.split('=', 1) for w in words[:3])
+    return env, words[3:]
+
+
+def flag(argv, name):
+    i = argv.index(name)
+    values = []
+    for word in argv[i + 1:]:
+        if word.startswith('--'):
+            break
+        values.append(word)
+    return values
+
+
+class TestDryRun:
+    """Edge cases: defaults, environment overrides, pass-through arguments (later flags win), demo mode."""
+
+    def test_two_gpu_defaults(self):
+        result = run_script('--dry-run')
+        assert result.returncode == 0, result.stderr
+        env, argv = composed(result)
+        assert env == {'NPROC_PER_NODE': '2', 'CUDA_VISIBLE_DEVICES': '0,1', 'MAX_PIXELS': '401408'}
+        assert argv[argv.index('rlhf') - 1] in ('swift', 'swift.cli.main')
+        assert flag(argv, '--rlhf_type') == ['grpo'] and flag(argv, '--use_vllm') == ['false']
+        assert flag(argv, '--external_plugins') == [PLUGIN]
+        assert flag(argv, '--reward_funcs') == ['ddapo_attention', 'format', 'answer_match']
+        assert flag(argv, '--deepspeed') == ['zero2'] and flag(argv, '--tuner_type') == ['lora']
+        assert flag(argv, '--model') == ['Qwen/Qwen2.5-VL-3B-Instruct']
+        generations, per_gpu = int(flag(argv, '--num_generations')[0]), int(flag(argv, '--per_device_train_batch_size')[0])
+        assert (2 * per_gpu) % generations == 0, 'the generation batch must hold whole groups'
+        assert 'Traceback' not in result.stderr
+
+    def test_overrides_and_pass_through(self):
+        result = run_script('--dry-run', '--num_train_epochs', '3', MODEL='/models/Qwen2-VL-7B-Instruct',
+                            NPROC_PER_NODE='4', CUDA_VISIBLE_DEVICES='0,1,2,3', DEEPSPEED='zero3',
+                            OUTPUT_DIR='/tmp/o', REWARD_FUNCS='ddapo_attention')
+        env, argv = composed(result)
+        assert env['NPROC_PER_NODE'] == '4' and env['CUDA_VISIBLE_DEVICES'] == '0,1,2,3'
+        assert flag(argv, '--model') == ['/models/Qwen2-VL-7B-Instruct'] and flag(argv, '--deepspeed') == ['zero3']
+        assert flag(argv, '--reward_funcs') == ['ddapo_attention'] and flag(argv, '--output_dir') == ['/tmp/o/train']
+        assert argv[-2:] == ['--num_train_epochs', '3']
+
+    def test_demo_dry_run_builds_nothing(self, tmp_path):
+        result = run_script('--demo', '--dry-run', OUTPUT_DIR=str(tmp_path))
+        env, argv = composed(result)
+        assert env['NPROC_PER_NODE'] == '1' and '--deepspeed' not in argv
+        assert flag(argv, '--model') == [str(tmp_path / 'tiny-qwen2_5_vl')]
+        assert flag(argv, '--check_model') == ['false'] and flag(argv, '--use_vllm') == ['false']
+        assert list(tmp_path.iterdir()) == []
+
+
+class TestDemo:
+    """The product end to end: one command, offline, on this machine's CPU."""
+
+    def test_demo(self, tmp_path):
+        result = run_script('--demo', OUTPUT_DIR=str(tmp_path), timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        table = result.stdout[result.stdout.index('DDAPO demo'):].splitlines()[1:]
+        header = [c.strip() for c in table[0].split('|')]
+        assert header[:2] == ['step', 'DDAPOAttentionORM'] and 'Format' in header and 'AnswerMatchORM' in header
+        rows = [[float(c) for c in line.split('|')] for line in table[1:] if re.match(r'\s+\d+ \|', line)]
+        assert [int(r[0]) for r in rows] == list(range(1, 7))
+        ddapo = [r[1] for r in rows]
+        assert all(0.0 <= v <= 1.0 for v in ddapo) and max(ddapo) - min(ddapo) > 1e-4, ddapo
+        assert (tmp_path / 'tiny-qwen2_5_vl' / 'config.json').exists()
+        assert (tmp_path / 'shapes' / 'train.jsonl').exists()
+        from ddapo_demo import prepare  # cached: a second prepare builds nothing
+        mtime = os.path.getmtime(tmp_path / 'tiny-qwen2_5_vl' / 'model.safetensors')
+        prepare(str(tmp_path))
+        assert os.path.getmtime(tmp_path / 'tiny-qwen2_5_vl' / 'model.safetensors') == mtime
