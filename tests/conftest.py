@@ -39,7 +39,7 @@ def shapes_dataset(tmp_path_factory):
     return build_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_rows=8)
 
 
-def make_policy(model_dir: str, model_type: str, gradient_checkpointing: bool = False):
+def make_policy(model_dir: str, model_type: str, output_dir: str, gradient_checkpointing: bool = False):
     """The real model, processor and GRPO-mode template, with the template's post-encode hook registered."""
     import torch
     from accelerate import Accelerator
@@ -56,12 +56,13 @@ def make_policy(model_dir: str, model_type: str, gradient_checkpointing: bool = 
     model.train()
     return SimpleNamespace(model=model, template=template, processor=processor,
                            accelerator=Accelerator(cpu=True),
-                           args=SimpleNamespace(gradient_checkpointing_kwargs=None, use_vllm=False))
+                           args=SimpleNamespace(gradient_checkpointing_kwargs=None, use_vllm=False,
+                                                output_dir=output_dir, logging_steps=1))
 
 
 @pytest.fixture(scope='module', params=MODEL_TYPES)
-def policy(request, tiny_model_dir):
-    policy = make_policy(tiny_model_dir(request.param), request.param)
+def policy(request, tiny_model_dir, tmp_path_factory):
+    policy = make_policy(tiny_model_dir(request.param), request.param, str(tmp_path_factory.mktemp('output')))
     policy.model_type = request.param
     yield policy
     policy.template.remove_post_encode_hook()

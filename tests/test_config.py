@@ -9,7 +9,16 @@ class TestDDAPOConfig:
     unknown DDAPO_* variable (a typo) fails instead of being ignored, non-DDAPO variables are ignored."""
 
     def test_defaults(self):
-        assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True)
+        assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True, report=True, report_samples=2)
+
+    def test_report_settings(self):
+        config = DDAPOConfig.from_env({'DDAPO_REPORT': '0', 'DDAPO_REPORT_SAMPLES': '5'})
+        assert config.report is False and config.report_samples == 5
+
+    @pytest.mark.parametrize('raw', ['-1', 'two', '1.5', ''])
+    def test_bad_count(self, raw):
+        with pytest.raises(ValueError, match=r'DDAPO_REPORT_SAMPLES=.*allowed values: an integer >= 0'):
+            DDAPOConfig.from_env({'DDAPO_REPORT_SAMPLES': raw})
 
     @pytest.mark.parametrize('raw, value', [('0', False), ('false', False), ('Off', False), ('1', True), ('yes', True)])
     def test_bool_spellings(self, raw, value):
@@ -27,4 +36,4 @@ class TestDDAPOConfig:
         assert DDAPOConfig.from_env({'PATH': '/bin', 'DDAPOX': '1'}).debug is True
 
     def test_describe(self):
-        assert DDAPOConfig(debug=False).describe() == 'DDAPO_DEBUG=False'
+        assert DDAPOConfig(debug=False).describe() == 'DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2'

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from ddapo_formulas import (NotApplicable, balance_reward, layer_modality_masses, layer_set, sequence_scores,
-                            token_text_mass)
+from ddapo_formulas import (NotApplicable, balance_reward, head_average, layer_key_attention, layer_modality_masses,
+                            layer_set, sequence_scores, token_text_mass)
 
 
 def mask(size, positions):
@@ -14,24 +14,46 @@ def mask(size, positions):
     return out
 
 
-class TestLayerModalityMasses:
-    """Edge cases: head averaging; keys in neither set (special tokens) carry mass that is not counted."""
+class TestHeadAverage:
+    """Edge cases: heads averaged; bf16 input gives float32."""
 
-    def test_docstring_example(self):
-        attention = torch.tensor([[[0.5, 0.3, 0.2]]])  # [H=1, rows=1, S=3]
-        masses = layer_modality_masses(attention, mask(3, [0]), mask(3, [1]))
-        assert torch.allclose(masses, torch.tensor([[0.5, 0.3]]))
-
-    def test_heads_are_averaged_before_summing(self):
-        attention = torch.tensor([[[0.6, 0.4, 0.0]], [[0.2, 0.2, 0.6]]])  # two heads
-        masses = layer_modality_masses(attention, mask(3, [0]), mask(3, [1, 2]))
-        assert torch.allclose(masses, torch.tensor([[0.4, 0.6]]))
+    def test_two_heads(self):
+        attention = torch.tensor([[[0.6, 0.4, 0.0]], [[0.2, 0.2, 0.6]]])  # [H=2, rows=1, S=3]
+        assert torch.allclose(head_average(attention), torch.tensor([[0.4, 0.3, 0.3]]))
 
     def test_bf16_input_gives_float32(self):
-        attention = torch.full((2, 3, 4), 0.25, dtype=torch.bfloat16)
-        masses = layer_modality_masses(attention, mask(4, [0]), mask(4, [2, 3]))
-        assert masses.dtype == torch.float32 and masses.shape == (3, 2)
+        out = head_average(torch.full((2, 3, 4), 0.25, dtype=torch.bfloat16))
+        assert out.dtype == torch.float32 and out.shape == (3, 4)
+
+
+class TestLayerModalityMasses:
+    """Edge cases: keys in neither set (special tokens) carry mass that is not counted; several rows."""
+
+    def test_docstring_example(self):
+        masses = layer_modality_masses(torch.tensor([[0.5, 0.3, 0.2]]), mask(3, [0]), mask(3, [1]))
+        assert torch.allclose(masses, torch.tensor([[0.5, 0.3]]))
+
+    def test_rows(self):
+        head_mean = torch.full((3, 4), 0.25)
+        masses = layer_modality_masses(head_mean, mask(4, [0]), mask(4, [2, 3]))
         assert torch.allclose(masses, torch.tensor([[0.25, 0.5]] * 3))
+
+
+class TestLayerKeyAttention:
+    """Edge cases: docstring example; sums to 1 over the keys; a row with no mass on the keys is left out;
+    no valid row at all gives zeros."""
+
+    def test_docstring_example(self):
+        out = layer_key_attention(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), mask(3, [0]), mask(3, [1]))
+        assert torch.allclose(out, torch.tensor([0.5625, 0.4375, 0.0]))
+
+    def test_row_without_key_mass_left_out(self):
+        out = layer_key_attention(torch.tensor([[0.0, 0.0, 1.0], [0.2, 0.6, 0.2]]), mask(3, [0]), mask(3, [1]))
+        assert torch.allclose(out, torch.tensor([0.25, 0.75, 0.0])) and out.sum().item() == pytest.approx(1.0)
+
+    def test_no_valid_row(self):
+        out = layer_key_attention(torch.tensor([[0.0, 0.0, 1.0]]), mask(3, [0]), mask(3, [1]))
+        assert torch.equal(out, torch.zeros(3))
 
 
 class TestTokenTextMass:

@@ -43,6 +43,7 @@ def naive_reward(policy, row, num_layers_read=8):
             attentions = model(**kwargs, output_attentions=True).attentions
     finally:
         config._attn_implementation = saved
+        model.train()
         policy.template.register_post_encode_hook(handles)
     assert len(attentions) == spec.num_layers
     P, n = encoded.prompt_len, encoded.num_generated
@@ -87,6 +88,10 @@ class TestNotApplicable:
         rewards = orm(COMPLETIONS[:3], **reward_kwargs(policy, COMPLETIONS[:3], text_only_rows=(1,)))
         assert rewards[1] is None and rewards[0] is not None and rewards[2] is not None
         assert orm.not_applicable == {'no_vision_keys': 1}
+        metrics = orm.last_metrics
+        assert metrics['ddapo/not_applicable_frac'] == pytest.approx(1 / 3)
+        assert metrics['ddapo/num_vision_keys/mean'] > 0 and 0 <= metrics['ddapo/M_V/mean'] <= 1
+        assert {f'ddapo/{s}/M_V/mean' for s in ('all', 'early', 'middle', 'late')} <= set(metrics)
 
 
 def policy_state(policy):
@@ -108,8 +113,8 @@ class TestStateRestored:
     checkpointing and template state are as before, after a normal call and after a forward that raises."""
 
     @pytest.fixture()
-    def checkpointed_policy(self, tiny_model_dir):
-        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', gradient_checkpointing=True)
+    def checkpointed_policy(self, tiny_model_dir, tmp_path):
+        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path), gradient_checkpointing=True)
         policy.model.visual.eval()  # a submodule whose mode differs from the model's
         policy.template.max_length = 4096
         policy.template.set_mode('rlhf')

@@ -51,3 +51,20 @@ class TestSwiftRlhfGrpo:
         assert len(means) >= 2, records
         assert all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
+
+        # ddapo/* diagnostics from the same forward, in the trainer's own log
+        scored = [r for r in records if 'ddapo/M_V/mean' in r]
+        assert len(scored) == len(means)
+        for r in scored:
+            assert 0.0 <= r['ddapo/M_V/mean'] <= 1.0 and r['ddapo/num_vision_keys/mean'] > 0
+            assert r['ddapo/num_text_keys/mean'] > 0 and r['ddapo/tdr/median'] > 0 and r['ddapo/eta_V/mean'] > 0
+            assert r['ddapo/rho_vis/mean'] > 0 and r['ddapo/rho_text/mean'] > 0
+            assert {'ddapo/early/M_V/mean', 'ddapo/middle/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r)
+        fractions = [r['ddapo/not_applicable_frac'] for r in records if 'ddapo/not_applicable_frac' in r]
+        assert all(0.0 <= f <= 1.0 for f in fractions) and max(fractions) > 0  # the text-only rows
+        # the report, from the main process, on logging steps
+        reports = glob.glob(str(tmp_path / '**' / 'ddapo' / 'report.md'), recursive=True)
+        assert len(reports) == 1, reports
+        text = open(reports[0]).read()
+        assert text.count('## step ') >= 2 and 'm^V per generated token:' in text
+        assert glob.glob(os.path.join(os.path.dirname(reports[0]), '*_image0.png'))

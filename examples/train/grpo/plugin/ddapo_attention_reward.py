@@ -10,21 +10,30 @@ Per completion ``o_i``:
                       --ddapo_formulas--> m^T_{i,t} over the last K = 8 layers, rho_text, rho_vis,
                                           TDR_i, R^bal_i = 1 / (1 + TDR_i)
 
+The same numbers feed the step's ``ddapo/*`` metrics (ddapo_diagnostics) and, on logging steps, the
+report under ``<output_dir>/ddapo/`` (ddapo_report): no extra forward.
+
 Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch in ``swift_patches/``
 provides; ``plugin.py`` applies it.
 """
+import math
+import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from accelerate.utils import gather_object
 from swift.rewards import ORM
 from swift.utils import get_logger
 
 from ddapo_capture import ATTENTION_NAME, LayerCapture, capturing
 from ddapo_config import DDAPOConfig
+from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, step_metrics
 from ddapo_formulas import DDAPOScores, NotApplicable, layer_set, sequence_scores, token_text_mass
 from ddapo_key_sets import KeySets, build_key_sets
+from ddapo_report import ReportSample, ReportWriter, image_heatmaps
 from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, encode_completion,
-                         model_spec, policy_forward, reward_rows)
+                         image_merge_size, model_spec, policy_forward, processed_images, reward_rows)
 
 logger = get_logger()
 
@@ -36,11 +45,20 @@ MISSING_TRAINER = (
     'to ms-swift.')
 
 
+@dataclass
+class _Scored:
+    """One output after its forward: the reward and what the metrics and the report need."""
+    reward: Optional[float]
+    diagnostics: SampleDiagnostics
+    report: Optional[ReportSample] = None
+
+
 class DDAPOAttentionORM(ORM):
     """``R^bal_i = 1 / (1 + TDR_i)`` of Eq. (7) for every completion; ``None`` where it is undefined.
 
     ``None`` (notation section 4: text-only prompt, empty completion, ...) is counted per reason in
-    ``not_applicable`` and warned once per reason; it is never replaced by a constant.
+    ``not_applicable`` and in ``ddapo/not_applicable_frac``, and warned once per reason; it is never
+    replaced by a constant.
     """
 
     def __init__(self, args=None, **kwargs):
@@ -52,7 +70,9 @@ class DDAPOAttentionORM(ORM):
         logger.info(f'[DDAPO] ddapo_attention reward settings: {self.config.describe()}; layers read: {LAYERS}')
         self.spec: Optional[ModelSpec] = None
         self.not_applicable: Counter = Counter()
+        self.last_metrics: Dict[str, float] = {}
         self._debug_pending = self.config.debug
+        self._last_report_step: Optional[int] = None
 
     def on_trainer_init(self, trainer) -> None:
         """Called by the patched trainer once its rewards exist: validate the policy model at start."""
@@ -66,15 +86,19 @@ class DDAPOAttentionORM(ORM):
             raise RuntimeError(MISSING_TRAINER)
         if self.spec is None:
             self.on_trainer_init(trainer)
+        mode = 'train' if trainer.model.training else 'eval'
+        report_slots = self._report_slots(trainer)
         layers = layer_set(self.spec.num_layers, LAYERS)
-        rewards: List[Optional[float]] = []
+        scored: List[_Scored] = []
         with policy_forward(trainer) as (forward, report):
             for row in reward_rows(kwargs, len(completions)):
-                rewards.append(self._reward(trainer, row, forward, report, layers))
-        return rewards
+                want_report = sum(s.report is not None for s in scored) < report_slots
+                scored.append(self._score(trainer, row, forward, report, layers, want_report))
+        self._log_step(trainer, mode, scored)
+        return [s.reward for s in scored]
 
-    def _reward(self, trainer, row: Dict[str, Any], forward, report: ForwardReport,
-                layers: List[int]) -> Optional[float]:
+    def _score(self, trainer, row: Dict[str, Any], forward, report: ForwardReport, layers: List[int],
+               want_report: bool) -> _Scored:
         spec = self.spec
         try:
             encoded = encode_completion(trainer, row)
@@ -87,10 +111,10 @@ class DDAPOAttentionORM(ORM):
             outputs = forward(**encoded.forward_kwargs)
         scores: Optional[DDAPOScores] = None
         reason: Optional[NotApplicable] = None
+        m_text = token_text_mass(capture.masses[layers])
         if len(capture.captured) == spec.num_layers:
             try:
-                scores = sequence_scores(token_text_mass(capture.masses[layers]), key_sets.num_text_keys,
-                                         key_sets.num_vision_keys)
+                scores = sequence_scores(m_text, key_sets.num_text_keys, key_sets.num_vision_keys)
             except NotApplicable as error:
                 reason = error
         if self._debug_pending:
@@ -102,14 +126,63 @@ class DDAPOAttentionORM(ORM):
                                'This model is not supported; see the [DDAPO_DEBUG] lines above.')
         if reason is not None:
             return self._none(reason.reason, reason.detail)
-        return scores.reward_balance
+        diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(capture.masses))
+        sample = self._report_sample(trainer, row, encoded, capture, layers, m_text, scores) if want_report else None
+        return _Scored(scores.reward_balance, diagnostics, sample)
 
-    def _none(self, reason: str, detail: str) -> None:
+    def _none(self, reason: str, detail: str) -> _Scored:
         if reason not in self.not_applicable:
-            logger.warning(f'[DDAPO] reward is None ({reason}): {detail}. Counted in not_applicable; '
-                           'warned once per reason.')
+            logger.warning(f'[DDAPO] reward is None ({reason}): {detail}. Counted in not_applicable and '
+                           'ddapo/not_applicable_frac; warned once per reason.')
         self.not_applicable[reason] += 1
-        return None
+        return _Scored(None, SampleDiagnostics(reason=reason))
+
+    def _report_slots(self, trainer) -> int:
+        """Outputs to show in the report this call: on the main process, once per ``logging_steps`` steps."""
+        if not self.config.report or not self.config.report_samples or not trainer.accelerator.is_main_process:
+            return 0
+        state = getattr(trainer, 'state', None)
+        step = getattr(state, 'global_step', 0)
+        every = max(1, getattr(trainer.args, 'logging_steps', 1) or 1)
+        if self._last_report_step is not None and step - self._last_report_step < every:
+            return 0
+        return self.config.report_samples
+
+    def _report_sample(self, trainer, row, encoded: EncodedCompletion, capture: LayerCapture, layers: List[int],
+                       m_text, scores: DDAPOScores) -> ReportSample:
+        tokenizer = trainer.template.tokenizer
+        generated = encoded.input_ids[encoded.prompt_len:encoded.prompt_len + encoded.num_generated]
+        grid = encoded.forward_kwargs.get('image_grid_thw')
+        images, heatmaps = processed_images(trainer, row, grid), []
+        if images:
+            ids = encoded.input_ids[:encoded.prompt_len]
+            image_positions = [p for p, token in enumerate(ids) if token == self.spec.image_token_id]
+            key_attention = capture.key_attention[layers].mean(dim=0)
+            heatmaps = image_heatmaps(key_attention[image_positions], grid.tolist(), image_merge_size(trainer))
+        return ReportSample(
+            title=f"prompt {row.get('prompt_id') or '?'}, request {str(row.get('request_id') or '?')[:8]}",
+            tokens=[tokenizer.decode([token]) for token in generated],
+            m_vis=[1.0 - float(v) for v in m_text],
+            tdr=scores.tdr,
+            reward_balance=scores.reward_balance,
+            images=images,
+            heatmaps=heatmaps)
+
+    def _log_step(self, trainer, mode: str, scored: List[_Scored]) -> None:
+        """``ddapo/*`` metrics over every rank's outputs into the trainer's log; the report on logging steps."""
+        everything = gather_object([s.diagnostics for s in scored])  # every rank calls the reward each step
+        self.last_metrics = step_metrics(everything)
+        store = getattr(trainer, '_metrics', None)
+        if store is not None:
+            for key, value in self.last_metrics.items():
+                if math.isfinite(value):  # the trainer averages lists: a NaN would poison the logged mean
+                    store[mode][key].append(value)
+        samples = [s.report for s in scored if s.report is not None]
+        if samples:
+            step = getattr(getattr(trainer, 'state', None), 'global_step', 0)
+            self._last_report_step = step
+            ReportWriter(os.path.join(trainer.args.output_dir, 'ddapo')).write_step(
+                step, mode, self.last_metrics, samples)
 
     def _log_debug(self, encoded: EncodedCompletion, key_sets: KeySets, report: ForwardReport, outputs,
                    capture: LayerCapture, layers: List[int], scores: Optional[DDAPOScores]) -> None:

@@ -20,19 +20,21 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ddapo_formulas import layer_modality_masses
+from ddapo_formulas import head_average, layer_key_attention, layer_modality_masses
 from ddapo_key_sets import KeySets
 
 ATTENTION_NAME = 'ddapo_eager'
 
 
 class LayerCapture:
-    """Collects ``[L, |o_i|, 2]`` Eq. (1) masses for one sequence during one forward (batch size 1)."""
+    """Collects, for one sequence during one forward (batch size 1), per language-model layer: the Eq. (1)
+    sums ``masses [L, |o_i|, 2]`` and the per-key attention ``key_attention [L, S]`` (`layer_key_attention`)."""
 
     def __init__(self, key_sets: KeySets, query_start: int, num_queries: int, num_layers: int):
         self.key_sets = key_sets
         self.rows = slice(query_start, query_start + num_queries)  # 0-based rows s_{i,t} - 1
         self.masses = torch.full((num_layers, num_queries, 2), torch.nan, dtype=torch.float32)
+        self.key_attention = torch.zeros((num_layers, key_sets.text_keys.numel()), dtype=torch.float32)
         self.captured: List[int] = []
 
     def record(self, layer_idx: int, attention: torch.Tensor) -> None:
@@ -41,7 +43,9 @@ class LayerCapture:
             raise RuntimeError(f'LayerCapture expects batch size 1, got attention of shape {tuple(attention.shape)}')
         text_keys = self.key_sets.text_keys.to(attention.device)
         vision_keys = self.key_sets.vision_keys.to(attention.device)
-        self.masses[layer_idx] = layer_modality_masses(attention[0, :, self.rows, :], text_keys, vision_keys).cpu()
+        head_mean = head_average(attention[0, :, self.rows, :])
+        self.masses[layer_idx] = layer_modality_masses(head_mean, text_keys, vision_keys).cpu()
+        self.key_attention[layer_idx] = layer_key_attention(head_mean, text_keys, vision_keys).cpu()
         self.captured.append(layer_idx)
 
 

@@ -20,10 +20,25 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise ValueError(f'{name}={raw!r} is not a boolean; allowed values: {", ".join(_TRUE + _FALSE)}')
 
 
+def _parse_count(name: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f'{name}={raw!r} is not a count; allowed values: an integer >= 0')
+    return value
+
+
+_PARSERS = {bool: _parse_bool, int: _parse_count}
+
+
 @dataclass(frozen=True)
 class DDAPOConfig:
     """Settings of the ``ddapo_attention`` reward; field ``x`` is read from ``DDAPO_X``."""
     debug: bool = True  # DDAPO_DEBUG: the one-time [DDAPO_DEBUG] report of the first reward forward
+    report: bool = True  # DDAPO_REPORT: <output_dir>/ddapo/report.md and its pictures on logging steps
+    report_samples: int = 2  # DDAPO_REPORT_SAMPLES: outputs per logging step shown in the report
 
     @classmethod
     def variables(cls) -> Dict[str, str]:
@@ -38,10 +53,11 @@ class DDAPOConfig:
         unknown = sorted(k for k in environ if k.startswith('DDAPO_') and k not in known)
         if unknown:
             raise ValueError(f'Unknown DDAPO setting(s) {", ".join(unknown)}; known: {", ".join(sorted(known))}')
+        types = {f.name: f.type for f in fields(cls)}
         values = {}
         for name, field_name in known.items():
             if name in environ:
-                values[field_name] = _parse_bool(name, environ[name])
+                values[field_name] = _PARSERS[types[field_name]](name, environ[name])
         return cls(**values)
 
     def describe(self) -> str:

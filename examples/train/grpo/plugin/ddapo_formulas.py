@@ -2,7 +2,7 @@
 
 Pure tensor functions: no ms-swift, no model. The data flow is
 
-    attention probabilities of one layer --layer_modality_masses--> [|o_i|, 2]   (Eq. 1 numerators)
+    attention probabilities of one layer --head_average, layer_modality_masses--> [|o_i|, 2]   (Eq. 1 sums)
     stacked over the layers Lambda     --token_text_mass-------->  m^T_{i,t}    (Eq. 1 + Eq. 4)
     m^T_{i,t}, |T|, |V|                --sequence_scores-------->  M^T_i, rho_text_i, rho_vis_i, TDR_i,
                                                                    eta^X_i, R^bal_i (Eq. 2, 3, 5, 6, 7)
@@ -27,19 +27,39 @@ class NotApplicable(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def layer_modality_masses(attention: torch.Tensor, text_keys: torch.Tensor, vision_keys: torch.Tensor) -> torch.Tensor:
+def head_average(attention: torch.Tensor) -> torch.Tensor:
+    """``(1/H) sum_h alpha^{(l,h)}_{s,j}`` of Eq. (1): ``[H, rows, S]`` probabilities to ``[rows, S]`` float32."""
+    return attention.float().mean(dim=0)
+
+
+def layer_modality_masses(head_mean: torch.Tensor, text_keys: torch.Tensor, vision_keys: torch.Tensor) -> torch.Tensor:
     """Head-averaged attention mass on the text and vision keys, per query row: the sums of Eq. (1).
 
-    ``attention``: ``[H, |o_i|, S]`` softmax probabilities of one layer, rows ``s_{i,t}`` only;
+    ``head_mean``: ``[|o_i|, S]`` from `head_average` of one layer, rows ``s_{i,t}`` only;
     ``text_keys`` / ``vision_keys``: ``[S]`` boolean masks of ``T`` and ``V``.
-    Returns ``[|o_i|, 2]`` float32: column 0 is ``sum_{j in T} (1/H) sum_h alpha``, column 1 the same over ``V``.
+    Returns ``[|o_i|, 2]``: column 0 is ``sum_{j in T} (1/H) sum_h alpha``, column 1 the same over ``V``.
 
-    Example: one head, one row ``[0.5, 0.3, 0.2]``, ``T = {0}``, ``V = {1}`` gives ``[[0.5, 0.3]]``
+    Example: one row ``[0.5, 0.3, 0.2]``, ``T = {0}``, ``V = {1}`` gives ``[[0.5, 0.3]]``
     (key 2, e.g. a special token, is in neither set).
     """
-    head_mean = attention.float().mean(dim=0)  # [|o_i|, S]
     key_masks = torch.stack([text_keys, vision_keys], dim=1).to(head_mean)  # [S, 2]
     return head_mean @ key_masks
+
+
+def layer_key_attention(head_mean: torch.Tensor, text_keys: torch.Tensor, vision_keys: torch.Tensor) -> torch.Tensor:
+    """``(1/|o_i|) sum_t a^{(l)}_{i,t,j}``: Eq. (1) per key ``j``, averaged over the generated tokens; 0 off ``T or V``.
+
+    Returns ``[S]``; sums to 1 over ``T or V`` (rows whose Eq. (1) denominator is 0 are left out). Drives the
+    heat maps: its values on ``V``, laid back onto the image grid, show where in the image the output looked.
+    Example: rows ``[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]``, ``T = {0}``, ``V = {1}`` give ``[0.5625, 0.4375, 0]``.
+    """
+    keys = (text_keys | vision_keys).to(head_mean)
+    on_keys = head_mean * keys
+    denominator = on_keys.sum(dim=-1, keepdim=True)
+    valid = denominator.squeeze(-1) > 0
+    if not bool(valid.any()):
+        return torch.zeros_like(keys)
+    return (on_keys[valid] / denominator[valid]).mean(dim=0)
 
 
 def token_text_mass(layer_masses: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tup
 import torch
 from swift.model.utils import AttnImpl
 from swift.rl_core.data import GRPOSample
-from swift.rlhf_trainers.utils import encode_sample
+from swift.rlhf_trainers.utils import encode_sample, load_pil_img
 from swift.trainers.utils import disable_gradient_checkpointing
 from swift.utils import to_device
 
@@ -27,6 +27,7 @@ NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state'})
 class ModelSpec:
     """What the reward needs to know of the policy model and its tokenizer."""
     vision_token_ids: FrozenSet[int]  # image_token_id, video_token_id of the model config
+    image_token_id: Optional[int]
     special_ids: FrozenSet[int]
     im_start_id: int
     im_end_id: int
@@ -60,6 +61,7 @@ def model_spec(trainer) -> ModelSpec:
         raise ValueError(f'ddapo_attention cannot find num_hidden_layers on the language config of {type(model).__name__}')
     return ModelSpec(
         vision_token_ids=frozenset(vision_ids),
+        image_token_id=getattr(config, 'image_token_id', None),
         special_ids=frozenset(special),
         im_start_id=tokenizer.convert_tokens_to_ids('<|im_start|>'),
         im_end_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
@@ -119,6 +121,20 @@ def encode_completion(trainer, row: Dict[str, Any]) -> EncodedCompletion:
     batch.pop('labels', None)
     batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
     return EncodedCompletion(input_ids, prompt_len, len(ids), to_device(batch, trainer.accelerator.device))
+
+
+def processed_images(trainer, row: Dict[str, Any], image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
+    """The row's images (PIL, path, or ``{'bytes', 'path'}`` as rows carry them) resized to the patch grid."""
+    if image_grid_thw is None or not row.get('images'):
+        return []
+    patch = trainer.template.processor.image_processor.patch_size
+    return [load_pil_img(image).convert('RGB').resize((int(w) * patch, int(h) * patch))
+            for image, (_, h, w) in zip(row['images'], image_grid_thw.tolist())]
+
+
+def image_merge_size(trainer) -> int:
+    """Patches merged into one vision token along each side (2 for Qwen2-VL / Qwen2.5-VL)."""
+    return int(trainer.template.processor.image_processor.merge_size)
 
 
 @contextmanager

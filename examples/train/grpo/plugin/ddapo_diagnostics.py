@@ -1,0 +1,78 @@
+"""Per-step ``ddapo/*`` metrics from the reward forward's own numbers (no extra forward). Pure functions.
+
+    per output o_i: DDAPOScores (Eq. 2-7) or a not-applicable reason, and M^V_i per layer segment
+    per step (all ranks' outputs): ddapo/tdr/mean, ddapo/tdr/median, ddapo/rho_text/mean, ddapo/rho_vis/mean,
+    ddapo/M_V/mean, ddapo/eta_V/mean, ddapo/num_text_keys/mean, ddapo/num_vision_keys/mean,
+    ddapo/not_applicable_frac, ddapo/<segment>/M_V/mean for segment in all, early, middle, late
+"""
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from ddapo_formulas import DDAPOScores, layer_set, token_text_mass
+
+THIRDS = ('early', 'middle', 'late')
+
+
+@dataclass
+class SampleDiagnostics:
+    """What one output contributes to the step's metrics (small and picklable, gathered across ranks)."""
+    scores: Optional[DDAPOScores] = None
+    reason: Optional[str] = None  # the NotApplicable reason when scores is None
+    segment_M_vis: Dict[str, float] = field(default_factory=dict)
+
+
+def segments(num_layers: int) -> List[str]:
+    """``all``, plus the notation's thirds when the model has at least 3 layers."""
+    return ['all'] + (list(THIRDS) if num_layers >= 3 else [])
+
+
+def segment_vision_mass(masses: torch.Tensor) -> Dict[str, float]:
+    """``M^V_i`` (Eq. 5) with ``Lambda`` = each segment of `segments`; ``masses`` is ``[L, |o_i|, 2]`` (all layers).
+
+    Example: 3 layers whose tokens all put masses ``[0.9, 0.1]``, ``[0.5, 0.5]``, ``[0.1, 0.9]`` give
+    ``{'all': 0.5, 'early': 0.1, 'middle': 0.5, 'late': 0.9}``.
+    """
+    out = {}
+    for name in segments(masses.shape[0]):
+        m_text = token_text_mass(masses[layer_set(masses.shape[0], name)])
+        defined = m_text[~torch.isnan(m_text)]
+        out[name] = 1.0 - float(defined.mean()) if defined.numel() else math.nan
+    return out
+
+
+def _mean(values: List[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
+    """The step's ``ddapo/*`` metrics over every output of every rank.
+
+    Means are over the outputs whose reward is defined; ``ddapo/tdr/mean`` leaves out ``TDR = inf``
+    (``M^V = 0``), which ``ddapo/tdr/median`` keeps. Example: two outputs with TDR 1 and 3 and one text-only
+    prompt give ``tdr/mean = 2``, ``tdr/median = 2``, ``not_applicable_frac = 1/3``.
+    """
+    if not samples:
+        return {}
+    scored = [s for s in samples if s.scores is not None]
+    metrics = {'ddapo/not_applicable_frac': 1.0 - len(scored) / len(samples)}
+    if not scored:
+        return metrics
+    scores = [s.scores for s in scored]
+    metrics.update({
+        'ddapo/tdr/mean': _mean([s.tdr for s in scores]),
+        'ddapo/tdr/median': statistics.median(s.tdr for s in scores),
+        'ddapo/rho_text/mean': _mean([s.rho_text for s in scores]),
+        'ddapo/rho_vis/mean': _mean([s.rho_vis for s in scores]),
+        'ddapo/M_V/mean': _mean([s.M_vis for s in scores]),
+        'ddapo/eta_V/mean': _mean([s.eta_vis for s in scores]),
+        'ddapo/num_text_keys/mean': _mean([float(s.num_text_keys) for s in scores]),
+        'ddapo/num_vision_keys/mean': _mean([float(s.num_vision_keys) for s in scores]),
+    })
+    for name in sorted({k for s in scored for k in s.segment_M_vis}):
+        metrics[f'ddapo/{name}/M_V/mean'] = _mean([s.segment_M_vis.get(name, math.nan) for s in scored])
+    return metrics

@@ -1,0 +1,113 @@
+"""ddapo/* step metrics (ddapo_diagnostics) and the report (ddapo_report) on synthetic cases with known answers."""
+import math
+
+import pytest
+import torch
+
+from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, segments, step_metrics
+from ddapo_formulas import head_average, layer_key_attention, sequence_scores
+from ddapo_report import ReportSample, ReportWriter, image_heatmaps, token_line
+
+
+def scored(m_text, num_text=10, num_vision=30, segment=None):
+    return SampleDiagnostics(scores=sequence_scores(torch.tensor(m_text), num_text, num_vision),
+                             segment_M_vis=segment or {})
+
+
+class TestSegments:
+    """Edge cases: fewer than 3 layers log only `all`."""
+
+    def test_segments(self):
+        assert segments(2) == ['all'] and segments(3) == ['all', 'early', 'middle', 'late']
+
+
+class TestSegmentVisionMass:
+    """Edge cases: docstring example; a 2-layer model gives only `all`."""
+
+    def test_docstring_example(self):
+        masses = torch.tensor([[[0.9, 0.1]], [[0.5, 0.5]], [[0.1, 0.9]]])
+        out = segment_vision_mass(masses)
+        assert out == pytest.approx({'all': 0.5, 'early': 0.1, 'middle': 0.5, 'late': 0.9})
+
+    def test_two_layers(self):
+        assert set(segment_vision_mass(torch.tensor([[[0.9, 0.1]], [[0.5, 0.5]]]))) == {'all'}
+
+
+class TestStepMetrics:
+    """Edge cases: docstring example, TDR = inf kept out of the mean but in the median, no sample, none scorable."""
+
+    def test_docstring_example(self):
+        # m^T = 0.25 -> TDR 1; m^T = 0.5 -> TDR 3 (|T| = 10, |V| = 30)
+        metrics = step_metrics([scored([0.25]), scored([0.5]), SampleDiagnostics(reason='no_vision_keys')])
+        assert metrics['ddapo/tdr/mean'] == pytest.approx(2.0) and metrics['ddapo/tdr/median'] == pytest.approx(2.0)
+        assert metrics['ddapo/not_applicable_frac'] == pytest.approx(1 / 3)
+        assert metrics['ddapo/M_V/mean'] == pytest.approx((0.75 + 0.5) / 2)
+        assert metrics['ddapo/num_vision_keys/mean'] == 30 and metrics['ddapo/num_text_keys/mean'] == 10
+        assert metrics['ddapo/rho_vis/mean'] == pytest.approx((0.75 + 0.5) / 2 / 30)
+
+    def test_infinite_tdr(self):
+        metrics = step_metrics([scored([0.25]), scored([1.0])])  # the second has M^V = 0
+        assert metrics['ddapo/tdr/mean'] == pytest.approx(1.0) and metrics['ddapo/tdr/median'] == math.inf
+
+    def test_segments_averaged(self):
+        metrics = step_metrics([scored([0.5], segment={'all': 0.2, 'late': 0.4}), scored([0.5], segment={'all': 0.4})])
+        assert metrics['ddapo/all/M_V/mean'] == pytest.approx(0.3) and metrics['ddapo/late/M_V/mean'] == 0.4
+
+    def test_empty_and_unscorable(self):
+        assert step_metrics([]) == {}
+        assert step_metrics([SampleDiagnostics(reason='empty_completion')]) == {'ddapo/not_applicable_frac': 1.0}
+
+
+class TestImageHeatmaps:
+    """Edge cases: docstring example; two images split in order; all vision mass on one key lights exactly that
+    merged patch (through layer_key_attention); a count that does not match the grids raises."""
+
+    def test_docstring_example(self):
+        maps = image_heatmaps(torch.arange(6.), [(1, 4, 6)], merge_size=2)
+        assert maps[0].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+    def test_two_images(self):
+        maps = image_heatmaps(torch.arange(16.), [(1, 4, 4), (1, 4, 12)], merge_size=2)
+        assert [m.shape for m in maps] == [(2, 2), (2, 6)] and maps[1][0, 0] == 4
+
+    def test_one_patch_lights_up(self):
+        text, vision = torch.zeros(20, dtype=torch.bool), torch.zeros(20, dtype=torch.bool)
+        text[:4], vision[4:10] = True, True  # 6 vision tokens: a 4 x 6 patch grid merged 2 x 2 -> 2 x 3
+        attention = torch.zeros(2, 3, 20)  # [H, rows, S]
+        attention[..., 0] = 0.5
+        attention[..., 4 + 5] = 0.5  # every head, every generated token: all vision mass on vision token 5
+        key_attention = layer_key_attention(head_average(attention), text, vision)
+        heat = image_heatmaps(key_attention[vision], [(1, 4, 6)], merge_size=2)[0]
+        assert heat.shape == (2, 3) and heat[1, 2] == pytest.approx(0.5)
+        assert heat.sum() == pytest.approx(0.5) and (heat > 0).sum() == 1
+
+    def test_count_mismatch(self):
+        with pytest.raises(ValueError):
+            image_heatmaps(torch.arange(5.), [(1, 4, 6)], merge_size=2)
+
+
+class TestTokenLine:
+    """Edge cases: docstring example, NaN, newline and table pipe escaped."""
+
+    def test_cases(self):
+        assert token_line(['Red', '!'], [0.4, 0.31]) == 'Red(0.40) !(0.31)'
+        assert token_line(['a\n', '|'], [float('nan'), 0.5]) == 'a\\n(-) \\|(0.50)'
+
+
+class TestReportWriter:
+    """Edge cases: a step section with the metrics table, token line and pictures; a second step appends."""
+
+    def test_write_and_append(self, tmp_path):
+        from PIL import Image
+        sample = ReportSample(title='prompt p0', tokens=['Red', '!'], m_vis=[0.4, 0.6], tdr=1.5, reward_balance=0.4,
+                              images=[Image.new('RGB', (56, 84), (200, 0, 0))],
+                              heatmaps=image_heatmaps(torch.arange(6.), [(1, 4, 6)], 2))
+        writer = ReportWriter(str(tmp_path / 'ddapo'))
+        pictures = writer.write_step(5, 'train', {'ddapo/tdr/mean': 1.5}, [sample])
+        writer.write_step(10, 'train', {'ddapo/tdr/mean': 1.2}, [])
+        text = (tmp_path / 'ddapo' / 'report.md').read_text()
+        assert text.index('## step 5 (train)') < text.index('## step 10 (train)')
+        assert '| `ddapo/tdr/mean` | 1.5 |' in text and 'Red(0.40) !(0.60)' in text
+        assert len(pictures) == 2 and all((tmp_path / 'ddapo' / p.split('/')[-1]).stat().st_size > 1000
+                                          for p in pictures)
+        assert 'step0000005_train_sample0_image0.png' in text
