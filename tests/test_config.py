@@ -9,7 +9,7 @@ class TestDDAPOConfig:
     unknown DDAPO_* variable (a typo) fails instead of being ignored, non-DDAPO variables are ignored."""
 
     def test_defaults(self):
-        assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True, report=True, report_samples=2)
+        assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True, report=True, report_samples=2, strict=False)
 
     def test_report_settings(self):
         config = DDAPOConfig.from_env({'DDAPO_REPORT': '0', 'DDAPO_REPORT_SAMPLES': '5'})
@@ -36,4 +36,5 @@ class TestDDAPOConfig:
         assert DDAPOConfig.from_env({'PATH': '/bin', 'DDAPOX': '1'}).debug is True
 
     def test_describe(self):
-        assert DDAPOConfig(debug=False).describe() == 'DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2'
+        assert DDAPOConfig(debug=False).describe() == ('DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2, '
+                                                       'DDAPO_STRICT=False')

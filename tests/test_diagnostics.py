@@ -41,6 +41,7 @@ class TestStepMetrics:
         metrics = step_metrics([scored([0.25]), scored([0.5]), SampleDiagnostics(reason='no_vision_keys')])
         assert metrics['ddapo/tdr/mean'] == pytest.approx(2.0) and metrics['ddapo/tdr/median'] == pytest.approx(2.0)
         assert metrics['ddapo/not_applicable_frac'] == pytest.approx(1 / 3)
+        assert metrics['ddapo/not_applicable/no_vision_keys_frac'] == pytest.approx(1 / 3)
         assert metrics['ddapo/M_V/mean'] == pytest.approx((0.75 + 0.5) / 2)
         assert metrics['ddapo/num_vision_keys/mean'] == 30 and metrics['ddapo/num_text_keys/mean'] == 10
         assert metrics['ddapo/rho_vis/mean'] == pytest.approx((0.75 + 0.5) / 2 / 30)
@@ -55,7 +56,8 @@ class TestStepMetrics:
 
     def test_empty_and_unscorable(self):
         assert step_metrics([]) == {}
-        assert step_metrics([SampleDiagnostics(reason='empty_completion')]) == {'ddapo/not_applicable_frac': 1.0}
+        assert step_metrics([SampleDiagnostics(reason='empty_completion')]) == {
+            'ddapo/not_applicable_frac': 1.0, 'ddapo/not_applicable/empty_completion_frac': 1.0}
 
 
 class TestImageHeatmaps:

@@ -17,6 +17,7 @@ def reward_kwargs(policy, completions=COMPLETIONS, images_per_row=1, text_only_r
     """The columns ms-swift hands a reward function (rows as after rollout), plus the trainer."""
     tokenizer = policy.processor.tokenizer
     columns = {'messages': [], 'images': [], 'response_token_ids': [], 'prompt_id': [], 'trainer': policy}
+    completions = list(completions)
     for i, completion in enumerate(completions):
         n_images = 0 if i in text_only_rows else images_per_row
         columns['messages'].append([{'role': 'user', 'content': '<image>' * n_images + 'What colour is the shape?'},
@@ -33,7 +34,8 @@ def naive_reward(policy, row, num_layers_read=8):
     encoded = encode_completion(policy, row)  # the template's train-mode encoding
     model, config = policy.model, policy.model.config
     kwargs = {k: v for k, v in encoded.forward_kwargs.items()
-              if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids')}
+              if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids',
+                       'pixel_values_videos', 'video_grid_thw', 'second_per_grid_ts')}
     handles = policy.template.remove_post_encode_hook()  # the hook would drop output_attentions
     saved = config._attn_implementation
     try:

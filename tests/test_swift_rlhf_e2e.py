@@ -13,16 +13,16 @@ from conftest import ROOT
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
 
 
-def swift_rlhf(model_dir, dataset, output_dir, *extra):
+def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', env_extra=None):
     cmd = [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
-           '--model_type', 'qwen2_5_vl', '--template', 'qwen2_5_vl', '--check_model', 'false', '--use_vllm', 'false',
+           '--model_type', model_type, '--template', model_type, '--check_model', 'false', '--use_vllm', 'false',
            '--external_plugins', PLUGIN, '--reward_funcs', 'ddapo_attention', '--dataset', dataset,
            '--tuner_type', 'lora', '--torch_dtype', 'float32', '--num_generations', '2',
            '--per_device_train_batch_size', '4', '--max_completion_length', '8', '--logging_steps', '1',
            '--output_dir', output_dir, '--report_to', 'none', '--dataloader_num_workers', '0', '--save_strategy', 'no',
            '--seed', '1', *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
-    env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+    env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -32,6 +32,33 @@ def mixed_dataset(tmp_path_factory):
     # every third prompt is text-only: those rows give None, and a step with only such rows runs ms-swift's
     # all-None row warning with the trainer in the reward kwargs
     return build_shapes_dataset(str(tmp_path_factory.mktemp('mixed')), num_rows=12, text_only_every=3)
+
+
+def logged_means(output_dir):
+    records = [json.loads(line) for path in glob.glob(os.path.join(output_dir, '**', 'logging.jsonl'), recursive=True)
+               for line in open(path)]
+    return records, [r['rewards/DDAPOAttentionORM/mean'] for r in records if 'rewards/DDAPOAttentionORM/mean' in r]
+
+
+class TestTrainingVariants:
+    """Every way people train, each a real run: full tuning without gradient checkpointing; Qwen2-VL with prompts
+    cut by --max_length (the rollout sees the cut prompt, the training forward and the reward the full one);
+    two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts."""
+
+    @pytest.mark.parametrize('variant', ['full_no_checkpointing', 'qwen2_vl_max_length', 'two_processes'])
+    def test_variant(self, variant, tiny_model_dir, mixed_dataset, tmp_path):
+        model_type, extra, env = 'qwen2_5_vl', ['--max_steps', '2'], None
+        if variant == 'full_no_checkpointing':
+            extra += ['--tuner_type', 'full', '--gradient_checkpointing', 'false']
+        elif variant == 'qwen2_vl_max_length':
+            model_type, extra = 'qwen2_vl', extra + ['--max_length', '40']
+        else:
+            env = {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531'}
+        result = swift_rlhf(tiny_model_dir(model_type), mixed_dataset, str(tmp_path), *extra, model_type=model_type,
+                            env_extra=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        _, means = logged_means(str(tmp_path))
+        assert means and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
 
 
 class TestSwiftRlhfGrpo:
@@ -45,9 +72,7 @@ class TestSwiftRlhfGrpo:
         assert '[DDAPO_DEBUG] layers captured: 4 of 4' in log
         assert 'reward is None (no_vision_keys)' in log
         assert 'All reward functions returned None' in log  # the all-None row path ran and did not crash
-        records = [json.loads(line) for path in glob.glob(str(tmp_path / '**' / 'logging.jsonl'), recursive=True)
-                   for line in open(path)]
-        means = [r['rewards/DDAPOAttentionORM/mean'] for r in records if 'rewards/DDAPOAttentionORM/mean' in r]
+        records, means = logged_means(str(tmp_path))
         assert len(means) >= 2, records
         assert all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'

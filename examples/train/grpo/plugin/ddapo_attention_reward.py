@@ -16,12 +16,14 @@ report under ``<output_dir>/ddapo/`` (ddapo_report): no extra forward.
 Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch in ``swift_patches/``
 provides; ``plugin.py`` applies it.
 """
+import gc
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+import torch
 from accelerate.utils import gather_object
 from swift.rewards import ORM
 from swift.utils import get_logger
@@ -33,7 +35,8 @@ from ddapo_formulas import DDAPOScores, NotApplicable, layer_set, sequence_score
 from ddapo_key_sets import KeySets, build_key_sets
 from ddapo_report import ReportSample, ReportWriter, image_heatmaps
 from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, encode_completion,
-                         image_merge_size, model_spec, policy_forward, processed_images, reward_rows)
+                         image_merge_size, model_spec, padding_row, policy_forward, processed_images,
+                         reward_rows)
 
 logger = get_logger()
 
@@ -43,6 +46,14 @@ MISSING_TRAINER = (
     'patch is not applied. Load the reward through --external_plugins examples/train/grpo/plugin/plugin.py '
     '(it applies swift_patches/grpo_reward_kwargs.py), or apply swift_patches/ms_swift_4.6_grpo_reward_kwargs.diff '
     'to ms-swift.')
+
+
+@dataclass
+class _Prepared:
+    """One row encoded and ready for its forward."""
+    row: Dict[str, Any]
+    encoded: EncodedCompletion
+    key_sets: KeySets
 
 
 @dataclass
@@ -91,14 +102,23 @@ class DDAPOAttentionORM(ORM):
         layers = layer_set(self.spec.num_layers, LAYERS)
         scored: List[_Scored] = []
         with policy_forward(trainer) as (forward, report):
-            for row in reward_rows(kwargs, len(completions)):
-                want_report = sum(s.report is not None for s in scored) < report_slots
-                scored.append(self._score(trainer, row, forward, report, layers, want_report))
+            prepared = [self._prepare(trainer, row) for row in reward_rows(kwargs, len(completions))]
+            runnable = [p for p in prepared if isinstance(p, _Prepared)]
+            padding = self._padding_forwards(len(runnable))  # agreed before any forward: see the docstring
+            for item in prepared:
+                if isinstance(item, _Prepared):
+                    want_report = sum(s.report is not None for s in scored) < report_slots
+                    item = self._run(trainer, item, forward, report, layers, want_report)
+                scored.append(item)
+            if padding:
+                kwargs = (runnable[0].encoded if runnable else encode_completion(trainer, padding_row(trainer)))
+                for _ in range(padding):
+                    forward(**kwargs.forward_kwargs)
         self._log_step(trainer, mode, scored)
         return [s.reward for s in scored]
 
-    def _score(self, trainer, row: Dict[str, Any], forward, report: ForwardReport, layers: List[int],
-               want_report: bool) -> _Scored:
+    def _prepare(self, trainer, row: Dict[str, Any]):
+        """Encode one row and find its key sets: a `_Prepared`, or a `_Scored` None when it cannot be encoded."""
         spec = self.spec
         try:
             encoded = encode_completion(trainer, row)
@@ -106,31 +126,62 @@ class DDAPOAttentionORM(ORM):
             return self._none('generated_ids_mismatch', str(error))
         key_sets = build_key_sets(encoded.input_ids, encoded.prompt_len, spec.vision_token_ids, spec.special_ids,
                                   spec.im_start_id, spec.im_end_id, spec.system_role_ids)
+        return _Prepared(row, encoded, key_sets)
+
+    @staticmethod
+    def _padding_forwards(local_forwards: int) -> int:
+        """How many padding forwards this rank runs so that every rank runs as many as the busiest one.
+
+        Under DeepSpeed ZeRO-3 every forward gathers parameters collectively: a rank that runs fewer
+        forwards than the others (fewer rows, or rows that could not be encoded) would hang them all. The
+        counts are agreed before the first forward, since this gather is itself a collective that must not
+        meet another rank's forward.
+        """
+        return max(gather_object([local_forwards])) - local_forwards
+
+    def _run(self, trainer, item: '_Prepared', forward, report: ForwardReport, layers: List[int],
+             want_report: bool) -> _Scored:
+        spec, encoded, key_sets = self.spec, item.encoded, item.key_sets
         capture = LayerCapture(key_sets, encoded.prompt_len, encoded.num_generated, spec.num_layers)
-        with capturing(capture):
-            outputs = forward(**encoded.forward_kwargs)
-        scores: Optional[DDAPOScores] = None
-        reason: Optional[NotApplicable] = None
-        m_text = token_text_mass(capture.masses[layers])
-        if len(capture.captured) == spec.num_layers:
-            try:
-                scores = sequence_scores(m_text, key_sets.num_text_keys, key_sets.num_vision_keys)
-            except NotApplicable as error:
-                reason = error
-        if self._debug_pending:
-            self._debug_pending = False
-            self._log_debug(encoded, key_sets, report, outputs, capture, layers, scores)
+        try:
+            with capturing(capture):
+                outputs = forward(**encoded.forward_kwargs)
+        except torch.OutOfMemoryError as error:
+            del capture
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self._none('out_of_memory', f'the reward forward of a {len(encoded.input_ids)}-token sequence '
+                              f'ran out of memory ({str(error).splitlines()[0][:200]})')
         if len(capture.captured) != spec.num_layers:
+            self._log_debug(encoded, key_sets, report, outputs, capture, layers, None)
             raise RuntimeError(f'ddapo_attention captured {len(capture.captured)} of {spec.num_layers} language-model '
                                f'layers: the model did not run its attention through {ATTENTION_NAME!r}. '
                                'This model is not supported; see the [DDAPO_DEBUG] lines above.')
-        if reason is not None:
-            return self._none(reason.reason, reason.detail)
+        read = capture.masses[layers]
+        m_text = token_text_mass(read)
+        generated = encoded.input_ids[encoded.prompt_len:encoded.prompt_len + encoded.num_generated]
+        scores: Optional[DDAPOScores] = None
+        try:
+            if not bool(torch.isfinite(read).all()):
+                raise NotApplicable('non_finite_attention', 'the attention probabilities hold inf or NaN '
+                                    '(fp16 overflow?); the reward forward runs in the model dtype')
+            if generated and all(token in spec.special_ids for token in generated):
+                raise NotApplicable('only_special_tokens', f'the completion is only special tokens {generated}')
+            scores = sequence_scores(m_text, key_sets.num_text_keys, key_sets.num_vision_keys)
+        except NotApplicable as error:
+            return self._none(error.reason, error.detail)
+        finally:
+            if self._debug_pending:
+                self._debug_pending = False
+                self._log_debug(encoded, key_sets, report, outputs, capture, layers, scores)
         diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(capture.masses))
-        sample = self._report_sample(trainer, row, encoded, capture, layers, m_text, scores) if want_report else None
+        sample = self._report_sample(trainer, item.row, encoded, capture, layers, m_text, scores) if want_report else None
         return _Scored(scores.reward_balance, diagnostics, sample)
 
     def _none(self, reason: str, detail: str) -> _Scored:
+        if self.config.strict:
+            raise RuntimeError(f'DDAPO_STRICT=1: the ddapo_attention reward is not applicable ({reason}): {detail}')
         if reason not in self.not_applicable:
             logger.warning(f'[DDAPO] reward is None ({reason}): {detail}. Counted in not_applicable and '
                            'ddapo/not_applicable_frac; warned once per reason.')

@@ -39,6 +39,7 @@ class DDAPOConfig:
     debug: bool = True  # DDAPO_DEBUG: the one-time [DDAPO_DEBUG] report of the first reward forward
     report: bool = True  # DDAPO_REPORT: <output_dir>/ddapo/report.md and its pictures on logging steps
     report_samples: int = 2  # DDAPO_REPORT_SAMPLES: outputs per logging step shown in the report
+    strict: bool = False  # DDAPO_STRICT: raise instead of returning None for a reward that cannot be computed
 
     @classmethod
     def variables(cls) -> Dict[str, str]:

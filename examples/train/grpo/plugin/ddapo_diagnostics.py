@@ -3,10 +3,12 @@
     per output o_i: DDAPOScores (Eq. 2-7) or a not-applicable reason, and M^V_i per layer segment
     per step (all ranks' outputs): ddapo/tdr/mean, ddapo/tdr/median, ddapo/rho_text/mean, ddapo/rho_vis/mean,
     ddapo/M_V/mean, ddapo/eta_V/mean, ddapo/num_text_keys/mean, ddapo/num_vision_keys/mean,
-    ddapo/not_applicable_frac, ddapo/<segment>/M_V/mean for segment in all, early, middle, late
+    ddapo/not_applicable_frac (and ddapo/not_applicable/<reason>_frac per reason),
+    ddapo/<segment>/M_V/mean for segment in all, early, middle, late
 """
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -60,6 +62,8 @@ def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
         return {}
     scored = [s for s in samples if s.scores is not None]
     metrics = {'ddapo/not_applicable_frac': 1.0 - len(scored) / len(samples)}
+    for reason, count in sorted(Counter(s.reason for s in samples if s.reason).items()):
+        metrics[f'ddapo/not_applicable/{reason}_frac'] = count / len(samples)
     if not scored:
         return metrics
     scores = [s.scores for s in scored]

@@ -6,6 +6,7 @@
                                              language model's attention on `ddapo_eager`, every
                                              piece of state it touches restored on exit
 """
+import random
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
@@ -102,14 +103,15 @@ def encode_completion(trainer, row: Dict[str, Any]) -> EncodedCompletion:
 
     ms-swift's own `encode_sample` does what the training forward does (response ids injected, never
     re-tokenised text); the template then appends ``<|im_end|>\\n``, so ``o_i`` is the ``|o_i|``
-    positions right after the prompt, the first labelled position.
+    positions right after the prompt, the first labelled position. An empty completion encodes the
+    prompt with an empty answer (``|o_i| = 0``). The batch stays on the CPU until its forward.
     """
     template = trainer.template
     sample = GRPOSample.from_row(row)
     ids = generated_ids(sample.response_token_ids)
-    if not ids:
-        raise GeneratedIdsMismatch('the row has no response_token_ids (is the reward run by a GRPO trainer?)')
-    sample.response_token_ids = [ids]  # the last turn alone, as it was generated
+    sample.response_token_ids = [ids] if ids else []  # the last turn alone, as it was generated
+    if not ids and sample.messages and sample.messages[-1].get('role') == 'assistant':
+        sample.messages[-1] = {**sample.messages[-1], 'content': ''}
     encoded = encode_sample(sample, template)
     encoded.pop('_extra_kwargs', None)
     input_ids, labels = list(encoded['input_ids']), list(encoded['labels'])
@@ -120,7 +122,15 @@ def encode_completion(trainer, row: Dict[str, Any]) -> EncodedCompletion:
     batch = template.data_collator([encoded])
     batch.pop('labels', None)
     batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
-    return EncodedCompletion(input_ids, prompt_len, len(ids), to_device(batch, trainer.accelerator.device))
+    return EncodedCompletion(input_ids, prompt_len, len(ids), batch)
+
+
+def padding_row(trainer) -> Dict[str, Any]:
+    """A minimal row whose forward keeps a rank in step with the others (ZeRO-3 gathers in every forward;
+    ms-swift runs the vision tower on a dummy image for text-only rows, so the same modules run)."""
+    eos = trainer.template.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    return {'messages': [{'role': 'user', 'content': '.'}, {'role': 'assistant', 'content': ''}],
+            'response_token_ids': [[eos]]}
 
 
 def processed_images(trainer, row: Dict[str, Any], image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
@@ -161,6 +171,21 @@ def _eval_modes(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@contextmanager
+def _rng_state() -> Iterator[None]:
+    """Python, numpy and torch (CPU and current CUDA device) RNG states as they were: no trace in dropout
+    masks or sampling after the reward forward."""
+    import numpy as np
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 @dataclass
 class ForwardReport:
     """What the one-time ``[DDAPO_DEBUG]`` report shows of the reward forward."""
@@ -172,11 +197,11 @@ class ForwardReport:
 @contextmanager
 def policy_forward(trainer) -> Iterator[Tuple[Any, ForwardReport]]:
     """Set the policy up for reward forwards; yields ``(forward, report)`` where ``forward(**kwargs)``
-    calls ``trainer.model`` (template hook included) under ``torch.no_grad()``.
+    moves the batch to the device and calls ``trainer.model`` (template hook included) under ``torch.no_grad()``.
 
     Inside: template in ``train`` mode without truncation or packing, every module in eval mode,
-    gradient checkpointing off, language attention on ``ddapo_eager``. All of it is restored on exit,
-    exceptions included.
+    gradient checkpointing off, language attention on ``ddapo_eager``, RNG states forked. All of it is
+    restored on exit, exceptions included.
     """
     model = trainer.model
     config = unwrap_policy(trainer).config
@@ -184,14 +209,17 @@ def policy_forward(trainer) -> Iterator[Tuple[Any, ForwardReport]]:
     report = ForwardReport(attention_before=attention_settings(config, keys),
                            gradient_checkpointing=getattr(model, 'is_gradient_checkpointing', None))
     with ExitStack() as stack:
+        stack.enter_context(_rng_state())
         stack.enter_context(_template_state(trainer.template))
         stack.enter_context(_eval_modes(model))
         stack.enter_context(disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs))
         stack.enter_context(language_attention(config, keys))
         report.attention_during = attention_settings(config, keys)
 
+        device = trainer.accelerator.device
+
         def forward(**kwargs):
             with torch.no_grad():
-                return model(**kwargs)
+                return model(**to_device(kwargs, device))
 
         yield forward, report

@@ -1,0 +1,43 @@
+"""Worker of test_lockstep.py, run by torchrun: two CPU processes (gloo) score unequal batches.
+
+Every forward of the policy runs an all_reduce first, as DeepSpeed ZeRO-3's parameter gathers do: a rank
+that ran fewer reward forwards than the other would leave it waiting forever.
+"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from conftest import make_policy
+from ddapo_attention_reward import DDAPOAttentionORM
+from test_reward import COMPLETIONS, reward_kwargs
+
+CASES = {  # call -> rank -> (number of completions, text-only rows)
+    'unequal': {0: (3, ()), 1: (2, (1,))},
+    'one_rank_empty': {0: (2, ()), 1: (0, ())},
+}
+
+
+def main(model_dir: str, output_dir: str) -> None:
+    policy = make_policy(model_dir, 'qwen2_5_vl', output_dir)
+    rank = policy.accelerator.process_index
+    forwards = []
+
+    def zero3_like_gather(module, args):
+        dist.all_reduce(torch.ones(1))
+        forwards.append(1)
+
+    policy.model.register_forward_pre_hook(zero3_like_gather)
+    orm = DDAPOAttentionORM()
+    for case, plan in CASES.items():
+        count, text_only = plan[rank]
+        completions = COMPLETIONS[:count]
+        before = len(forwards)
+        rewards = orm(completions, **reward_kwargs(policy, completions, text_only_rows=text_only))
+        print('RESULT ' + json.dumps({'case': case, 'rank': rank, 'forwards': len(forwards) - before,
+                                      'rewards': rewards, 'metrics': orm.last_metrics}), flush=True)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,35 @@
+"""Two real processes (torchrun, gloo, CPU): every rank runs the same number of reward forwards."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+WORKER = os.path.join(ROOT, 'tests', 'lockstep_worker.py')
+
+
+class TestLockstep:
+    """Edge cases: unequal row counts and unequal scorable counts (a text-only row); a rank with no rows at
+    all (padding forward from a minimal row); metrics gathered over both ranks; bounded time (no hang)."""
+
+    def test_two_ranks(self, tiny_model_dir, tmp_path):
+        model_dir = tiny_model_dir('qwen2_5_vl')
+        env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
+        env.update(HF_HUB_OFFLINE='1', PYTHONPATH=os.pathsep.join([os.path.join(ROOT, 'tests'), env.get('PYTHONPATH', '')]))
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+               WORKER, model_dir, str(tmp_path)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        results = [json.loads(line[len('RESULT '):]) for line in result.stdout.splitlines()
+                   if line.startswith('RESULT ')]
+        by_case = {}
+        for r in results:
+            by_case.setdefault(r['case'], {})[r['rank']] = r
+        unequal = by_case['unequal']
+        assert unequal[0]['forwards'] == unequal[1]['forwards'] == 3
+        assert unequal[1]['rewards'][1] is None and None not in unequal[0]['rewards']
+        for rank in (0, 1):  # gathered over both ranks: 1 of 5 outputs is not applicable
+            assert abs(unequal[rank]['metrics']['ddapo/not_applicable_frac'] - 0.2) < 1e-9
+        empty = by_case['one_rank_empty']
+        assert empty[0]['forwards'] == empty[1]['forwards'] == 2 and empty[1]['rewards'] == []
