@@ -4,6 +4,7 @@ Every forward of the policy runs an all_reduce first, as DeepSpeed ZeRO-3's para
 that ran fewer reward forwards than the other would leave it waiting forever.
 """
 import json
+import os
 import sys
 
 import torch
@@ -37,6 +38,14 @@ def main(model_dir: str, output_dir: str) -> None:
         rewards = orm(completions, **reward_kwargs(policy, completions, text_only_rows=text_only))
         print('RESULT ' + json.dumps({'case': case, 'rank': rank, 'forwards': len(forwards) - before,
                                       'rewards': rewards, 'metrics': orm.last_metrics}), flush=True)
+    # One prompt whose 4 outputs are split over the two ranks: DDAPO_REWARD=group must see the whole group.
+    completions = COMPLETIONS[2 * rank:2 * rank + 2]
+    columns = reward_kwargs(policy, completions)
+    columns['prompt_id'] = ['shared', 'shared']
+    for case, variant in (('split_balance', 'balance'), ('split_group', 'group')):
+        os.environ['DDAPO_REWARD'] = variant
+        rewards = DDAPOAttentionORM()(completions, **columns)
+        print('RESULT ' + json.dumps({'case': case, 'rank': rank, 'rewards': rewards}), flush=True)
 
 
 if __name__ == '__main__':

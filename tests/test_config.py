@@ -9,7 +9,8 @@ class TestDDAPOConfig:
     unknown DDAPO_* variable (a typo) fails instead of being ignored, non-DDAPO variables are ignored."""
 
     def test_defaults(self):
-        assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True, report=True, report_samples=2, strict=False)
+        assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True, report=True, report_samples=2, strict=False,
+                                                       reward='balance', sigma=1.0, gate_reward='', layers='last:8')
 
     def test_report_settings(self):
         config = DDAPOConfig.from_env({'DDAPO_REPORT': '0', 'DDAPO_REPORT_SAMPLES': '5'})
@@ -29,12 +30,36 @@ class TestDDAPOConfig:
             DDAPOConfig.from_env({'DDAPO_DEBUG': 'maybe'})
 
     def test_unknown_variable(self):
-        with pytest.raises(ValueError, match='Unknown DDAPO setting.*DDAPO_DEGUB.*known: DDAPO_DEBUG'):
+        with pytest.raises(ValueError, match='Unknown DDAPO setting.*DDAPO_DEGUB.*known: .*DDAPO_DEBUG'):
             DDAPOConfig.from_env({'DDAPO_DEGUB': '1'})
 
     def test_other_variables_ignored(self):
         assert DDAPOConfig.from_env({'PATH': '/bin', 'DDAPOX': '1'}).debug is True
 
     def test_describe(self):
-        assert DDAPOConfig(debug=False).describe() == ('DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2, '
-                                                       'DDAPO_STRICT=False')
+        assert DDAPOConfig(debug=False).describe() == (
+            'DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2, DDAPO_STRICT=False, DDAPO_REWARD=balance, '
+            'DDAPO_SIGMA=1.0, DDAPO_GATE_REWARD=, DDAPO_LAYERS=last:8, DDAPO_ATTENTION=shared, DDAPO_PACK_TOKENS=8192')
+
+    def test_paths(self):
+        config = DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Eager', 'DDAPO_PACK_TOKENS': '4096'})
+        assert (config.attention, config.pack_tokens) == ('eager', 4096)
+
+    def test_variants(self):
+        config = DDAPOConfig.from_env({'DDAPO_REWARD': 'Gated', 'DDAPO_GATE_REWARD': 'answer_match',
+                                       'DDAPO_SIGMA': '0.5', 'DDAPO_LAYERS': 'late'})
+        assert (config.reward, config.gate_reward, config.sigma, config.layers) == ('gated', 'answer_match', 0.5, 'late')
+
+    @pytest.mark.parametrize('environ, message', [
+        ({'DDAPO_REWARD': 'ratio'}, r"DDAPO_REWARD='ratio'.*allowed values: balance, group, gated"),
+        ({'DDAPO_SIGMA': '0'}, r"DDAPO_SIGMA='0'.*finite number > 0"),
+        ({'DDAPO_SIGMA': 'inf'}, r"DDAPO_SIGMA='inf'"),
+        ({'DDAPO_LAYERS': 'last:0'}, r"DDAPO_LAYERS='last:0'.*last:K \(K >= 1\), all, early, middle, late"),
+        ({'DDAPO_LAYERS': 'first:3'}, r"DDAPO_LAYERS='first:3'"),
+        ({'DDAPO_REWARD': 'gated'}, r'DDAPO_REWARD=gated needs DDAPO_GATE_REWARD'),
+        ({'DDAPO_ATTENTION': 'flash'}, r"DDAPO_ATTENTION='flash'.*allowed values: shared, rows, eager"),
+        ({'DDAPO_PACK_TOKENS': '0'}, r"DDAPO_PACK_TOKENS='0'.*integer >= 1"),
+    ])
+    def test_bad_variant_settings(self, environ, message):
+        with pytest.raises(ValueError, match=message):
+            DDAPOConfig.from_env(environ)

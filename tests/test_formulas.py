@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from ddapo_formulas import (NotApplicable, balance_reward, head_average, layer_key_attention, layer_modality_masses,
-                            layer_set, sequence_scores, token_text_mass)
+from ddapo_formulas import (NotApplicable, balance_reward, gated_rewards, group_robust_rewards, head_average,
+                            layer_key_attention, layer_modality_masses, layer_set, log_tdr, sequence_scores,
+                            token_text_mass)
 
 
 def mask(size, positions):
@@ -161,3 +162,50 @@ class TestLayerSet:
     def test_bad_spec(self, spec):
         with pytest.raises(ValueError):
             layer_set(28, spec)
+
+
+class TestLogTdr:
+    """Edge cases: finite value, TDR = inf and TDR = 0 clipped to finite bounds."""
+
+    def test_cases(self):
+        assert log_tdr(math.e) == pytest.approx(1.0)
+        assert log_tdr(math.inf) == pytest.approx(math.log(1e6)) and log_tdr(0.0) == pytest.approx(-math.log(1e6))
+
+
+class TestGroupRobustRewards:
+    """Edge cases: docstring example, sigma, groups kept apart, fewer than two valid outputs, MAD = 0,
+    None stays None, order and group split across the list (as after a gather across ranks)."""
+
+    def test_docstring_example(self):
+        assert group_robust_rewards([0, 1, 2], [0, 0, 0]) == pytest.approx([0.29396, 0.0, -0.29396], abs=1e-4)
+
+    def test_sigma(self):
+        z = 1 / (1.4826 + 1e-6)
+        assert group_robust_rewards([0, 1, 2], ['a'] * 3, sigma=2.0)[0] == pytest.approx(0.5 * math.tanh(z / 2))
+
+    def test_groups_interleaved(self):
+        out = group_robust_rewards([0, 5, 1, 6, 2, 9], ['a', 'b', 'a', 'b', 'a', 'b'])
+        assert out[0::2] == pytest.approx([0.29396, 0.0, -0.29396], abs=1e-4)
+        assert out[1] == pytest.approx(0.29396, abs=1e-4) and out[3] == 0.0 and out[5] < -0.4  # b: median 6, MAD 1
+
+    def test_degenerate_groups(self):
+        assert group_robust_rewards([1.0, None], ['a', 'a']) == [0.0, None]
+        assert group_robust_rewards([1.0, 1.0, 1.0], ['a'] * 3) == [0.0, 0.0, 0.0]
+        assert group_robust_rewards([5.0, 5.0, 9.0], ['a'] * 3) == [0.0, 0.0, 0.0]  # MAD = median(0, 0, 4) = 0
+        assert group_robust_rewards([None, None], ['a', 'a']) == [None, None]
+
+    def test_bounded(self):
+        out = group_robust_rewards([-500.0, 0.0, 0.1, 0.2, 500.0], ['a'] * 5)  # median 0.1, MAD 0.1
+        assert all(-0.5 <= r <= 0.5 for r in out) and out[0] > 0.4999 and out[4] < -0.4999 and out[2] == 0.0
+
+
+class TestGatedRewards:
+    """Edge cases: docstring examples, groups kept apart."""
+
+    def test_docstring_examples(self):
+        assert gated_rewards([0.3, -0.1, None], [True, False, True], [0, 0, 0]) == [0.3, 0.0, None]
+        assert gated_rewards([0.3, -0.1, None], [True, False, False], [0, 0, 0]) == [0.0, 0.0, None]
+
+    def test_groups(self):
+        out = gated_rewards([0.2, -0.2, 0.4, -0.4], [True, True, True, False], ['a', 'a', 'b', 'b'])
+        assert out == [0.2, -0.2, 0.0, 0.0]

@@ -1,8 +1,12 @@
 """Two real processes (torchrun, gloo, CPU): every rank runs the same number of reward forwards."""
 import json
+import re
+import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -11,7 +15,8 @@ WORKER = os.path.join(ROOT, 'tests', 'lockstep_worker.py')
 
 class TestLockstep:
     """Edge cases: unequal row counts and unequal scorable counts (a text-only row); a rank with no rows at
-    all (padding forward from a minimal row); metrics gathered over both ranks; bounded time (no hang)."""
+    all (padding forward from a minimal row); metrics gathered over both ranks; DDAPO_REWARD=group with a
+    prompt's outputs split over the ranks; bounded time (no hang)."""
 
     def test_two_ranks(self, tiny_model_dir, tmp_path):
         model_dir = tiny_model_dir('qwen2_5_vl')
@@ -21,8 +26,9 @@ class TestLockstep:
                WORKER, model_dir, str(tmp_path)]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-        results = [json.loads(line[len('RESULT '):]) for line in result.stdout.splitlines()
-                   if line.startswith('RESULT ')]
+        # two processes share stdout: their lines may run together, so each record is decoded where it starts
+        decoder = json.JSONDecoder()
+        results = [decoder.raw_decode(result.stdout, m.end())[0] for m in re.finditer('RESULT ', result.stdout)]
         by_case = {}
         for r in results:
             by_case.setdefault(r['case'], {})[r['rank']] = r
@@ -33,3 +39,10 @@ class TestLockstep:
             assert abs(unequal[rank]['metrics']['ddapo/not_applicable_frac'] - 0.2) < 1e-9
         empty = by_case['one_rank_empty']
         assert empty[0]['forwards'] == empty[1]['forwards'] == 2 and empty[1]['rewards'] == []
+        # DDAPO_REWARD=group over a prompt whose outputs are split across the ranks: Eq. (8) on all four
+        from ddapo_formulas import group_robust_rewards
+        balance = by_case['split_balance'][0]['rewards'] + by_case['split_balance'][1]['rewards']
+        logs = [math.log((1 - r) / r) for r in balance]
+        expected = group_robust_rewards(logs, ['shared'] * 4)
+        got = by_case['split_group'][0]['rewards'] + by_case['split_group'][1]['rewards']
+        assert got == pytest.approx(expected, abs=1e-6) and any(abs(g) > 1e-3 for g in got)

@@ -28,7 +28,7 @@ def reward_kwargs(policy, completions=COMPLETIONS, images_per_row=1, text_only_r
     return columns
 
 
-def naive_reward(policy, row, num_layers_read=8):
+def naive_reward(policy, row, num_layers_read=8, layers=None):
     """Eq. (1)-(7) written out from `output_attentions=True` of the unwrapped eager model, all layers kept."""
     spec = model_spec(policy)
     encoded = encode_completion(policy, row)  # the template's train-mode encoding
@@ -51,7 +51,8 @@ def naive_reward(policy, row, num_layers_read=8):
     P, n = encoded.prompt_len, encoded.num_generated
     ks = build_key_sets(encoded.input_ids, P, spec.vision_token_ids, spec.special_ids, spec.im_start_id,
                         spec.im_end_id, spec.system_role_ids)
-    rows = torch.stack(attentions[-num_layers_read:])[:, 0, :, P:P + n, :].double().mean(dim=1)  # [L, n, S]
+    read = [attentions[l] for l in layers] if layers is not None else attentions[-num_layers_read:]
+    rows = torch.stack(read)[:, 0, :, P:P + n, :].double().mean(dim=1)  # [L, n, S]
     text_mass, vision_mass = rows[..., ks.text_keys].sum(-1), rows[..., ks.vision_keys].sum(-1)
     m_text = (text_mass / (text_mass + vision_mass)).mean(dim=0)  # Eq. (1) + (4)
     M_text = m_text.mean().item()  # Eq. (5)
@@ -134,7 +135,7 @@ class TestStateRestored:
         layer = checkpointed_policy.model.model.language_model.layers[1]
 
         def explode(module, args, kwargs):
-            assert checkpointed_policy.model.config.text_config._attn_implementation == 'ddapo_eager'
+            assert checkpointed_policy.model.config.text_config._attn_implementation == 'ddapo_rows'
             assert not checkpointed_policy.model.training and not torch.is_grad_enabled()
             raise RuntimeError('boom')
 
@@ -172,4 +173,50 @@ class TestFailsClearly:
     def test_unknown_setting(self, monkeypatch):
         monkeypatch.setenv('DDAPO_DEBGU', '1')
         with pytest.raises(ValueError, match='DDAPO_DEBGU'):
+            DDAPOAttentionORM()
+
+
+class TestVariants:
+    """DDAPO_LAYERS and DDAPO_REWARD through the ORM: a layer third equals the naive computation on those layers;
+    group equals Eq. (8) over the balance scores; gated uses a registered reward's verdict."""
+
+    def test_layers(self, policy, monkeypatch):
+        monkeypatch.setenv('DDAPO_LAYERS', 'late')  # 4 layers: late = layers 3..4 = indices [2, 3]
+        columns = reward_kwargs(policy, COMPLETIONS[:2])
+        rewards = DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
+        assert rewards == pytest.approx([naive_reward(policy, row, layers=[2, 3]) for row in rows_of(columns)],
+                                        abs=1e-5)
+        assert rewards != pytest.approx([naive_reward(policy, row) for row in rows_of(columns)], abs=1e-5)
+
+    def test_group_and_gated(self, policy, monkeypatch):
+        import math
+
+        from swift.rewards import orms
+
+        from answer_match_reward import AnswerMatchORM
+        from ddapo_formulas import gated_rewards, group_robust_rewards
+        monkeypatch.setitem(orms, 'answer_match', AnswerMatchORM)  # as plugin.py does, without applying its patch
+        completions = ['<answer>red</answer>', 'blue', '<answer>red</answer> sure', 'red?', 'no']
+        columns = reward_kwargs(policy, completions, text_only_rows=(4,))
+        columns['prompt_id'] = ['p', 'p', 'p', 'q', 'q']
+        columns['solution'] = ['red'] * 5
+        balance = DDAPOAttentionORM()(completions, **columns)
+        tdr = [None if r is None else (1 - r) / r for r in balance]  # R^bal = 1 / (1 + TDR)
+        logs = [None if t is None else math.log(t) for t in tdr]
+        expected_group = group_robust_rewards(logs, columns['prompt_id'])
+        monkeypatch.setenv('DDAPO_REWARD', 'group')
+        group = DDAPOAttentionORM()(completions, **columns)
+        assert group == pytest.approx(expected_group, abs=1e-6)
+        assert group[3] == 0.0 and group[4] is None  # q has one valid output; the text-only row stays None
+        monkeypatch.setenv('DDAPO_REWARD', 'gated')
+        monkeypatch.setenv('DDAPO_GATE_REWARD', 'answer_match')
+        gated = DDAPOAttentionORM()(completions, **columns)
+        assert gated == pytest.approx(gated_rewards(expected_group, [True, False, True, True, False],
+                                                    columns['prompt_id']), abs=1e-6)
+        assert gated[1] == 0.0 and gated[0] == pytest.approx(expected_group[0], abs=1e-6)
+
+    def test_unknown_gate_reward(self, monkeypatch):
+        monkeypatch.setenv('DDAPO_REWARD', 'gated')
+        monkeypatch.setenv('DDAPO_GATE_REWARD', 'acuracy')
+        with pytest.raises(ValueError, match="DDAPO_GATE_REWARD='acuracy' is not a registered reward"):
             DDAPOAttentionORM()

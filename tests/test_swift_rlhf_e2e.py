@@ -43,22 +43,30 @@ def logged_means(output_dir):
 class TestTrainingVariants:
     """Every way people train, each a real run: full tuning without gradient checkpointing; Qwen2-VL with prompts
     cut by --max_length (the rollout sees the cut prompt, the training forward and the reward the full one);
-    two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts."""
+    two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts; the group-robust reward
+    (Eq. 8) reading the late third of the layers."""
 
-    @pytest.mark.parametrize('variant', ['full_no_checkpointing', 'qwen2_vl_max_length', 'two_processes'])
+    @pytest.mark.parametrize('variant', ['full_no_checkpointing', 'qwen2_vl_max_length', 'two_processes',
+                                         'group_reward_late_layers'])
     def test_variant(self, variant, tiny_model_dir, mixed_dataset, tmp_path):
         model_type, extra, env = 'qwen2_5_vl', ['--max_steps', '2'], None
         if variant == 'full_no_checkpointing':
             extra += ['--tuner_type', 'full', '--gradient_checkpointing', 'false']
         elif variant == 'qwen2_vl_max_length':
             model_type, extra = 'qwen2_vl', extra + ['--max_length', '40']
-        else:
+        elif variant == 'two_processes':
             env = {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531'}
+        else:
+            env = {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}
         result = swift_rlhf(tiny_model_dir(model_type), mixed_dataset, str(tmp_path), *extra, model_type=model_type,
                             env_extra=env)
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-        _, means = logged_means(str(tmp_path))
-        assert means and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
+        records, means = logged_means(str(tmp_path))
+        low = -0.5 if variant == 'group_reward_late_layers' else 0.0  # Eq. (8) lies in [-0.5, 0.5]
+        assert means and all(math.isfinite(m) and low <= m <= 1.0 for m in means), means
+        if variant == 'group_reward_late_layers':
+            assert 'DDAPO_REWARD=group' in result.stderr + result.stdout and 'DDAPO_LAYERS=late' in result.stderr
+            assert all(0 <= r['ddapo/R_bal/mean'] <= 1 for r in records if 'ddapo/R_bal/mean' in r)
 
 
 class TestSwiftRlhfGrpo:

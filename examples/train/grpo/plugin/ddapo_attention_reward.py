@@ -5,10 +5,11 @@ Per completion ``o_i``:
     reward kwargs row --ddapo_swift.encode_completion--> [q ; o_i] with the trainer's template, exact
                                                          generated ids, prompt length P
                       --ddapo_key_sets.build_key_sets--> T (text_keys), V (vision_keys)
-                      --ddapo_swift.policy_forward + ddapo_capture--> one eager forward, Eq. (1) masses
-                                                         of every language-model layer
-                      --ddapo_formulas--> m^T_{i,t} over the last K = 8 layers, rho_text, rho_vis,
-                                          TDR_i, R^bal_i = 1 / (1 + TDR_i)
+                      --ddapo_packing (DDAPO_ATTENTION=shared)--> the outputs of one prompt as one sequence
+                      --ddapo_swift.policy_forward + ddapo_capture--> one forward per pack (or per output),
+                                                         Eq. (1) masses of every language-model layer
+                      --ddapo_formulas--> m^T_{i,t} over the layers Lambda (DDAPO_LAYERS), rho_text, rho_vis,
+                                          TDR_i, R^bal_i = 1 / (1 + TDR_i) (or Eq. 8 / 9 over the prompt's outputs)
 
 The same numbers feed the step's ``ddapo/*`` metrics (ddapo_diagnostics) and, on logging steps, the
 report under ``<output_dir>/ddapo/`` (ddapo_report): no extra forward.
@@ -28,11 +29,13 @@ from accelerate.utils import gather_object
 from swift.rewards import ORM
 from swift.utils import get_logger
 
-from ddapo_capture import ATTENTION_NAME, LayerCapture, capturing
+from ddapo_capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture, captured_forward
 from ddapo_config import DDAPOConfig
 from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, step_metrics
-from ddapo_formulas import DDAPOScores, NotApplicable, layer_set, sequence_scores, token_text_mass
+from ddapo_formulas import (DDAPOScores, NotApplicable, gated_rewards, group_robust_rewards, layer_set, log_tdr,
+                            sequence_scores, token_text_mass)
 from ddapo_key_sets import KeySets, build_key_sets
+from ddapo_packing import shared_prompt_units
 from ddapo_report import ReportSample, ReportWriter, image_heatmaps
 from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, encode_completion,
                          image_merge_size, model_spec, padding_row, policy_forward, processed_images,
@@ -40,7 +43,6 @@ from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch,
 
 logger = get_logger()
 
-LAYERS = 'last:8'  # Lambda: the paper's last K = 8 language-model layers (all of them when L < 8)
 MISSING_TRAINER = (
     "ddapo_attention needs the GRPO trainer in the reward kwargs ('trainer'), and it is missing: the ms-swift "
     'patch is not applied. Load the reward through --external_plugins examples/train/grpo/plugin/plugin.py '
@@ -54,6 +56,7 @@ class _Prepared:
     row: Dict[str, Any]
     encoded: EncodedCompletion
     key_sets: KeySets
+    want_report: bool = False  # shown in this step's report
 
 
 @dataclass
@@ -65,7 +68,9 @@ class _Scored:
 
 
 class DDAPOAttentionORM(ORM):
-    """``R^bal_i = 1 / (1 + TDR_i)`` of Eq. (7) for every completion; ``None`` where it is undefined.
+    """``R^bal_i = 1 / (1 + TDR_i)`` of Eq. (7) for every completion (``DDAPO_REWARD=balance``, the default),
+    or the group-robust ``R^grp`` of Eq. (8) (``group``) or the correctness-gated ``R^gate`` of Eq. (9) (``gated``);
+    ``None`` where it is undefined.
 
     ``None`` (notation section 4: text-only prompt, empty completion, ...) is counted per reason in
     ``not_applicable`` and in ``ddapo/not_applicable_frac``, and warned once per reason; it is never
@@ -78,7 +83,8 @@ class DDAPOAttentionORM(ORM):
             raise ValueError('ddapo_attention reads attention from its own forward of the policy model, and a vLLM '
                              'rollout engine returns no attention to pair it with: run GRPO with --use_vllm false.')
         self.config = DDAPOConfig.from_env()
-        logger.info(f'[DDAPO] ddapo_attention reward settings: {self.config.describe()}; layers read: {LAYERS}')
+        logger.info(f'[DDAPO] ddapo_attention reward settings: {self.config.describe()}')
+        self.gate = self._gate_reward(args) if self.config.reward == 'gated' else None
         self.spec: Optional[ModelSpec] = None
         self.not_applicable: Counter = Counter()
         self.last_metrics: Dict[str, float] = {}
@@ -99,23 +105,58 @@ class DDAPOAttentionORM(ORM):
             self.on_trainer_init(trainer)
         mode = 'train' if trainer.model.training else 'eval'
         report_slots = self._report_slots(trainer)
-        layers = layer_set(self.spec.num_layers, LAYERS)
-        scored: List[_Scored] = []
-        with policy_forward(trainer) as (forward, report):
+        layers = layer_set(self.spec.num_layers, self.config.layers)
+        with policy_forward(trainer, self._implementation) as (forward, report):
             prepared = [self._prepare(trainer, row) for row in reward_rows(kwargs, len(completions))]
             runnable = [p for p in prepared if isinstance(p, _Prepared)]
-            padding = self._padding_forwards(len(runnable))  # agreed before any forward: see the docstring
-            for item in prepared:
-                if isinstance(item, _Prepared):
-                    want_report = sum(s.report is not None for s in scored) < report_slots
-                    item = self._run(trainer, item, forward, report, layers, want_report)
-                scored.append(item)
+            for item in runnable[:report_slots]:
+                item.want_report = True
+            units = self._forward_units(runnable)
+            padding = self._padding_forwards(len(units))  # agreed before any forward: see the docstring
+            results: Dict[int, _Scored] = {}
+            for unit in units:
+                results.update(self._run(trainer, unit, forward, report, layers))
             if padding:
-                kwargs = (runnable[0].encoded if runnable else encode_completion(trainer, padding_row(trainer)))
+                filler = runnable[0].encoded if runnable else encode_completion(trainer, padding_row(trainer))
                 for _ in range(padding):
-                    forward(**kwargs.forward_kwargs)
+                    forward(**filler.forward_kwargs)
+        scored = [results[id(p)] if isinstance(p, _Prepared) else p for p in prepared]
         self._log_step(trainer, mode, scored)
+        if self.config.reward != 'balance':
+            return self._group_variant(trainer, completions, kwargs, scored)
         return [s.reward for s in scored]
+
+    def _gate_reward(self, args):
+        """The registered reward whose verdict gates Eq. (9); checked at start."""
+        from swift.rewards import orms
+        name = self.config.gate_reward
+        if name not in orms:
+            raise ValueError(f'DDAPO_GATE_REWARD={name!r} is not a registered reward; registered: {", ".join(sorted(orms))}')
+        return orms[name](args=args)
+
+    def _group_variant(self, trainer, completions: List[str], kwargs: Dict[str, Any],
+                       scored: List[_Scored]) -> List[Optional[float]]:
+        """Eq. (8) (``group``) or Eq. (9) (``gated``) over the outputs of each prompt, gathered across ranks by
+        ``prompt_id`` (one gather_object on every rank, so a group split across ranks is whole)."""
+        prompt_ids = kwargs.get('prompt_id') or [None] * len(scored)
+        if any(p in (None, '') for p in prompt_ids):
+            raise RuntimeError(f'DDAPO_REWARD={self.config.reward} groups outputs by prompt_id, and the reward kwargs '
+                               'have rows without one; run it under ms-swift GRPO, which sets prompt_id on every row.')
+        if self.gate is not None:
+            verdicts = self.gate(completions, **kwargs)
+            correct = [v is not None and v >= 1.0 for v in verdicts]
+        else:
+            correct = [True] * len(scored)
+        rank = trainer.accelerator.process_index
+        local = [(rank, i, str(p), None if s.diagnostics.scores is None else log_tdr(s.diagnostics.scores.tdr), ok)
+                 for i, (p, s, ok) in enumerate(zip(prompt_ids, scored, correct))]
+        everything = gather_object(local)
+        groups = [row[2] for row in everything]
+        values = group_robust_rewards([row[3] for row in everything], groups, sigma=self.config.sigma)
+        if self.gate is not None:
+            values = gated_rewards(values, [row[4] for row in everything], groups)
+        mine = {row[1]: value for row, value in zip(everything, values) if row[0] == rank}
+        return [mine[i] for i in range(len(scored))]
 
     def _prepare(self, trainer, row: Dict[str, Any]):
         """Encode one row and find its key sets: a `_Prepared`, or a `_Scored` None when it cannot be encoded."""
@@ -139,25 +180,50 @@ class DDAPOAttentionORM(ORM):
         """
         return max(gather_object([local_forwards])) - local_forwards
 
-    def _run(self, trainer, item: '_Prepared', forward, report: ForwardReport, layers: List[int],
-             want_report: bool) -> _Scored:
-        spec, encoded, key_sets = self.spec, item.encoded, item.key_sets
-        capture = LayerCapture(key_sets, encoded.prompt_len, encoded.num_generated, spec.num_layers)
+    @property
+    def _implementation(self) -> str:
+        """The attention function the reward forwards run: the eager reference, or sdpa with eager rows."""
+        return EAGER_ATTENTION if self.config.attention == 'eager' else ROWS_ATTENTION
+
+    def _forward_units(self, runnable: List['_Prepared']) -> List[List['_Prepared']]:
+        """The forwards of this call: one per output (``eager``, ``rows``), or one per prompt (``shared``): outputs
+        whose encodings share the prompt (ids and images) go together, up to ``DDAPO_PACK_TOKENS`` tokens each."""
+        if self.config.attention != 'shared':
+            return [[item] for item in runnable]
+        members = [(u.encoded.forward_kwargs, u.encoded.prompt_len, u.encoded.num_generated) for u in runnable]
+        return [[runnable[i] for i in unit] for unit in shared_prompt_units(members, self.config.pack_tokens)]
+
+    def _run(self, trainer, unit: List['_Prepared'], forward, report: ForwardReport,
+             layers: List[int]) -> Dict[int, _Scored]:
+        """One forward for the outputs of ``unit``; their `_Scored`, by ``id`` of the `_Prepared`."""
+        spec = self.spec
+        members = [(u.encoded.forward_kwargs, u.encoded.prompt_len, u.encoded.num_generated, u.key_sets) for u in unit]
         try:
-            with capturing(capture):
-                outputs = forward(**encoded.forward_kwargs)
+            # shared: a lone output keeps its plain causal sequence (sdpa's fastest kernel)
+            outputs, captures, length = captured_forward(forward, members, spec.num_layers, pack=len(unit) > 1,
+                                                         key_attention=[u.want_report for u in unit])
         except torch.OutOfMemoryError as error:
-            del capture
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return self._none('out_of_memory', f'the reward forward of a {len(encoded.input_ids)}-token sequence '
-                              f'ran out of memory ({str(error).splitlines()[0][:200]})')
-        if len(capture.captured) != spec.num_layers:
-            self._log_debug(encoded, key_sets, report, outputs, capture, layers, None)
-            raise RuntimeError(f'ddapo_attention captured {len(capture.captured)} of {spec.num_layers} language-model '
-                               f'layers: the model did not run its attention through {ATTENTION_NAME!r}. '
-                               'This model is not supported; see the [DDAPO_DEBUG] lines above.')
+            length = unit[0].encoded.prompt_len + sum(u.encoded.num_generated for u in unit)
+            detail = f'the reward forward of a {length}-token sequence ran out of memory ({str(error).splitlines()[0][:200]})'
+            if self.config.attention == 'shared':
+                detail += '; a lower DDAPO_PACK_TOKENS packs fewer outputs per forward'
+            return {id(u): self._none('out_of_memory', detail) for u in unit}
+        if not captures.complete:
+            self._log_debug(unit[0].encoded, unit[0].key_sets, report, outputs, captures, None, layers, None)
+            raise RuntimeError(f'ddapo_attention captured {len(set(captures.layers_seen))} of {spec.num_layers} '
+                               'language-model layers: the model did not run its attention through the '
+                               f'{self._implementation!r} attention function. This model is not supported; see the '
+                               '[DDAPO_DEBUG] lines above.')
+        return {id(u): self._score(trainer, u, capture, report, outputs, captures, layers, length)
+                for u, capture in zip(unit, captures.finish())}
+
+    def _score(self, trainer, item: '_Prepared', capture: LayerCapture, report: ForwardReport, outputs,
+               captures: ForwardCapture, layers: List[int], length: int) -> _Scored:
+        """Eq. (4)-(7) of one output from its captured Eq. (1) sums."""
+        spec, encoded, key_sets = self.spec, item.encoded, item.key_sets
         read = capture.masses[layers]
         m_text = token_text_mass(read)
         generated = encoded.input_ids[encoded.prompt_len:encoded.prompt_len + encoded.num_generated]
@@ -174,9 +240,10 @@ class DDAPOAttentionORM(ORM):
         finally:
             if self._debug_pending:
                 self._debug_pending = False
-                self._log_debug(encoded, key_sets, report, outputs, capture, layers, scores)
+                self._log_debug(encoded, key_sets, report, outputs, captures, length, layers, scores)
         diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(capture.masses))
-        sample = self._report_sample(trainer, item.row, encoded, capture, layers, m_text, scores) if want_report else None
+        sample = (self._report_sample(trainer, item.row, encoded, capture, layers, m_text, scores)
+                  if item.want_report else None)
         return _Scored(scores.reward_balance, diagnostics, sample)
 
     def _none(self, reason: str, detail: str) -> _Scored:
@@ -236,20 +303,30 @@ class DDAPOAttentionORM(ORM):
                 step, mode, self.last_metrics, samples)
 
     def _log_debug(self, encoded: EncodedCompletion, key_sets: KeySets, report: ForwardReport, outputs,
-                   capture: LayerCapture, layers: List[int], scores: Optional[DDAPOScores]) -> None:
+                   captures: ForwardCapture, length: Optional[int], layers: List[int],
+                   scores: Optional[DDAPOScores]) -> None:
         """Seed 001's one-time report, on the first sample of the run."""
         kwargs = encoded.forward_kwargs
         attentions = getattr(outputs, 'attentions', None)
+        paths = {
+            'shared': f'one forward per prompt: [q ; o_1 ; ... ; o_G] with a tree mask, up to '
+                      f'DDAPO_PACK_TOKENS={self.config.pack_tokens} tokens; outputs from sdpa, the generated rows\' '
+                      'probabilities from the eager formula',
+            'rows': 'one forward per output; outputs from sdpa, the generated rows\' probabilities from the eager formula',
+            'eager': "one eager forward per output, the model's eager_attention_forward (the reference)",
+        }
         lines = [
+            f'reward path: DDAPO_ATTENTION={self.config.attention} ({paths[self.config.attention]}); '
+            f'this forward: {length} tokens, {len(captures.captures)} output(s)',
             f'forward kwargs keys: {sorted(kwargs)}; output_attentions: {kwargs.get("output_attentions", "not set")} '
-            f"(not needed: attention is captured inside the attention function '{ATTENTION_NAME}', which runs the "
-            "model's eager_attention_forward)",
+            f"(not needed: attention is captured inside the attention function '{self._implementation}')",
             f'attention implementation before the switch: {report.attention_before}',
             f'attention implementation during the reward forward: {report.attention_during}',
             f'is_gradient_checkpointing before the reward forward: {report.gradient_checkpointing} (disabled during it)',
             f'output type: {type(outputs).__name__}; outputs.attentions: '
             f'{"None" if attentions is None else f"{type(attentions).__name__} of {len(attentions)}"}',
-            f'layers captured: {len(capture.captured)} of {self.spec.num_layers}; layers read (Lambda, {LAYERS}): '
+            f'layers captured: {len(set(captures.layers_seen))} of {self.spec.num_layers}; layers read (Lambda, '
+            f'DDAPO_LAYERS={self.config.layers}): '
             f'{layers}',
             f'first sample: P={encoded.prompt_len}, |o_i|={encoded.num_generated}, |T|={key_sets.num_text_keys}, '
             f'|V|={key_sets.num_vision_keys}, ' +

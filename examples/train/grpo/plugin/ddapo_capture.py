@@ -1,11 +1,16 @@
 """Attention capture inside the language model's attention computation.
 
 ms-swift's template pre-forward hook rebuilds the forward kwargs from a fixed key list, so
-``output_attentions=True`` never reaches the model. Instead, this module registers an attention
-implementation, ``ddapo_eager``, with transformers' ``AttentionInterface``: it calls the modeling
-file's own ``eager_attention_forward`` (the eager numbers, bit for bit) and reduces each layer's
-``[H, S, S]`` probabilities to the Eq. (1) sums of the generated rows (`layer_modality_masses`) as
-soon as the layer has computed them, so no layer's map outlives its layer.
+``output_attentions=True`` never reaches the model. Instead, this module registers two attention
+implementations with transformers' ``AttentionInterface``; both hand the Eq. (1) sums of the generated
+rows to the active `LayerCapture` as soon as a layer has computed them, so no map outlives its layer:
+
+- ``ddapo_eager`` (``DDAPO_ATTENTION=eager``, the reference): the modeling file's own
+  ``eager_attention_forward``, the whole ``[H, S, S]`` map of each layer, bit for bit.
+- ``ddapo_rows`` (``rows`` and ``shared``): the layer's output from transformers' sdpa kernel, and the
+  eager formula (``softmax(q k^T * scaling + mask)`` in float32, cast to the model dtype) evaluated for
+  the captured query rows only, in chunks of at most `ROW_CHUNK_ELEMENTS` scores: the probabilities the
+  reward reads are the eager implementation's numbers for those rows, at a fraction of the memory.
 
 transformers reads ``text_config._attn_implementation`` at every forward, and the vision tower reads
 its own ``vision_config``: switching the text config switches the language model alone, so only
@@ -14,42 +19,84 @@ its layers are captured.
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ddapo_formulas import head_average, layer_key_attention, layer_modality_masses
+from ddapo_formulas import head_average, key_attention_sum, layer_modality_masses
 from ddapo_key_sets import KeySets
+from ddapo_packing import pack_shared_prompt
 
-ATTENTION_NAME = 'ddapo_eager'
+EAGER_ATTENTION = 'ddapo_eager'
+ROWS_ATTENTION = 'ddapo_rows'
+ATTENTION_NAMES = (EAGER_ATTENTION, ROWS_ATTENTION)
+ROW_CHUNK_ELEMENTS = 1 << 24  # scores per chunk of rows (heads x rows x keys): ~200 MiB of temporaries at most
 
 
 class LayerCapture:
-    """Collects, for one sequence during one forward (batch size 1), per language-model layer: the Eq. (1)
-    sums ``masses [L, |o_i|, 2]`` and the per-key attention ``key_attention [L, S]`` (`layer_key_attention`)."""
+    """Collects, for one output ``o_i`` during one forward, per language-model layer: the Eq. (1) sums
+    ``masses [L, |o_i|, 2]`` and the per-key attention ``key_attention [L, P]`` (`layer_key_attention`).
 
-    def __init__(self, key_sets: KeySets, query_start: int, num_queries: int, num_layers: int):
-        self.key_sets = key_sets
-        self.rows = slice(query_start, query_start + num_queries)  # 0-based rows s_{i,t} - 1
-        self.masses = torch.full((num_layers, num_queries, 2), torch.nan, dtype=torch.float32)
-        self.key_attention = torch.zeros((num_layers, key_sets.text_keys.numel()), dtype=torch.float32)
-        self.captured: List[int] = []
+    ``rows`` are the 0-based positions ``s_{i,t} - 1`` of the generated tokens in the forward's sequence
+    (batch element ``batch_index``); the key sets are cut to the prompt ``[0, P)``, which holds all of
+    ``T`` and ``V``. Sums stay on the model's device until `finish`.
+    """
 
-    def record(self, layer_idx: int, attention: torch.Tensor) -> None:
-        """``attention``: ``[1, H, S, S]`` eager probabilities of layer ``layer_idx``."""
-        if attention.shape[0] != 1:
-            raise RuntimeError(f'LayerCapture expects batch size 1, got attention of shape {tuple(attention.shape)}')
-        text_keys = self.key_sets.text_keys.to(attention.device)
-        vision_keys = self.key_sets.vision_keys.to(attention.device)
-        head_mean = head_average(attention[0, :, self.rows, :])
-        self.masses[layer_idx] = layer_modality_masses(head_mean, text_keys, vision_keys).cpu()
-        self.key_attention[layer_idx] = layer_key_attention(head_mean, text_keys, vision_keys).cpu()
-        self.captured.append(layer_idx)
+    def __init__(self, key_sets: KeySets, prompt_len: int, rows: range, num_layers: int, batch_index: int = 0,
+                 keep_key_attention: bool = True):
+        self.keep_key_attention = keep_key_attention  # only the report reads it: skipped otherwise, to save time
+        self.text_keys = key_sets.text_keys[:prompt_len]
+        self.vision_keys = key_sets.vision_keys[:prompt_len]
+        self.rows, self.batch_index, self.num_layers = rows, batch_index, num_layers
+        self.masses = torch.full((num_layers, len(rows), 2), torch.nan, dtype=torch.float32)
+        self.key_attention = torch.zeros((num_layers, prompt_len), dtype=torch.float32)
+        self._key_rows = torch.zeros(num_layers, dtype=torch.float32)
+        self._device: Optional[torch.device] = None
+
+    def record(self, layer_idx: int, head_mean: torch.Tensor, first_row: int = 0) -> None:
+        """``head_mean``: ``[c, S_k]`` head-averaged probabilities of rows ``first_row .. first_row + c - 1``."""
+        if self._device is None:  # one host-to-device copy per output, not one per layer (each would synchronise)
+            self._device = head_mean.device
+            self.masses, self.key_attention, self._key_rows, self.text_keys, self.vision_keys = (
+                t.to(head_mean.device) for t in (self.masses, self.key_attention, self._key_rows, self.text_keys,
+                                                 self.vision_keys))
+        prompt_len = self.text_keys.numel()
+        on_prompt = head_mean[:, :prompt_len]
+        text_keys, vision_keys = self.text_keys, self.vision_keys
+        rows = slice(first_row, first_row + head_mean.shape[0])
+        self.masses[layer_idx, rows] = layer_modality_masses(on_prompt, text_keys, vision_keys)
+        if not self.keep_key_attention:
+            return
+        total, count = key_attention_sum(on_prompt, text_keys, vision_keys)
+        self.key_attention[layer_idx] += total
+        self._key_rows[layer_idx] += count
+
+    def finish(self) -> 'LayerCapture':
+        """Move the sums to the CPU (one transfer per output) and turn the key sums into means."""
+        self.key_attention = (self.key_attention / self._key_rows.clamp_min(1).unsqueeze(-1)).cpu()
+        self.masses, self._key_rows = self.masses.cpu(), self._key_rows.cpu()
+        return self
 
 
-_ACTIVE: ContextVar[Optional[LayerCapture]] = ContextVar('ddapo_active_capture', default=None)
+class ForwardCapture:
+    """The `LayerCapture` of every output in one forward, and the layers that ran through a DDAPO attention."""
+
+    def __init__(self, captures: Sequence[LayerCapture], num_layers: int):
+        self.captures, self.num_layers = list(captures), num_layers
+        self.layers_seen: List[int] = []
+
+    @property
+    def complete(self) -> bool:
+        return sorted(set(self.layers_seen)) == list(range(self.num_layers))
+
+    def finish(self) -> List[LayerCapture]:
+        return [capture.finish() for capture in self.captures]
+
+
+_ACTIVE: ContextVar[Optional[ForwardCapture]] = ContextVar('ddapo_active_capture', default=None)
 _EAGER_BY_MODULE: Dict[str, Any] = {}
 
 
@@ -66,23 +113,81 @@ def _eager_attention_of(module: torch.nn.Module):
 
 def ddapo_eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: Optional[torch.Tensor], **kwargs):
-    """Eager attention that also hands the layer's probabilities to the active `LayerCapture`."""
+    """Eager attention that also hands the captured rows of the layer's probabilities to the active captures."""
     attn_output, attn_weights = _eager_attention_of(module)(module, query, key, value, attention_mask, **kwargs)
-    capture = _ACTIVE.get()
-    if capture is not None:
-        capture.record(module.layer_idx, attn_weights)
+    active = _ACTIVE.get()
+    if active is not None:
+        active.layers_seen.append(module.layer_idx)
+        offset = key.shape[2] - query.shape[2]
+        for capture in active.captures:
+            rows = slice(capture.rows.start - offset, capture.rows.stop - offset)
+            capture.record(module.layer_idx, head_average(attn_weights[capture.batch_index, :, rows]))
     return attn_output, attn_weights
 
 
+def eager_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
+               batch_index: int, rows: slice, scaling: float) -> torch.Tensor:
+    """``eager_attention_forward``'s probabilities for the query rows ``rows`` of one batch element: ``[H, c, S']``.
+
+    The same operations as eager (``q k^T * scaling``, the mask, softmax accumulated in float32 and
+    rounded to the query dtype), on a slice of the queries. The mask is what the layer received: a boolean
+    4D mask (``True`` attends), an additive float 4D mask (eager's own), or ``None``, which sdpa uses for a
+    plain causal sequence: then keys after the chunk's last row, masked for every row, are left out
+    (``S'`` is the last row's position + 1) and the causal mask is applied to the chunk's own diagonal block.
+    """
+    groups = getattr(module, 'num_key_value_groups', 1)
+    keys = key[batch_index]  # [H_kv, S_k, D]
+    first, last = rows.start, rows.stop - 1  # query indices
+    if attention_mask is None:
+        offset = key.shape[2] - query.shape[2]  # queries are the last positions (a cache holds the first ones)
+        keys = keys[:, :last + offset + 1]
+    keys = repeat_kv(keys.unsqueeze(0), groups)[0]  # [H, S', D]
+    scores = torch.matmul(query[batch_index, :, rows], keys.transpose(1, 2)).mul_(scaling)  # [H, c, S']
+    if attention_mask is None:
+        # keys up to the first row's position are open to every row; only the block after it is causal
+        lo = first + offset + 1
+        positions = torch.arange(first + offset, last + offset + 1, device=key.device)
+        allowed = torch.arange(lo, keys.shape[1], device=key.device) <= positions.unsqueeze(-1)
+        scores[..., lo:].masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores.masked_fill_(~attention_mask[batch_index, :, rows], torch.finfo(scores.dtype).min)
+    else:
+        scores.add_(attention_mask[batch_index, :, rows])
+    # softmax accumulates in float32 for half inputs and rounds once on writing: eager's numbers without
+    # eager's float32 copy of the scores
+    return torch.softmax(scores, dim=-1)
+
+
+def ddapo_rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor], **kwargs):
+    """sdpa for the layer's output; `eager_rows` for the captured rows, chunked, handed to the active captures."""
+    attn_output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    active = _ACTIVE.get()
+    if active is not None:
+        active.layers_seen.append(module.layer_idx)
+        scaling = kwargs.get('scaling') or query.shape[-1] ** -0.5
+        offset = key.shape[2] - query.shape[2]
+        chunk = max(1, ROW_CHUNK_ELEMENTS // (query.shape[1] * key.shape[2]))
+        for capture in active.captures:
+            for first in range(0, len(capture.rows), chunk):
+                positions = capture.rows[first:first + chunk]
+                rows = slice(positions.start - offset, positions.stop - offset)
+                probabilities = eager_rows(module, query, key, attention_mask, capture.batch_index, rows, scaling)
+                capture.record(module.layer_idx, head_average(probabilities), first)
+    return attn_output, None
+
+
 def register_attention() -> None:
-    """Register ``ddapo_eager`` and its mask (the eager mask) with transformers; idempotent."""
-    AttentionInterface.register(ATTENTION_NAME, ddapo_eager_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS['eager'])
+    """Register ``ddapo_eager`` (with the eager mask) and ``ddapo_rows`` (with the sdpa mask); idempotent."""
+    AttentionInterface.register(EAGER_ATTENTION, ddapo_eager_attention)
+    AttentionMaskInterface.register(EAGER_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS['eager'])
+    AttentionInterface.register(ROWS_ATTENTION, ddapo_rows_attention)
+    AttentionMaskInterface.register(ROWS_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS['sdpa'])
 
 
 @contextmanager
-def capturing(capture: LayerCapture) -> Iterator[LayerCapture]:
-    """Route the ``ddapo_eager`` layers of forwards run inside this block to ``capture``."""
+def capturing(capture: ForwardCapture) -> Iterator[ForwardCapture]:
+    """Route the DDAPO attention layers of forwards run inside this block to ``capture``."""
     token = _ACTIVE.set(capture)
     try:
         yield capture
@@ -105,7 +210,7 @@ def attention_settings(config, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]
 
 
 @contextmanager
-def language_attention(config, keys: Sequence[str], implementation: str = ATTENTION_NAME) -> Iterator[None]:
+def language_attention(config, keys: Sequence[str], implementation: str = EAGER_ATTENTION) -> Iterator[None]:
     """Switch the language model's attention to ``implementation`` for the block.
 
     Every key of ``keys`` present on ``config`` and ``text_config`` is saved and restored on exit,
@@ -124,3 +229,27 @@ def language_attention(config, keys: Sequence[str], implementation: str = ATTENT
         for cfg, key, value in saved:
             if getattr(cfg, key) != value:
                 setattr(cfg, key, value)
+
+
+def captured_forward(forward, members: Sequence[Tuple[Dict[str, Any], int, int, KeySets]], num_layers: int,
+                     pack: bool, key_attention: Optional[Sequence[bool]] = None) -> Tuple[Any, ForwardCapture, int]:
+    """One forward for one or several outputs, each given as ``(forward kwargs, P, |o_i|, key sets)``.
+
+    ``pack``: the outputs share their prompt and run as ``[q ; o_1 ; ... ; o_G]`` (`pack_shared_prompt`);
+    otherwise there is exactly one output, run on its own sequence. Returns the model outputs, the
+    `ForwardCapture` (call ``finish()`` for the per-output `LayerCapture`) and the sequence length.
+    ``key_attention``: per output, whether to keep `LayerCapture.key_attention` (default: for none).
+    """
+    if pack:
+        kwargs, rows = pack_shared_prompt([m[0] for m in members], members[0][1], [m[2] for m in members])
+    elif len(members) == 1:
+        kwargs, prompt_len, num_generated, _ = members[0]
+        rows = [range(prompt_len, prompt_len + num_generated)]
+    else:
+        raise ValueError(f'{len(members)} outputs in one forward need pack=True')
+    keep = key_attention or [False] * len(members)
+    captures = ForwardCapture([LayerCapture(m[3], m[1], r, num_layers, keep_key_attention=k)
+                               for m, r, k in zip(members, rows, keep)], num_layers)
+    with capturing(captures):
+        outputs = forward(**kwargs)
+    return outputs, captures, int(kwargs['input_ids'].shape[-1])

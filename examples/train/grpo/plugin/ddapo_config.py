@@ -5,10 +5,14 @@ from the environment. Every ``DDAPO_*`` variable must be known and well-formed: 
 value fails at start, naming the variable and what it accepts, instead of silently running defaults.
 """
 import os
-from dataclasses import dataclass, fields
-from typing import Dict, Mapping, Optional
+from dataclasses import dataclass, field, fields
+from typing import Callable, Dict, Mapping, Optional
+
+from ddapo_formulas import layer_set
 
 _TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+REWARDS = ('balance', 'group', 'gated')
+ATTENTION_PATHS = ('shared', 'rows', 'eager')
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -30,16 +34,75 @@ def _parse_count(name: str, raw: str) -> int:
     return value
 
 
-_PARSERS = {bool: _parse_bool, int: _parse_count}
+def _parse_positive(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float('inf'):
+        raise ValueError(f'{name}={raw!r} is not a positive number; allowed values: a finite number > 0')
+    return value
+
+
+def _parse_reward(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in REWARDS:
+        raise ValueError(f'{name}={raw!r} is not a reward variant; allowed values: {", ".join(REWARDS)}')
+    return value
+
+
+def _parse_attention(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ATTENTION_PATHS:
+        raise ValueError(f'{name}={raw!r} is not a reward path; allowed values: {", ".join(ATTENTION_PATHS)}')
+    return value
+
+
+def _parse_tokens(name: str, raw: str) -> int:
+    value = _parse_count(name, raw)
+    if value < 1:
+        raise ValueError(f'{name}={raw!r} is not a token budget; allowed values: an integer >= 1')
+    return value
+
+
+def _parse_layers(name: str, raw: str) -> str:
+    value = raw.strip()
+    try:
+        layer_set(64, value)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a layer set; allowed values: last:K (K >= 1), all, early, middle, "
+                         'late') from None
+    return value
+
+
+def _parse_name(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _setting(default, parse: Callable[[str, str], object], doc: str):
+    return field(default=default, metadata={'parse': parse, 'doc': doc})
 
 
 @dataclass(frozen=True)
 class DDAPOConfig:
     """Settings of the ``ddapo_attention`` reward; field ``x`` is read from ``DDAPO_X``."""
-    debug: bool = True  # DDAPO_DEBUG: the one-time [DDAPO_DEBUG] report of the first reward forward
-    report: bool = True  # DDAPO_REPORT: <output_dir>/ddapo/report.md and its pictures on logging steps
-    report_samples: int = 2  # DDAPO_REPORT_SAMPLES: outputs per logging step shown in the report
-    strict: bool = False  # DDAPO_STRICT: raise instead of returning None for a reward that cannot be computed
+    debug: bool = _setting(True, _parse_bool, 'the one-time [DDAPO_DEBUG] report of the first reward forward')
+    report: bool = _setting(True, _parse_bool, '<output_dir>/ddapo/report.md and its pictures on logging steps')
+    report_samples: int = _setting(2, _parse_count, 'outputs per logging step shown in the report')
+    strict: bool = _setting(False, _parse_bool, 'raise instead of returning None for a reward that cannot be computed')
+    reward: str = _setting('balance', _parse_reward, 'balance (Eq. 7), group (Eq. 8) or gated (Eq. 9)')
+    sigma: float = _setting(1.0, _parse_positive, 'sigma of Eq. (8)')
+    gate_reward: str = _setting('', _parse_name, 'the orms reward whose verdict gates Eq. (9) (>= 1 is correct)')
+    layers: str = _setting('last:8', _parse_layers, 'the layers Lambda the reward reads')
+    attention: str = _setting('shared', _parse_attention,
+                              'reward path: shared (one forward per prompt), rows (one sdpa forward per output, '
+                              'eager rows) or eager (one eager forward per output, the reference)')
+    pack_tokens: int = _setting(8192, _parse_tokens, 'most tokens in one shared-prompt forward')
+
+    def __post_init__(self):
+        if self.reward == 'gated' and not self.gate_reward:
+            raise ValueError('DDAPO_REWARD=gated needs DDAPO_GATE_REWARD, the name of a registered reward (for '
+                             'example answer_match or accuracy) whose value >= 1 marks a correct output')
 
     @classmethod
     def variables(cls) -> Dict[str, str]:
@@ -54,12 +117,10 @@ class DDAPOConfig:
         unknown = sorted(k for k in environ if k.startswith('DDAPO_') and k not in known)
         if unknown:
             raise ValueError(f'Unknown DDAPO setting(s) {", ".join(unknown)}; known: {", ".join(sorted(known))}')
-        types = {f.name: f.type for f in fields(cls)}
-        values = {}
-        for name, field_name in known.items():
-            if name in environ:
-                values[field_name] = _PARSERS[types[field_name]](name, environ[name])
+        parsers = {f.name: f.metadata['parse'] for f in fields(cls)}
+        values = {field_name: parsers[field_name](name, environ[name])
+                  for name, field_name in known.items() if name in environ}
         return cls(**values)
 
     def describe(self) -> str:
-        return ', '.join(f'{name}={getattr(self, field)}' for name, field in self.variables().items())
+        return ', '.join(f'{name}={getattr(self, field_name)}' for name, field_name in self.variables().items())

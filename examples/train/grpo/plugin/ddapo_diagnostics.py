@@ -1,7 +1,7 @@
 """Per-step ``ddapo/*`` metrics from the reward forward's own numbers (no extra forward). Pure functions.
 
     per output o_i: DDAPOScores (Eq. 2-7) or a not-applicable reason, and M^V_i per layer segment
-    per step (all ranks' outputs): ddapo/tdr/mean, ddapo/tdr/median, ddapo/rho_text/mean, ddapo/rho_vis/mean,
+    per step (all ranks' outputs): ddapo/tdr/mean, ddapo/tdr/median, ddapo/R_bal/mean (Eq. 7, whatever DDAPO_REWARD), ddapo/rho_text/mean, ddapo/rho_vis/mean,
     ddapo/M_V/mean, ddapo/eta_V/mean, ddapo/num_text_keys/mean, ddapo/num_vision_keys/mean,
     ddapo/not_applicable_frac (and ddapo/not_applicable/<reason>_frac per reason),
     ddapo/<segment>/M_V/mean for segment in all, early, middle, late
@@ -72,6 +72,7 @@ def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
         'ddapo/tdr/median': statistics.median(s.tdr for s in scores),
         'ddapo/rho_text/mean': _mean([s.rho_text for s in scores]),
         'ddapo/rho_vis/mean': _mean([s.rho_vis for s in scores]),
+        'ddapo/R_bal/mean': _mean([s.reward_balance for s in scores]),
         'ddapo/M_V/mean': _mean([s.M_vis for s in scores]),
         'ddapo/eta_V/mean': _mean([s.eta_vis for s in scores]),
         'ddapo/num_text_keys/mean': _mean([float(s.num_text_keys) for s in scores]),

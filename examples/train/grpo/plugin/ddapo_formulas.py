@@ -6,13 +6,15 @@ Pure tensor functions: no ms-swift, no model. The data flow is
     stacked over the layers Lambda     --token_text_mass-------->  m^T_{i,t}    (Eq. 1 + Eq. 4)
     m^T_{i,t}, |T|, |V|                --sequence_scores-------->  M^T_i, rho_text_i, rho_vis_i, TDR_i,
                                                                    eta^X_i, R^bal_i (Eq. 2, 3, 5, 6, 7)
+    TDR_i of a prompt's outputs        --group_robust_rewards--->  R^grp_i (Eq. 8), --gated_rewards--> R^gate_i (Eq. 9)
 
 Cases where a value is undefined (notation, section 4) raise `NotApplicable` with a short reason
 code; the caller turns that into `None` for GRPO and counts the reason.
 """
 import math
+import statistics
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,7 +31,7 @@ class NotApplicable(ValueError):
 
 def head_average(attention: torch.Tensor) -> torch.Tensor:
     """``(1/H) sum_h alpha^{(l,h)}_{s,j}`` of Eq. (1): ``[H, rows, S]`` probabilities to ``[rows, S]`` float32."""
-    return attention.float().mean(dim=0)
+    return attention.mean(dim=0, dtype=torch.float32)
 
 
 def layer_modality_masses(head_mean: torch.Tensor, text_keys: torch.Tensor, vision_keys: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,22 @@ def layer_modality_masses(head_mean: torch.Tensor, text_keys: torch.Tensor, visi
     return head_mean @ key_masks
 
 
+def key_attention_sum(head_mean: torch.Tensor, text_keys: torch.Tensor,
+                      vision_keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (1) per key ``j`` (``a^{(l)}_{i,t,j}``, 0 off ``T or V``) summed over the rows, and how many rows count.
+
+    Rows whose Eq. (1) denominator is 0 are left out. Returns ``([S], count)``; the sum of several row
+    chunks divided by the sum of their counts is `layer_key_attention` of all the rows.
+    Example: rows ``[[0.5, 0.3, 0.2], [0.0, 0.0, 1.0]]``, ``T = {0}``, ``V = {1}`` give ``([0.625, 0.375, 0], 1)``.
+    """
+    keys = (text_keys | vision_keys).to(head_mean)
+    on_keys = head_mean * keys
+    denominator = on_keys.sum(dim=-1, keepdim=True)
+    valid = denominator.squeeze(-1) > 0
+    total = (on_keys / denominator.clamp_min(torch.finfo(on_keys.dtype).tiny) * valid.unsqueeze(-1)).sum(dim=0)
+    return total, valid.sum()
+
+
 def layer_key_attention(head_mean: torch.Tensor, text_keys: torch.Tensor, vision_keys: torch.Tensor) -> torch.Tensor:
     """``(1/|o_i|) sum_t a^{(l)}_{i,t,j}``: Eq. (1) per key ``j``, averaged over the generated tokens; 0 off ``T or V``.
 
@@ -53,13 +71,8 @@ def layer_key_attention(head_mean: torch.Tensor, text_keys: torch.Tensor, vision
     heat maps: its values on ``V``, laid back onto the image grid, show where in the image the output looked.
     Example: rows ``[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]``, ``T = {0}``, ``V = {1}`` give ``[0.5625, 0.4375, 0]``.
     """
-    keys = (text_keys | vision_keys).to(head_mean)
-    on_keys = head_mean * keys
-    denominator = on_keys.sum(dim=-1, keepdim=True)
-    valid = denominator.squeeze(-1) > 0
-    if not bool(valid.any()):
-        return torch.zeros_like(keys)
-    return (on_keys[valid] / denominator[valid]).mean(dim=0)
+    total, count = key_attention_sum(head_mean, text_keys, vision_keys)
+    return total / count if int(count) > 0 else torch.zeros_like(total)
 
 
 def token_text_mass(layer_masses: torch.Tensor) -> torch.Tensor:
@@ -165,3 +178,58 @@ def layer_set(num_layers: int, spec: str = 'last:8') -> List[int]:
     if spec not in thirds:
         raise ValueError(f"layer set must be 'last:K', 'all', 'early', 'middle' or 'late', got {spec!r}")
     return list(thirds[spec])
+
+
+TDR_BOUND = 1e6  # log TDR is taken of TDR clipped to [1/TDR_BOUND, TDR_BOUND]: M^V = 0 gives a large finite value
+
+
+def log_tdr(tdr: float) -> float:
+    """``log TDR_i`` for Eq. (8), with ``TDR_i`` clipped to ``[1e-6, 1e6]`` so ``M^V = 0`` (``TDR = inf``) stays usable.
+
+    Example: ``log_tdr(math.e) == 1.0``; ``log_tdr(math.inf) == log(1e6)``.
+    """
+    return math.log(min(max(tdr, 1.0 / TDR_BOUND), TDR_BOUND))
+
+
+def group_robust_rewards(log_tdrs: Sequence[Optional[float]], groups: Sequence[Hashable], sigma: float = 1.0,
+                         eps: float = 1e-6) -> List[Optional[float]]:
+    """``R^grp_i = 0.5 * tanh(z_i / sigma)`` of Eq. (8), in ``[-0.5, 0.5]``, per group ``g(q)`` of ``groups``.
+
+    ``z_i = (median_k log TDR_k - log TDR_i) / (1.4826 * MAD_k(log TDR) + eps)`` over the valid outputs of the
+    group (``log_tdrs[i] is not None``); a lower TDR (more vision) scores higher. ``0`` for the valid outputs of a
+    group with fewer than two valid outputs or with ``MAD < eps``; ``None`` stays ``None`` (not applicable).
+    Example: one group with ``log TDR = [0, 1, 2]``: median 1, MAD 1, ``z = [1/1.4826, 0, -1/1.4826]``
+    (up to eps), ``R^grp = [0.2940, 0, -0.2940]``.
+    """
+    if len(log_tdrs) != len(groups):
+        raise ValueError(f'{len(log_tdrs)} values for {len(groups)} group labels')
+    rewards: List[Optional[float]] = [None] * len(log_tdrs)
+    members: Dict[Hashable, List[int]] = {}
+    for i, (value, group) in enumerate(zip(log_tdrs, groups)):
+        if value is not None:
+            members.setdefault(group, []).append(i)
+    for indices in members.values():
+        values = [log_tdrs[i] for i in indices]
+        median = statistics.median(values)
+        mad = statistics.median(abs(v - median) for v in values) if len(values) >= 2 else 0.0
+        for i in indices:
+            if len(values) < 2 or mad < eps:
+                rewards[i] = 0.0
+            else:
+                rewards[i] = 0.5 * math.tanh((median - log_tdrs[i]) / (1.4826 * mad + eps) / sigma)
+    return rewards
+
+
+def gated_rewards(group_rewards: Sequence[Optional[float]], correct: Sequence[bool],
+                  groups: Sequence[Hashable]) -> List[Optional[float]]:
+    """``R^gate_i = 1[acc_i = 1] * R^grp_i`` of Eq. (9); ``0`` for the whole group when fewer than two of its
+    outputs are correct. ``None`` (not applicable) stays ``None``.
+
+    Example: one group, ``R^grp = [0.3, -0.1, None]``, correct ``[True, False, True]`` gives ``[0.3, 0.0, None]``;
+    with correct ``[True, False, False]`` it gives ``[0.0, 0.0, None]``.
+    """
+    num_correct: Dict[Hashable, int] = {}
+    for ok, group in zip(correct, groups):
+        num_correct[group] = num_correct.get(group, 0) + int(bool(ok))
+    return [None if r is None else (r if ok and num_correct[g] >= 2 else 0.0)
+            for r, ok, g in zip(group_rewards, correct, groups)]

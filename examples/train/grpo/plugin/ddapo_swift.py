@@ -2,9 +2,9 @@
 
     reward kwargs row --encode_completion--> the trainer's template encoding of [q ; o_i], exact
                                              generated ids, prompt_len P, collated forward kwargs
-    trainer           --policy_forward-----> one no-grad eval forward of the policy model with the
-                                             language model's attention on `ddapo_eager`, every
-                                             piece of state it touches restored on exit
+    trainer           --policy_forward-----> no-grad eval forwards of the policy model with the
+                                             language model's attention on a DDAPO implementation
+                                             (ddapo_capture), every piece of state it touches restored on exit
 """
 import random
 from contextlib import ExitStack, contextmanager
@@ -18,7 +18,7 @@ from swift.rlhf_trainers.utils import encode_sample, load_pil_img
 from swift.trainers.utils import disable_gradient_checkpointing
 from swift.utils import to_device
 
-from ddapo_capture import attention_settings, language_attention, language_config
+from ddapo_capture import EAGER_ATTENTION, attention_settings, language_attention, language_config
 
 TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swift/pipelines/train/rlhf.py)
 NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state'})
@@ -195,12 +195,13 @@ class ForwardReport:
 
 
 @contextmanager
-def policy_forward(trainer) -> Iterator[Tuple[Any, ForwardReport]]:
+def policy_forward(trainer, implementation: str = EAGER_ATTENTION) -> Iterator[Tuple[Any, ForwardReport]]:
     """Set the policy up for reward forwards; yields ``(forward, report)`` where ``forward(**kwargs)``
     moves the batch to the device and calls ``trainer.model`` (template hook included) under ``torch.no_grad()``.
 
     Inside: template in ``train`` mode without truncation or packing, every module in eval mode,
-    gradient checkpointing off, language attention on ``ddapo_eager``, RNG states forked. All of it is
+    gradient checkpointing off, language attention on ``implementation`` (``ddapo_eager`` or ``ddapo_rows``),
+    RNG states forked. All of it is
     restored on exit, exceptions included.
     """
     model = trainer.model
@@ -213,7 +214,7 @@ def policy_forward(trainer) -> Iterator[Tuple[Any, ForwardReport]]:
         stack.enter_context(_template_state(trainer.template))
         stack.enter_context(_eval_modes(model))
         stack.enter_context(disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs))
-        stack.enter_context(language_attention(config, keys))
+        stack.enter_context(language_attention(config, keys, implementation))
         report.attention_during = attention_settings(config, keys)
 
         device = trainer.accelerator.device

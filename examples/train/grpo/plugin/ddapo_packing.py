@@ -1,0 +1,112 @@
+"""One forward for the outputs of one prompt: ``[q ; o_1 ; ... ; o_G]`` with a tree-shaped attention mask.
+
+``DDAPO_ATTENTION=shared`` runs the shared prompt ``q`` (text and images, so the vision tower too) once
+and every output against it: ``o_g``'s tokens attend to ``q`` and to ``o_g``'s own earlier tokens, and
+keep the positions (rotary ids included) they have in ``[q ; o_g]``. Each generated row therefore
+sees exactly the keys and positions it sees in its own sequence, and its Eq. (1) sums are the same.
+
+Pure torch on the Hugging Face forward kwargs (``input_ids``, ``attention_mask``, ``position_ids``,
+``mm_token_type_ids``, pixel tensors): no ms-swift.
+"""
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+# Tensors along the sequence, last dimension: cut to the prompt, then each output's generated part appended.
+SEQUENCE_KEYS = ('input_ids', 'position_ids', 'text_position_ids', 'mm_token_type_ids', 'image_token_types')
+# Varlen packing metadata (flash-attention): the explicit 4D mask replaces it, so it is dropped.
+DROPPED_KEYS = ('cu_seq_lens_q', 'cu_seq_lens_k', 'max_length_q', 'max_length_k')
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def shares_prompt(a: Dict[str, Any], b: Dict[str, Any], prompt_len_a: int, prompt_len_b: int) -> bool:
+    """Whether two single-sequence forward kwargs hold the same prompt: the same first ``P`` ids (and other
+    sequence tensors) and equal non-sequence inputs (pixel values, grids, ...)."""
+    if prompt_len_a != prompt_len_b or set(a) != set(b):
+        return False
+    for key in a:
+        if key in DROPPED_KEYS or key == 'attention_mask':
+            continue
+        if key in SEQUENCE_KEYS:
+            if not _same(a[key][..., :prompt_len_a], b[key][..., :prompt_len_b]):
+                return False
+        elif not _same(a[key], b[key]):
+            return False
+    return True
+
+
+def tree_mask(prompt_len: int, num_generated: Sequence[int], device=None) -> torch.Tensor:
+    """``[1, 1, L, L]`` boolean mask (``True`` attends) of ``[q ; o_1 ; ... ; o_G]``, ``L = P + sum |o_g|``.
+
+    Prompt rows are causal; a row of ``o_g`` attends to every prompt key and to ``o_g``'s keys up to itself.
+    Example: ``P = 2``, ``|o| = [1, 2]``: row 2 (``o_1``) attends to ``{0, 1, 2}``, row 4 (second token of
+    ``o_2``) to ``{0, 1, 3, 4}``.
+    """
+    total = prompt_len + sum(num_generated)
+    segment = torch.zeros(total, dtype=torch.long, device=device)  # 0: prompt, g: output g
+    start = prompt_len
+    for g, n in enumerate(num_generated, start=1):
+        segment[start:start + n] = g
+        start += n
+    position = torch.arange(total, device=device)
+    causal = position.unsqueeze(0) <= position.unsqueeze(1)
+    same_or_prompt = (segment.unsqueeze(0) == segment.unsqueeze(1)) | (segment.unsqueeze(0) == 0)
+    return (causal & same_or_prompt)[None, None]
+
+
+def pack_shared_prompt(members: Sequence[Dict[str, Any]], prompt_len: int,
+                       num_generated: Sequence[int]) -> Tuple[Dict[str, Any], List[range]]:
+    """Forward kwargs of ``[q ; o_1 ; ... ; o_G]`` from the single-sequence kwargs (batch size 1) of each output,
+    and the rows ``s_{g,t} - 1`` of each ``o_g`` in it.
+
+    ``o_g`` is ``members[g]``'s ``num_generated[g]`` positions after ``prompt_len``; its position ids are
+    taken from its own sequence. Raises ValueError when the members do not share the prompt or carry a
+    sequence tensor this function does not know how to pack.
+    """
+    first = members[0]
+    for member in members[1:]:
+        if not shares_prompt(first, member, prompt_len, prompt_len):
+            raise ValueError('pack_shared_prompt: the outputs do not share the prompt')
+    length = first['input_ids'].shape[-1]
+    unknown = [k for k, v in first.items() if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[-1] == length
+               and k not in SEQUENCE_KEYS + DROPPED_KEYS + ('attention_mask',)]
+    if unknown:
+        raise ValueError(f'pack_shared_prompt: unknown sequence inputs {unknown}')
+    packed = {k: v for k, v in first.items() if k not in SEQUENCE_KEYS + DROPPED_KEYS + ('attention_mask',)}
+    for key in SEQUENCE_KEYS:
+        if key in first:
+            parts = [first[key][..., :prompt_len]]
+            parts += [m[key][..., prompt_len:prompt_len + n] for m, n in zip(members, num_generated)]
+            packed[key] = torch.cat(parts, dim=-1)
+    packed['attention_mask'] = tree_mask(prompt_len, num_generated, device=first['input_ids'].device)
+    rows, start = [], prompt_len
+    for n in num_generated:
+        rows.append(range(start, start + n))
+        start += n
+    return packed, rows
+
+
+def shared_prompt_units(members: Sequence[Tuple[Dict[str, Any], int, int]], budget: int) -> List[List[int]]:
+    """Indices of ``members`` (``(forward kwargs, P, |o_i|)`` each) in forwards: outputs sharing a prompt together,
+    in order, while ``P + sum |o_g| <= budget`` (a lone output is its own unit whatever its size).
+
+    Example: three outputs of one prompt with ``P = 10``, ``|o| = [5, 5, 5]``, ``budget = 20`` give ``[[0, 1], [2]]``.
+    """
+    units: List[List[int]] = []
+    for index, (kwargs, prompt_len, num_generated) in enumerate(members):
+        for unit in units:
+            head_kwargs, head_len, _ = members[unit[0]]
+            size = head_len + sum(members[i][2] for i in unit) + num_generated
+            if size <= budget and shares_prompt(head_kwargs, kwargs, head_len, prompt_len):
+                unit.append(index)
+                break
+        else:
+            units.append([index])
+    return units

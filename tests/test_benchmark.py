@@ -1,0 +1,24 @@
+"""``benchmark_ddapo_reward.py --smoke``: the benchmark runs end to end on the CPU and its paths agree."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import GRPO_DIR
+
+
+class TestBenchmarkSmoke:
+    """Edge cases: the JSON document has every measurement, and the reward paths agree with the naive
+    computation and with each other (fp32, 1e-5)."""
+
+    def test_smoke(self, tmp_path):
+        output = tmp_path / 'bench.json'
+        subprocess.run([sys.executable, os.path.join(GRPO_DIR, 'benchmark_ddapo_reward.py'), '--smoke', '--output',
+                        str(output)], check=True, capture_output=True, timeout=300)
+        document = json.loads(output.read_text())
+        result, = document['results']
+        assert set(result['per_output']) == {'plain_sdpa', 'naive_eager_all_attentions', 'reward_eager', 'reward_rows'}
+        assert set(result['per_group']) == {'plain_sdpa_x3', 'reward_eager_x3', 'reward_rows_x3', 'reward_shared'}
+        assert all(entry['ms'] > 0 for entry in {**result['per_output'], **result['per_group']}.values())
+        assert max(result['max_reward_diff'].values()) < 1e-5
+        assert len(set(result['rewards_eager'])) == 3  # the outputs' rewards differ, so agreement means something
