@@ -32,7 +32,6 @@ from ddapo_packing import pack_shared_prompt
 
 EAGER_ATTENTION = 'ddapo_eager'
 ROWS_ATTENTION = 'ddapo_rows'
-ATTENTION_NAMES = (EAGER_ATTENTION, ROWS_ATTENTION)
 ROW_CHUNK_ELEMENTS = 1 << 24  # scores per chunk of rows (heads x rows x keys): ~200 MiB of temporaries at most
 
 

@@ -201,8 +201,7 @@ def policy_forward(trainer, implementation: str = EAGER_ATTENTION) -> Iterator[T
 
     Inside: template in ``train`` mode without truncation or packing, every module in eval mode,
     gradient checkpointing off, language attention on ``implementation`` (``ddapo_eager`` or ``ddapo_rows``),
-    RNG states forked. All of it is
-    restored on exit, exceptions included.
+    RNG states forked. All of it is restored on exit, exceptions included.
     """
     model = trainer.model
     config = unwrap_policy(trainer).config

@@ -5,8 +5,7 @@
 
 Importing this file applies the ms-swift patch that puts the trainer into the reward kwargs
 (swift_patches/grpo_reward_kwargs.py, the runtime form of swift_patches/*.diff) and registers
-``orms['ddapo_attention'] = DDAPOAttentionORM
-orms['answer_match'] = AnswerMatchORM`` and ``orms['answer_match'] = AnswerMatchORM`` (an
+``orms['ddapo_attention'] = DDAPOAttentionORM`` and ``orms['answer_match'] = AnswerMatchORM`` (an
 accuracy reward for image question sets with a ``solution`` column).
 """
 import os
