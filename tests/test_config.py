@@ -10,7 +10,9 @@ class TestDDAPOConfig:
 
     def test_defaults(self):
         assert DDAPOConfig.from_env({}) == DDAPOConfig(debug=True, report=True, report_samples=2, strict=False,
-                                                       reward='balance', sigma=1.0, gate_reward='', layers='last:8')
+                                                       reward='balance', sigma=1.0, gate_reward='', layers='last:8',
+                                                       token_weights=False, token_weight_clip=(0.2, 3.0),
+                                                       token_weight_sigma=0.0)
 
     def test_report_settings(self):
         config = DDAPOConfig.from_env({'DDAPO_REPORT': '0', 'DDAPO_REPORT_SAMPLES': '5'})
@@ -39,7 +41,8 @@ class TestDDAPOConfig:
     def test_describe(self):
         assert DDAPOConfig(debug=False).describe() == (
             'DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2, DDAPO_STRICT=False, DDAPO_REWARD=balance, '
-            'DDAPO_SIGMA=1.0, DDAPO_GATE_REWARD=, DDAPO_LAYERS=last:8, DDAPO_ATTENTION=shared, DDAPO_PACK_TOKENS=8192')
+            'DDAPO_SIGMA=1.0, DDAPO_GATE_REWARD=, DDAPO_LAYERS=last:8, DDAPO_ATTENTION=shared, DDAPO_PACK_TOKENS=8192, '
+            'DDAPO_TOKEN_WEIGHTS=False, DDAPO_TOKEN_WEIGHT_CLIP=0.2,3.0, DDAPO_TOKEN_WEIGHT_SIGMA=0.0')
 
     def test_paths(self):
         config = DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Eager', 'DDAPO_PACK_TOKENS': '4096'})
@@ -59,7 +62,37 @@ class TestDDAPOConfig:
         ({'DDAPO_REWARD': 'gated'}, r'DDAPO_REWARD=gated needs DDAPO_GATE_REWARD'),
         ({'DDAPO_ATTENTION': 'flash'}, r"DDAPO_ATTENTION='flash'.*allowed values: shared, rows, eager"),
         ({'DDAPO_PACK_TOKENS': '0'}, r"DDAPO_PACK_TOKENS='0'.*integer >= 1"),
+        ({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1.5,3'}, r"'1.5,3'.*0 <= LOW <= 1 <= HIGH"),
+        ({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '0.2,0.9'}, r"'0.2,0.9'.*0 <= LOW <= 1 <= HIGH"),
+        ({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '0.2'}, r"DDAPO_TOKEN_WEIGHT_CLIP='0.2'"),
+        ({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '0.2,inf'}, r"DDAPO_TOKEN_WEIGHT_CLIP='0.2,inf'"),
+        ({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_SIGMA': '-1'}, r"DDAPO_TOKEN_WEIGHT_SIGMA='-1'.*>= 0"),
     ])
     def test_bad_variant_settings(self, environ, message):
+        with pytest.raises(ValueError, match=message):
+            DDAPOConfig.from_env(environ)
+
+
+class TestTokenWeightSettings:
+    """Edge cases: the range is parsed (spaces allowed, (1, 1) allowed), sigma 0 allowed; a setting that would have
+    no effect (token-weight settings without DDAPO_TOKEN_WEIGHTS=1, DDAPO_SIGMA without a group reward,
+    DDAPO_GATE_REWARD without gated) fails instead of being ignored."""
+
+    def test_parsed(self):
+        config = DDAPOConfig.from_env({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '0.5, 2',
+                                       'DDAPO_TOKEN_WEIGHT_SIGMA': '1.5'})
+        assert (config.token_weights, config.token_weight_clip, config.token_weight_sigma) == (True, (0.5, 2.0), 1.5)
+        config = DDAPOConfig.from_env({'DDAPO_TOKEN_WEIGHTS': 'on', 'DDAPO_TOKEN_WEIGHT_CLIP': '1,1',
+                                       'DDAPO_TOKEN_WEIGHT_SIGMA': '0'})
+        assert config.token_weight_clip == (1.0, 1.0) and config.token_weight_sigma == 0.0
+
+    @pytest.mark.parametrize('environ, message', [
+        ({'DDAPO_TOKEN_WEIGHT_CLIP': '0.5,2'}, 'DDAPO_TOKEN_WEIGHT_CLIP is set but has no effect without '
+                                               'DDAPO_TOKEN_WEIGHTS=1'),
+        ({'DDAPO_TOKEN_WEIGHTS': '0', 'DDAPO_TOKEN_WEIGHT_SIGMA': '1'}, 'DDAPO_TOKEN_WEIGHT_SIGMA is set'),
+        ({'DDAPO_SIGMA': '0.5'}, 'DDAPO_SIGMA is set but has no effect without DDAPO_REWARD=group or gated'),
+        ({'DDAPO_REWARD': 'group', 'DDAPO_GATE_REWARD': 'answer_match'}, 'DDAPO_GATE_REWARD is set but has no effect'),
+    ])
+    def test_setting_without_effect(self, environ, message):
         with pytest.raises(ValueError, match=message):
             DDAPOConfig.from_env(environ)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, segments, step_metrics
+from ddapo_diagnostics import SampleDiagnostics, WeightStats, segment_vision_mass, segments, step_metrics, weight_stats
 from ddapo_formulas import head_average, layer_key_attention, sequence_scores
 from ddapo_report import ReportSample, ReportWriter, image_heatmaps, token_line
 
@@ -60,6 +60,35 @@ class TestStepMetrics:
             'ddapo/not_applicable_frac': 1.0, 'ddapo/not_applicable/empty_completion_frac': 1.0}
 
 
+class TestWeightStats:
+    """Edge cases: docstring example, a bound equal to 1 never counts as clipped."""
+
+    def test_docstring_example(self):
+        assert weight_stats([1.0, 1.8, 0.2], (0.2, 3.0)) == WeightStats(total=3.0, count=3, low=0.2, high=1.8,
+                                                                          at_bounds=1)
+
+    def test_unit_bound(self):
+        assert weight_stats([1.0, 1.0, 3.0], (1.0, 3.0)).at_bounds == 1
+
+
+class TestTokenWeightMetrics:
+    """ddapo/token_weight/*: mean over every weighted token of the step (not per output), min, max, clipped share;
+    absent when no output has weights (token weights off)."""
+
+    def test_over_tokens(self):
+        a = scored([0.5])
+        a.token_weights = weight_stats([1.0, 1.8, 0.2], (0.2, 3.0))
+        b = scored([0.5])
+        b.token_weights = weight_stats([3.0], (0.2, 3.0))
+        metrics = step_metrics([a, b, SampleDiagnostics(reason='no_vision_keys')])
+        assert metrics['ddapo/token_weight/mean'] == pytest.approx(6.0 / 4)
+        assert (metrics['ddapo/token_weight/min'], metrics['ddapo/token_weight/max']) == (0.2, 3.0)
+        assert metrics['ddapo/token_weight/clipped_frac'] == pytest.approx(2 / 4)
+
+    def test_off(self):
+        assert not any(k.startswith('ddapo/token_weight/') for k in step_metrics([scored([0.5])]))
+
+
 class TestImageHeatmaps:
     """Edge cases: docstring example; two images split in order; all vision mass on one key lights exactly that
     merged patch (through layer_key_attention); a count that does not match the grids raises."""
@@ -97,7 +126,8 @@ class TestTokenLine:
 
 
 class TestReportWriter:
-    """Edge cases: a step section with the metrics table, token line and pictures; a second step appends."""
+    """Edge cases: a step section with the metrics table, token line and pictures; a second step appends; the token
+    weights line only when the sample has weights."""
 
     def test_write_and_append(self, tmp_path):
         from PIL import Image
@@ -113,3 +143,10 @@ class TestReportWriter:
         assert len(pictures) == 2 and all((tmp_path / 'ddapo' / p.split('/')[-1]).stat().st_size > 1000
                                           for p in pictures)
         assert 'step0000005_train_sample0_image0.png' in text
+        assert 'advantage weight w per generated token' not in text
+
+    def test_token_weights_line(self, tmp_path):
+        sample = ReportSample(title='p', tokens=['Red', '!'], m_vis=[0.4, 0.6], tdr=1.5, reward_balance=0.4,
+                              token_weights=[1.0, 0.75])
+        ReportWriter(str(tmp_path)).write_step(1, 'train', {}, [sample])
+        assert 'advantage weight w per generated token: Red(1.00) !(0.75)' in (tmp_path / 'report.md').read_text()

@@ -1,12 +1,12 @@
-"""Eq. (1)-(7) on synthetic attention with hand-computed answers (ddapo_formulas)."""
+"""Eq. (1)-(10) on synthetic attention with hand-computed answers (ddapo_formulas)."""
 import math
 
 import pytest
 import torch
 
-from ddapo_formulas import (NotApplicable, balance_reward, gated_rewards, group_robust_rewards, head_average,
-                            layer_key_attention, layer_modality_masses, layer_set, log_tdr, sequence_scores,
-                            token_text_mass)
+from ddapo_formulas import (TDR_BOUND, NotApplicable, balance_reward, check_applicable, gated_rewards, gaussian_smooth,
+                            group_robust_rewards, head_average, layer_key_attention, layer_modality_masses, layer_set,
+                            log_tdr, mean_one_clip, sequence_scores, token_tdr, token_text_mass, token_weights)
 
 
 def mask(size, positions):
@@ -131,6 +131,21 @@ class TestSequenceScores:
         assert error.value.reason == reason
 
 
+class TestCheckApplicable:
+    """Edge cases: docstring example, |V| checked before |T|, one defined token among NaN is enough."""
+
+    def test_docstring_example(self):
+        with pytest.raises(NotApplicable) as info:
+            check_applicable(torch.tensor([0.5]), 3, 0)
+        assert info.value.reason == 'no_vision_keys'
+
+    def test_order_and_defined(self):
+        with pytest.raises(NotApplicable) as info:
+            check_applicable(torch.tensor([]), 0, 0)
+        assert info.value.reason == 'no_vision_keys'
+        assert check_applicable(torch.tensor([math.nan, 0.3]), 2, 2) is None
+
+
 class TestBalanceReward:
     """Edge cases: worked example, rho_vis = 0 gives 0, both densities 0 is undefined."""
 
@@ -209,3 +224,126 @@ class TestGatedRewards:
     def test_groups(self):
         out = gated_rewards([0.2, -0.2, 0.4, -0.4], [True, True, True, False], ['a', 'a', 'b', 'b'])
         assert out == [0.2, -0.2, 0.0, 0.0]
+
+
+class TestTokenTdr:
+    """Edge cases: docstring example, |T| != |V|, m^T = 0 and m^V = 0 clipped to the bound, NaN kept."""
+
+    def test_docstring_example(self):
+        assert token_tdr(torch.tensor([0.5, 0.75, 1.0]), 7, 7).tolist() == pytest.approx([1.0, 3.0, TDR_BOUND])
+
+    def test_key_counts(self):
+        # Eq. (10): (m^T |V|) / (m^V |T|) = (0.5 * 30) / (0.5 * 10)
+        assert token_tdr(torch.tensor([0.5]), 10, 30).item() == pytest.approx(3.0)
+
+    def test_bounds_and_nan(self):
+        out = token_tdr(torch.tensor([0.0, math.nan]), 5, 5)
+        assert out[0].item() == pytest.approx(1 / TDR_BOUND) and math.isnan(out[1].item())
+
+
+class TestGaussianSmooth:
+    """Edge cases: docstring example, sigma = 0 and one token unchanged, a constant stays constant (ends
+    renormalised), undefined tokens take no weight, the kernel reaches 3 sigma."""
+
+    def test_docstring_example(self):
+        edge = 3 * math.exp(-0.5) / (1 + math.exp(-0.5) + math.exp(-2))
+        middle = 3 / (1 + 2 * math.exp(-0.5))
+        assert gaussian_smooth(torch.tensor([0.0, 3.0, 0.0]), 1.0).tolist() == pytest.approx([edge, middle, edge])
+
+    def test_identity_cases(self):
+        values = torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64)
+        assert torch.equal(gaussian_smooth(values, 0.0), values)
+        assert torch.equal(gaussian_smooth(values[:1], 2.0), values[:1])
+
+    def test_constant_stays_constant(self):
+        assert gaussian_smooth(torch.full((9,), 2.5), 1.5).tolist() == pytest.approx([2.5] * 9)
+
+    def test_undefined_tokens_take_no_weight(self):
+        values = torch.tensor([2.0, math.nan, 2.0, 2.0])
+        out = gaussian_smooth(values, 1.0, defined=~torch.isnan(values))
+        assert out.tolist() == pytest.approx([2.0] * 4)
+
+    def test_reach(self):
+        impulse = torch.zeros(11, dtype=torch.float64)
+        impulse[5] = 1.0
+        out = gaussian_smooth(impulse, 1.0)
+        assert out[2] > 0 and out[8] > 0 and out[1] == 0 and out[9] == 0  # |d| <= ceil(3 sigma) = 3
+
+
+class TestMeanOneClip:
+    """Edge cases: docstring example (clipping moves the free tokens so the mean stays 1), already inside the
+    bounds (plain normalisation), equal values, bounds (1, 1) give exactly 1, a huge outlier, bad bounds."""
+
+    def test_docstring_example(self):
+        assert mean_one_clip(torch.tensor([9.0, 1 / 9]), 0.2, 3.0).tolist() == pytest.approx([1.8, 0.2])
+
+    def test_inside_bounds_is_plain_normalisation(self):
+        assert mean_one_clip(torch.tensor([1.0, 2.0, 3.0]), 0.2, 3.0).tolist() == pytest.approx([0.5, 1.0, 1.5])
+
+    def test_equal_values(self):
+        assert mean_one_clip(torch.tensor([0.3] * 4), 0.2, 3.0).tolist() == pytest.approx([1.0] * 4)
+
+    def test_unit_bounds_exact(self):
+        assert mean_one_clip(torch.tensor([0.1, 5.0, 2.0]), 1.0, 1.0).tolist() == [1.0, 1.0, 1.0]
+
+    def test_outlier(self):
+        out = mean_one_clip(torch.tensor([1e6, 1.0, 1.0, 1.0]), 0.2, 3.0)
+        assert out.tolist() == pytest.approx([3.0, 1 / 3, 1 / 3, 1 / 3])
+        assert out.mean().item() == pytest.approx(1.0, abs=1e-12)
+
+    def test_random_mean_one(self):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            values = torch.exp(4 * torch.randn(50, generator=generator, dtype=torch.float64))
+            out = mean_one_clip(values, 0.2, 3.0)
+            assert out.mean().item() == pytest.approx(1.0, abs=1e-9)
+            assert out.min() >= 0.2 and out.max() <= 3.0
+            assert torch.all(torch.diff(out[torch.argsort(values)]) >= -1e-12)  # order kept
+
+    @pytest.mark.parametrize('low, high', [(1.2, 3.0), (0.2, 0.9), (-0.1, 2.0)])
+    def test_bad_bounds(self, low, high):
+        with pytest.raises(ValueError, match='0 <= low <= 1 <= high'):
+            mean_one_clip(torch.tensor([1.0, 2.0]), low, high)
+
+
+class TestTokenWeights:
+    """Edge cases: docstring example (token t from row t-1, the first token 1), one token, |T| != |V| cancels,
+    a lower ratio weighs more, undefined rows weigh 1, unit bounds give exactly 1, smoothing, the cases
+    where the reward is undefined."""
+
+    def test_docstring_example(self):
+        assert token_weights(torch.tensor([0.5, 0.75, 0.9]), 4, 4).tolist() == pytest.approx([1.0, 1.5, 0.5])
+
+    def test_single_token(self):
+        assert token_weights(torch.tensor([0.3]), 4, 9).tolist() == [1.0]
+
+    def test_key_counts_cancel(self):
+        m_text = torch.tensor([0.2, 0.5, 0.75, 0.6])
+        assert token_weights(m_text, 10, 30).tolist() == pytest.approx(token_weights(m_text, 7, 7).tolist())
+
+    def test_vision_leaning_rows_weigh_more(self):
+        w = token_weights(torch.tensor([0.9, 0.2, 0.6, 0.4, 0.0]), 5, 5)
+        assert w[2] > w[4] > w[3] > w[1]  # chosen by rows with m^T 0.2 < 0.4 < 0.6 < 0.9
+        assert w[1:].mean().item() == pytest.approx(1.0)
+
+    def test_undefined_rows_weigh_one(self):
+        w = token_weights(torch.tensor([0.5, math.nan, 0.75, 0.1]), 4, 4)
+        assert w[0] == 1.0 and w[2] == 1.0
+        assert w[[1, 3]].tolist() == pytest.approx([1.5, 0.5])
+
+    def test_unit_bounds_exact(self):
+        assert token_weights(torch.tensor([0.1, 0.9, 0.5]), 3, 8, clip=(1.0, 1.0)).tolist() == [1.0, 1.0, 1.0]
+
+    def test_smoothing(self):
+        m_text = torch.tensor([0.5, 0.9, 0.1, 0.9, 0.9])
+        sharp, smooth = token_weights(m_text, 4, 4), token_weights(m_text, 4, 4, sigma=1.0)
+        assert smooth[1:].mean().item() == pytest.approx(1.0)
+        assert smooth[1:].std() < sharp[1:].std()
+
+    @pytest.mark.parametrize('m_text, num_text, num_vision, reason', [
+        ([0.5], 4, 0, 'no_vision_keys'), ([0.5], 0, 4, 'no_text_keys'), ([], 4, 4, 'empty_completion'),
+        ([math.nan, math.nan], 4, 4, 'no_prompt_attention')])
+    def test_undefined_cases(self, m_text, num_text, num_vision, reason):
+        with pytest.raises(NotApplicable) as info:
+            token_weights(torch.tensor(m_text, dtype=torch.float32), num_text, num_vision)
+        assert info.value.reason == reason

@@ -30,6 +30,14 @@ def reward_kwargs(policy, completions=COMPLETIONS, images_per_row=1, text_only_r
 
 def naive_reward(policy, row, num_layers_read=8, layers=None):
     """Eq. (1)-(7) written out from `output_attentions=True` of the unwrapped eager model, all layers kept."""
+    m_text, ks = naive_token_text_mass(policy, row, num_layers_read, layers)
+    M_text = m_text.mean().item()  # Eq. (5)
+    rho_text, rho_vis = M_text / ks.num_text_keys, (1 - M_text) / ks.num_vision_keys  # Eq. (2)
+    return rho_vis / (rho_text + rho_vis)  # Eq. (7)
+
+
+def naive_token_text_mass(policy, row, num_layers_read=8, layers=None):
+    """``m^T_{i,t}`` (Eq. 1 + 4) from `output_attentions=True`, and the key sets."""
     spec = model_spec(policy)
     encoded = encode_completion(policy, row)  # the template's train-mode encoding
     model, config = policy.model, policy.model.config
@@ -54,10 +62,7 @@ def naive_reward(policy, row, num_layers_read=8, layers=None):
     read = [attentions[l] for l in layers] if layers is not None else attentions[-num_layers_read:]
     rows = torch.stack(read)[:, 0, :, P:P + n, :].double().mean(dim=1)  # [L, n, S]
     text_mass, vision_mass = rows[..., ks.text_keys].sum(-1), rows[..., ks.vision_keys].sum(-1)
-    m_text = (text_mass / (text_mass + vision_mass)).mean(dim=0)  # Eq. (1) + (4)
-    M_text = m_text.mean().item()  # Eq. (5)
-    rho_text, rho_vis = M_text / ks.num_text_keys, (1 - M_text) / ks.num_vision_keys  # Eq. (2)
-    return rho_vis / (rho_text + rho_vis)  # Eq. (7)
+    return (text_mass / (text_mass + vision_mass)).mean(dim=0), ks  # Eq. (1) + (4)
 
 
 def rows_of(columns):
@@ -220,3 +225,84 @@ class TestVariants:
         monkeypatch.setenv('DDAPO_GATE_REWARD', 'acuracy')
         with pytest.raises(ValueError, match="DDAPO_GATE_REWARD='acuracy' is not a registered reward"):
             DDAPOAttentionORM()
+
+
+@pytest.fixture()
+def token_weights_on(monkeypatch):
+    from swift_patches import grpo_token_weights
+    grpo_token_weights.apply()  # as plugin.py does
+    monkeypatch.setenv('DDAPO_TOKEN_WEIGHTS', '1')
+
+
+def weighted_kwargs(policy, completions, **kwargs):
+    columns = reward_kwargs(policy, completions, **kwargs)
+    columns['request_id'] = [f'req{i}' for i in range(len(completions))]
+    return columns
+
+
+class TestTokenWeights:
+    """DDAPO_TOKEN_WEIGHTS=1 through the ORM: each output's w_{i,t} (Eq. 10 on the naive m^T) goes to the trainer by
+    request_id, a text-only row gets none, the step logs ddapo/token_weight/*, the report shows them. Edge cases:
+    the rewards are unchanged, an output whose generated tokens are not all labelled gets no weights (counted), and
+    the misconfigurations fail at start: patch missing, a loss without per-token advantages, sequence parallelism,
+    rows without request_id."""
+
+    def test_weights_handed_over(self, policy, token_weights_on, monkeypatch, tmp_path):
+        from ddapo_formulas import token_weights
+        from ddapo_swift import token_weight_store
+        monkeypatch.setattr(policy.args, 'output_dir', str(tmp_path))
+        columns = weighted_kwargs(policy, COMPLETIONS[:3], text_only_rows=(1,))
+        orm = DDAPOAttentionORM()
+        rewards = orm(COMPLETIONS[:3], **columns)
+        store = token_weight_store(policy)
+        assert set(store) == {'req0', 'req2'}  # the text-only row's reward is None: no weights
+        for i in (0, 2):
+            m_text, ks = naive_token_text_mass(policy, rows_of(columns)[i])
+            expected = token_weights(m_text, ks.num_text_keys, ks.num_vision_keys)
+            assert store[f'req{i}'] == pytest.approx(expected.tolist(), abs=1e-5)
+            assert len(store[f'req{i}']) == len(columns['response_token_ids'][i][0])
+            assert store[f'req{i}'][0] == 1.0 and max(store[f'req{i}']) > 1.0  # sharp attention: not all 1
+        assert rewards == pytest.approx([naive_reward(policy, rows_of(columns)[0]), None,
+                                         naive_reward(policy, rows_of(columns)[2])], abs=1e-5)
+        metrics = orm.last_metrics
+        everything = store['req0'] + store['req2']
+        assert metrics['ddapo/token_weight/mean'] == pytest.approx(sum(everything) / len(everything))
+        assert metrics['ddapo/token_weight/min'] == pytest.approx(min(everything))
+        assert metrics['ddapo/token_weight/max'] == pytest.approx(max(everything))
+        assert 'advantage weight w per generated token' in (tmp_path / 'ddapo' / 'report.md').read_text()
+        store.clear()
+
+    def test_unmatched_tokens(self, token_weights_on):
+        from ddapo_key_sets import KeySets
+        from ddapo_swift import EncodedCompletion
+        orm = DDAPOAttentionORM()
+        keys = KeySets(text_keys=torch.tensor([True, False, False]), vision_keys=torch.tensor([False, True, False]))
+        labelled = EncodedCompletion([1, 2, 3], prompt_len=2, num_generated=1, forward_kwargs={})
+        unlabelled = EncodedCompletion([1, 2, 3], prompt_len=2, num_generated=1, forward_kwargs={}, labelled=False)
+        one_turn, two_turns = {'response_token_ids': [[3]]}, {'response_token_ids': [[5, 6], [3]]}
+        assert orm._token_weights(one_turn, labelled, torch.tensor([0.5]), keys) == [1.0]
+        assert orm._token_weights(one_turn, unlabelled, torch.tensor([0.5]), keys) is None
+        assert orm._token_weights(two_turns, labelled, torch.tensor([0.5]), keys) is None
+        assert orm.unweighted == {'unlabelled_generated_tokens': 1, 'multi_turn_completion': 1}
+
+    def test_patch_missing(self, policy, token_weights_on, monkeypatch):
+        from swift_patches import grpo_token_weights
+        monkeypatch.setattr(grpo_token_weights, 'is_applied', lambda: False)
+        with pytest.raises(RuntimeError, match='ms_swift_4.6_grpo_token_weights.diff'):
+            DDAPOAttentionORM().on_trainer_init(policy)
+
+    @pytest.mark.parametrize('setting, message', [
+        (('trainer', 'loss_type', 'real'), '--loss_type real'),
+        (('args', 'use_liger_kernel', True), '--use_liger_kernel true'),
+        (('template', 'sequence_parallel_size', 2), '--sequence_parallel_size > 1'),
+    ])
+    def test_unsupported_runs(self, policy, token_weights_on, monkeypatch, setting, message):
+        owner, name, value = setting
+        monkeypatch.setattr(policy if owner == 'trainer' else getattr(policy, owner), name, value, raising=False)
+        with pytest.raises(ValueError, match=message):
+            DDAPOAttentionORM().on_trainer_init(policy)
+
+    def test_rows_without_request_id(self, policy, token_weights_on):
+        columns = reward_kwargs(policy, COMPLETIONS[:1])
+        with pytest.raises(RuntimeError, match='request_id'):
+            DDAPOAttentionORM()(COMPLETIONS[:1], **columns)

@@ -43,8 +43,8 @@ def logged_means(output_dir):
 class TestTrainingVariants:
     """Every way people train, each a real run: full tuning without gradient checkpointing; Qwen2-VL with prompts
     cut by --max_length (the rollout sees the cut prompt, the training forward and the reward the full one);
-    two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts; the group-robust reward
-    (Eq. 8) reading the late third of the layers."""
+    two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts, with token weights; the
+    group-robust reward (Eq. 8) reading the late third of the layers."""
 
     @pytest.mark.parametrize('variant', ['full_no_checkpointing', 'qwen2_vl_max_length', 'two_processes',
                                          'group_reward_late_layers'])
@@ -54,8 +54,8 @@ class TestTrainingVariants:
             extra += ['--tuner_type', 'full', '--gradient_checkpointing', 'false']
         elif variant == 'qwen2_vl_max_length':
             model_type, extra = 'qwen2_vl', extra + ['--max_length', '40']
-        elif variant == 'two_processes':
-            env = {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531'}
+        elif variant == 'two_processes':  # token weights on: each rank weights the outputs it scored
+            env = {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DDAPO_TOKEN_WEIGHTS': '1'}
         else:
             env = {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}
         result = swift_rlhf(tiny_model_dir(model_type), mixed_dataset, str(tmp_path), *extra, model_type=model_type,
@@ -64,6 +64,10 @@ class TestTrainingVariants:
         records, means = logged_means(str(tmp_path))
         low = -0.5 if variant == 'group_reward_late_layers' else 0.0  # Eq. (8) lies in [-0.5, 0.5]
         assert means and all(math.isfinite(m) and low <= m <= 1.0 for m in means), means
+        if variant == 'two_processes':
+            weighted = [r['token_advantage_weights/weighted_frac'] for r in records
+                        if 'token_advantage_weights/weighted_frac' in r]
+            assert weighted and max(weighted) > 0 and any('ddapo/token_weight/max' in r for r in records), records
         if variant == 'group_reward_late_layers':
             assert 'DDAPO_REWARD=group' in result.stderr + result.stdout and 'DDAPO_LAYERS=late' in result.stderr
             assert all(0 <= r['ddapo/R_bal/mean'] <= 1 for r in records if 'ddapo/R_bal/mean' in r)
@@ -101,3 +105,43 @@ class TestSwiftRlhfGrpo:
         text = open(reports[0]).read()
         assert text.count('## step ') >= 2 and 'm^V per generated token:' in text
         assert glob.glob(os.path.join(os.path.dirname(reports[0]), '*_image0.png'))
+
+
+def final_adapter(output_dir):
+    from safetensors.torch import load_file
+    paths = glob.glob(os.path.join(output_dir, '**', 'checkpoint-2', 'adapter_model.safetensors'), recursive=True)
+    assert len(paths) == 1, paths
+    return load_file(paths[0])
+
+
+class TestTokenWeightsRun:
+    """DDAPO_TOKEN_WEIGHTS=1 in real runs on image prompts, two optimizer steps each (constant learning rate, the
+    LoRA saved at the end): weights held at 1 (DDAPO_TOKEN_WEIGHT_CLIP=1,1) train bit for bit as stock ms-swift;
+    the default weights train differently, are applied to every output and log their mean/min/max."""
+
+    def test_weights(self, tiny_model_dir, shapes_dataset, tmp_path):
+        import torch
+        model = tiny_model_dir('qwen2_5_vl')
+        extra = ['--max_steps', '2', '--save_strategy', 'steps', '--save_steps', '2', '--save_only_model', 'true',
+                 '--lr_scheduler_type', 'constant', '--learning_rate', '1e-3']
+        runs = {'stock': {}, 'unit': {'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1,1'},
+                'weighted': {'DDAPO_TOKEN_WEIGHTS': '1'}}
+        adapters, logs = {}, {}
+        for name, env in runs.items():
+            result = swift_rlhf(model, shapes_dataset, str(tmp_path / name), *extra, env_extra=env)
+            assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+            adapters[name], logs[name] = final_adapter(str(tmp_path / name)), result.stdout + result.stderr
+        assert '[DDAPO] ms-swift GRPO token-weights patch: applied' in logs['weighted']
+        assert all(torch.equal(adapters['stock'][k], adapters['unit'][k]) for k in adapters['stock'])
+        assert not all(torch.equal(adapters['stock'][k], adapters['weighted'][k]) for k in adapters['stock'])
+
+        records, _ = logged_means(str(tmp_path / 'weighted'))
+        steps = [r for r in records if 'ddapo/token_weight/mean' in r]
+        assert len(steps) == 2, records
+        for r in steps:
+            assert r['ddapo/token_weight/mean'] == pytest.approx(1.0, abs=1e-6)
+            assert 0.2 <= r['ddapo/token_weight/min'] < 1.0 < r['ddapo/token_weight/max'] <= 3.0
+            assert r['token_advantage_weights/weighted_frac'] == 1.0
+        unit, _ = logged_means(str(tmp_path / 'unit'))
+        assert all(r['ddapo/token_weight/min'] == r['ddapo/token_weight/max'] == 1.0
+                   for r in unit if 'ddapo/token_weight/min' in r)

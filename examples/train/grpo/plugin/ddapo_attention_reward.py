@@ -9,13 +9,15 @@ Per completion ``o_i``:
                       --ddapo_swift.policy_forward + ddapo_capture--> one forward per pack (or per output),
                                                          Eq. (1) masses of every language-model layer
                       --ddapo_formulas--> m^T_{i,t} over the layers Lambda (DDAPO_LAYERS), rho_text, rho_vis,
-                                          TDR_i, R^bal_i = 1 / (1 + TDR_i) (or Eq. 8 / 9 over the prompt's outputs)
+                                          TDR_i, R^bal_i = 1 / (1 + TDR_i) (or Eq. 8 / 9 over the prompt's outputs);
+                                          with DDAPO_TOKEN_WEIGHTS=1 also the token weights w_{i,t} (Eq. 10), which
+                                          go to the trainer by request_id and into the per-token advantages
 
 The same numbers feed the step's ``ddapo/*`` metrics (ddapo_diagnostics) and, on logging steps, the
 report under ``<output_dir>/ddapo/`` (ddapo_report): no extra forward.
 
 Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch in ``swift_patches/``
-provides; ``plugin.py`` applies it.
+provides (and, for token weights, the second patch there); ``plugin.py`` applies both.
 """
 import gc
 import math
@@ -31,15 +33,15 @@ from swift.utils import get_logger
 
 from ddapo_capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture, captured_forward
 from ddapo_config import DDAPOConfig
-from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, step_metrics
+from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, step_metrics, weight_stats
 from ddapo_formulas import (DDAPOScores, NotApplicable, gated_rewards, group_robust_rewards, layer_set, log_tdr,
-                            sequence_scores, token_text_mass)
+                            sequence_scores, token_text_mass, token_weights)
 from ddapo_key_sets import KeySets, build_key_sets
 from ddapo_packing import shared_prompt_units
 from ddapo_report import ReportSample, ReportWriter, image_heatmaps
-from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, encode_completion,
-                         image_merge_size, model_spec, padding_row, policy_forward, processed_images,
-                         reward_rows)
+from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, enable_token_weights,
+                         encode_completion, image_merge_size, model_spec, padding_row, policy_forward,
+                         processed_images, reward_rows, token_weight_store)
 
 logger = get_logger()
 
@@ -65,6 +67,7 @@ class _Scored:
     reward: Optional[float]
     diagnostics: SampleDiagnostics
     report: Optional[ReportSample] = None
+    token_weights: Optional[List[float]] = None  # w_{i,t}, with DDAPO_TOKEN_WEIGHTS=1
 
 
 class DDAPOAttentionORM(ORM):
@@ -87,13 +90,17 @@ class DDAPOAttentionORM(ORM):
         self.gate = self._gate_reward(args) if self.config.reward == 'gated' else None
         self.spec: Optional[ModelSpec] = None
         self.not_applicable: Counter = Counter()
+        self.unweighted: Counter = Counter()  # outputs with a reward but no token weights, by reason
         self.last_metrics: Dict[str, float] = {}
         self._debug_pending = self.config.debug
         self._last_report_step: Optional[int] = None
 
     def on_trainer_init(self, trainer) -> None:
-        """Called by the patched trainer once its rewards exist: validate the policy model at start."""
+        """Called by the patched trainer once its rewards exist: validate the policy model (and, with
+        DDAPO_TOKEN_WEIGHTS=1, that the trainer can take token weights) at start."""
         self.spec = model_spec(trainer)
+        if self.config.token_weights:
+            enable_token_weights(trainer)
         logger.info(f'[DDAPO] policy model: {self.spec.num_layers} language-model layers, vision token ids '
                     f'{sorted(self.spec.vision_token_ids)}')
 
@@ -121,6 +128,8 @@ class DDAPOAttentionORM(ORM):
                 for _ in range(padding):
                     forward(**filler.forward_kwargs)
         scored = [results[id(p)] if isinstance(p, _Prepared) else p for p in prepared]
+        if self.config.token_weights:
+            self._hand_over_token_weights(trainer, kwargs, scored)
         self._log_step(trainer, mode, scored)
         if self.config.reward != 'balance':
             return self._group_variant(trainer, completions, kwargs, scored)
@@ -157,6 +166,18 @@ class DDAPOAttentionORM(ORM):
             values = gated_rewards(values, [row[4] for row in everything], groups)
         mine = {row[1]: value for row, value in zip(everything, values) if row[0] == rank}
         return [mine[i] for i in range(len(scored))]
+
+    @staticmethod
+    def _hand_over_token_weights(trainer, kwargs: Dict[str, Any], scored: List[_Scored]) -> None:
+        """Put each output's ``w_{i,t}`` where the patched GRPO trainer reads them: by ``request_id``."""
+        request_ids = kwargs.get('request_id') or [None] * len(scored)
+        if any(r in (None, '') for r in request_ids):
+            raise RuntimeError('DDAPO_TOKEN_WEIGHTS=1 hands token weights to the trainer by request_id, and the '
+                               'reward kwargs have rows without one; run it under ms-swift GRPO.')
+        store = token_weight_store(trainer)
+        for request_id, item in zip(request_ids, scored):
+            if item.token_weights is not None:
+                store[request_id] = item.token_weights
 
     def _prepare(self, trainer, row: Dict[str, Any]):
         """Encode one row and find its key sets: a `_Prepared`, or a `_Scored` None when it cannot be encoded."""
@@ -235,16 +256,39 @@ class DDAPOAttentionORM(ORM):
             if generated and all(token in spec.special_ids for token in generated):
                 raise NotApplicable('only_special_tokens', f'the completion is only special tokens {generated}')
             scores = sequence_scores(m_text, key_sets.num_text_keys, key_sets.num_vision_keys)
+            weights = self._token_weights(item.row, encoded, m_text, key_sets) if self.config.token_weights else None
         except NotApplicable as error:
             return self._none(error.reason, error.detail)
         finally:
             if self._debug_pending:
                 self._debug_pending = False
                 self._log_debug(encoded, key_sets, report, outputs, captures, length, layers, scores)
-        diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(capture.masses))
-        sample = (self._report_sample(trainer, item.row, encoded, capture, layers, m_text, scores)
+        diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(capture.masses),
+                                        token_weights=None if weights is None else
+                                        weight_stats(weights, self.config.token_weight_clip))
+        sample = (self._report_sample(trainer, item.row, encoded, capture, layers, m_text, scores, weights)
                   if item.want_report else None)
-        return _Scored(scores.reward_balance, diagnostics, sample)
+        return _Scored(scores.reward_balance, diagnostics, sample, weights)
+
+    def _token_weights(self, row: Dict[str, Any], encoded: EncodedCompletion, m_text: torch.Tensor,
+                       key_sets: KeySets) -> Optional[List[float]]:
+        """``w_{i,t}`` of the generated tokens, or None (warned once per reason, counted in ``unweighted``) when the
+        trainer's loss would not see those tokens as the output's first completion tokens."""
+        turns = row.get('response_token_ids') or []
+        reason = None
+        if len(turns) > 1 and isinstance(turns[0], (list, tuple)):
+            reason, detail = 'multi_turn_completion', 'has several generated turns, and the reward reads the last'
+        elif not encoded.labelled:
+            reason, detail = 'unlabelled_generated_tokens', 'has generated tokens without a label (--loss_scale?)'
+        if reason is not None:
+            if reason not in self.unweighted:
+                logger.warning(f'[DDAPO] token weights left out (advantage weight 1) for an output that {detail}: '
+                               f'the weights could not be matched to its completion tokens ({reason}). Counted in '
+                               'unweighted; warned once per reason.')
+            self.unweighted[reason] += 1
+            return None
+        clip, sigma = self.config.token_weight_clip, self.config.token_weight_sigma
+        return token_weights(m_text, key_sets.num_text_keys, key_sets.num_vision_keys, clip, sigma).tolist()
 
     def _none(self, reason: str, detail: str) -> _Scored:
         if self.config.strict:
@@ -267,7 +311,7 @@ class DDAPOAttentionORM(ORM):
         return self.config.report_samples
 
     def _report_sample(self, trainer, row, encoded: EncodedCompletion, capture: LayerCapture, layers: List[int],
-                       m_text, scores: DDAPOScores) -> ReportSample:
+                       m_text, scores: DDAPOScores, weights: Optional[List[float]]) -> ReportSample:
         tokenizer = trainer.template.tokenizer
         generated = encoded.input_ids[encoded.prompt_len:encoded.prompt_len + encoded.num_generated]
         grid = encoded.forward_kwargs.get('image_grid_thw')
@@ -284,7 +328,8 @@ class DDAPOAttentionORM(ORM):
             tdr=scores.tdr,
             reward_balance=scores.reward_balance,
             images=images,
-            heatmaps=heatmaps)
+            heatmaps=heatmaps,
+            token_weights=weights)
 
     def _log_step(self, trainer, mode: str, scored: List[_Scored]) -> None:
         """``ddapo/*`` metrics over every rank's outputs into the trainer's log; the report on logging steps."""

@@ -6,7 +6,7 @@ value fails at start, naming the variable and what it accepts, instead of silent
 """
 import os
 from dataclasses import dataclass, field, fields
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from ddapo_formulas import layer_set
 
@@ -42,6 +42,27 @@ def _parse_positive(name: str, raw: str) -> float:
     if not value > 0 or value == float('inf'):
         raise ValueError(f'{name}={raw!r} is not a positive number; allowed values: a finite number > 0')
     return value
+
+
+def _parse_nonnegative(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float('inf'):
+        raise ValueError(f'{name}={raw!r} is not a number >= 0; allowed values: a finite number >= 0')
+    return value
+
+
+def _parse_clip(name: str, raw: str) -> Tuple[float, float]:
+    try:
+        low, high = (float(part) for part in raw.split(','))
+    except ValueError:
+        low, high = -1.0, -1.0
+    if not (0 <= low <= 1 <= high < float('inf')):
+        raise ValueError(f'{name}={raw!r} is not a weight range; allowed values: LOW,HIGH with 0 <= LOW <= 1 <= HIGH '
+                         '(the weights have mean 1, so the range must hold 1), for example 0.2,3.0')
+    return low, high
 
 
 def _parse_reward(name: str, raw: str) -> str:
@@ -83,6 +104,14 @@ def _setting(default, parse: Callable[[str, str], object], doc: str):
     return field(default=default, metadata={'parse': parse, 'doc': doc})
 
 
+_ONLY_WITH: Dict[str, Tuple[str, Callable[['DDAPOConfig'], bool]]] = {
+    'sigma': ('DDAPO_REWARD=group or gated', lambda c: c.reward in ('group', 'gated')),
+    'gate_reward': ('DDAPO_REWARD=gated', lambda c: c.reward == 'gated'),
+    'token_weight_clip': ('DDAPO_TOKEN_WEIGHTS=1', lambda c: c.token_weights),
+    'token_weight_sigma': ('DDAPO_TOKEN_WEIGHTS=1', lambda c: c.token_weights),
+}
+
+
 @dataclass(frozen=True)
 class DDAPOConfig:
     """Settings of the ``ddapo_attention`` reward; field ``x`` is read from ``DDAPO_X``."""
@@ -98,6 +127,11 @@ class DDAPOConfig:
                               'reward path: shared (one forward per prompt), rows (one sdpa forward per output, '
                               'eager rows) or eager (one eager forward per output, the reference)')
     pack_tokens: int = _setting(8192, _parse_tokens, 'most tokens in one shared-prompt forward')
+    token_weights: bool = _setting(False, _parse_bool,
+                                   'multiply the per-token advantages by the Eq. (10) token weights')
+    token_weight_clip: Tuple[float, float] = _setting((0.2, 3.0), _parse_clip, 'LOW,HIGH bounds of the token weights')
+    token_weight_sigma: float = _setting(0.0, _parse_nonnegative,
+                                         'std (in tokens) of the Gaussian smoothing of the token weights; 0: none')
 
     def __post_init__(self):
         if self.reward == 'gated' and not self.gate_reward:
@@ -120,7 +154,16 @@ class DDAPOConfig:
         parsers = {f.name: f.metadata['parse'] for f in fields(cls)}
         values = {field_name: parsers[field_name](name, environ[name])
                   for name, field_name in known.items() if name in environ}
-        return cls(**values)
+        config = cls(**values)
+        for field_name, (needs, holds) in _ONLY_WITH.items():
+            if field_name in values and not holds(config):
+                # a setting the run would never read is a silent misconfiguration
+                raise ValueError(f'DDAPO_{field_name.upper()} is set but has no effect without {needs}')
+        return config
 
     def describe(self) -> str:
-        return ', '.join(f'{name}={getattr(self, field_name)}' for name, field_name in self.variables().items())
+        """The settings as they would be written in the environment."""
+        def spell(value) -> str:
+            return ','.join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+        return ', '.join(f'{name}={spell(getattr(self, field_name))}' for name, field_name in self.variables().items())

@@ -4,13 +4,15 @@
     per step (all ranks' outputs): ddapo/tdr/mean, ddapo/tdr/median, ddapo/R_bal/mean (Eq. 7, whatever DDAPO_REWARD), ddapo/rho_text/mean, ddapo/rho_vis/mean,
     ddapo/M_V/mean, ddapo/eta_V/mean, ddapo/num_text_keys/mean, ddapo/num_vision_keys/mean,
     ddapo/not_applicable_frac (and ddapo/not_applicable/<reason>_frac per reason),
-    ddapo/<segment>/M_V/mean for segment in all, early, middle, late
+    ddapo/<segment>/M_V/mean for segment in all, early, middle, late,
+    with DDAPO_TOKEN_WEIGHTS=1: ddapo/token_weight/mean, ddapo/token_weight/min, ddapo/token_weight/max,
+    ddapo/token_weight/clipped_frac (weights at a DDAPO_TOKEN_WEIGHT_CLIP bound)
 """
 import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,12 +21,34 @@ from ddapo_formulas import DDAPOScores, layer_set, token_text_mass
 THIRDS = ('early', 'middle', 'late')
 
 
+@dataclass(frozen=True)
+class WeightStats:
+    """Summary of one output's token weights ``w_{i,t}``."""
+    total: float
+    count: int
+    low: float  # smallest weight
+    high: float  # largest weight
+    at_bounds: int  # weights held at a clip bound (where a bound differs from 1)
+
+
 @dataclass
 class SampleDiagnostics:
     """What one output contributes to the step's metrics (small and picklable, gathered across ranks)."""
     scores: Optional[DDAPOScores] = None
     reason: Optional[str] = None  # the NotApplicable reason when scores is None
     segment_M_vis: Dict[str, float] = field(default_factory=dict)
+    token_weights: Optional[WeightStats] = None  # with DDAPO_TOKEN_WEIGHTS=1
+
+
+def weight_stats(weights: Sequence[float], clip: Tuple[float, float]) -> WeightStats:
+    """`WeightStats` of one output's weights; a weight counts as clipped when it sits on a bound other than 1.
+
+    Example: ``[1.0, 1.8, 0.2]`` with clip ``(0.2, 3.0)`` gives total 3, count 3, low 0.2, high 1.8, at_bounds 1.
+    """
+    bounds = [b for b in clip if b != 1.0]
+    at_bounds = sum(any(abs(w - b) <= 1e-12 for b in bounds) for w in weights)
+    return WeightStats(total=float(sum(weights)), count=len(weights), low=float(min(weights)),
+                       high=float(max(weights)), at_bounds=at_bounds)
 
 
 def segments(num_layers: int) -> List[str]:
@@ -80,4 +104,13 @@ def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
     })
     for name in sorted({k for s in scored for k in s.segment_M_vis}):
         metrics[f'ddapo/{name}/M_V/mean'] = _mean([s.segment_M_vis.get(name, math.nan) for s in scored])
+    weights = [s.token_weights for s in scored if s.token_weights is not None and s.token_weights.count]
+    if weights:
+        count = sum(w.count for w in weights)
+        metrics.update({
+            'ddapo/token_weight/mean': sum(w.total for w in weights) / count,
+            'ddapo/token_weight/min': min(w.low for w in weights),
+            'ddapo/token_weight/max': max(w.high for w in weights),
+            'ddapo/token_weight/clipped_frac': sum(w.at_bounds for w in weights) / count,
+        })
     return metrics

@@ -1,4 +1,4 @@
-"""DDAPO attention-balance formulas, Eq. (1)-(7) of the DDAPO notation (docs: ../shared/ddapo_method.md).
+"""DDAPO attention-balance formulas, Eq. (1)-(10) of the DDAPO notation (docs: ../shared/ddapo_method.md).
 
 Pure tensor functions: no ms-swift, no model. The data flow is
 
@@ -7,6 +7,7 @@ Pure tensor functions: no ms-swift, no model. The data flow is
     m^T_{i,t}, |T|, |V|                --sequence_scores-------->  M^T_i, rho_text_i, rho_vis_i, TDR_i,
                                                                    eta^X_i, R^bal_i (Eq. 2, 3, 5, 6, 7)
     TDR_i of a prompt's outputs        --group_robust_rewards--->  R^grp_i (Eq. 8), --gated_rewards--> R^gate_i (Eq. 9)
+    m^T_{i,t}, |T|, |V|                --token_weights---------->  TDR_{i,t} (Eq. 10), token weights w_{i,t}
 
 Cases where a value is undefined (notation, section 4) raise `NotApplicable` with a short reason
 code; the caller turns that into `None` for GRPO and counts the reason.
@@ -109,6 +110,23 @@ class DDAPOScores:
     reward_balance: float  # R^bal_i, Eq. (7)
 
 
+def check_applicable(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> None:
+    """Raise `NotApplicable` where an output's reward is undefined (notation section 4): ``|V| = 0``
+    (``no_vision_keys``), ``|T| = 0`` (``no_text_keys``), ``|o_i| = 0`` (``empty_completion``), or no token with a
+    defined ``m^T`` (``no_prompt_attention``).
+
+    Example: ``check_applicable(torch.tensor([0.5]), 3, 0)`` raises ``NotApplicable('no_vision_keys')``.
+    """
+    if num_vision_keys == 0:
+        raise NotApplicable('no_vision_keys', 'the prompt has no image or video token (|V| = 0)')
+    if num_text_keys == 0:
+        raise NotApplicable('no_text_keys', 'the prompt has no text key outside special tokens and system turn')
+    if m_text.numel() == 0:
+        raise NotApplicable('empty_completion', '|o_i| = 0')
+    if bool(torch.isnan(m_text).all()):
+        raise NotApplicable('no_prompt_attention', 'no generated token attends to a text or vision key')
+
+
 def balance_reward(rho_text: float, rho_vis: float) -> float:
     """``R^bal_i = rho_vis_i / (rho_text_i + rho_vis_i) = 1 / (1 + TDR_i)``, Eq. (7), in ``[0, 1]``.
 
@@ -123,21 +141,13 @@ def balance_reward(rho_text: float, rho_vis: float) -> float:
 def sequence_scores(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> DDAPOScores:
     """Eq. (2), (3), (5), (6), (7) from the per-token text masses ``m^T_{i,t}`` (NaN tokens are left out).
 
-    Raises `NotApplicable` for ``|V| = 0`` (``no_vision_keys``), ``|T| = 0`` (``no_text_keys``),
-    ``|o_i| = 0`` (``empty_completion``) and when no token has a defined mass (``no_prompt_attention``).
+    Raises `NotApplicable` where the reward is undefined (`check_applicable`).
 
     Example: ``m^T = [0.8, 0.6]``, ``|T| = 10``, ``|V| = 30``: ``M^T = 0.7``, ``rho_text = 0.07``,
     ``rho_vis = 0.01``, ``TDR = 7``, ``eta^T = 2.8``, ``eta^V = 0.4``, ``R^bal = 0.125``.
     """
-    if num_vision_keys == 0:
-        raise NotApplicable('no_vision_keys', 'the prompt has no image or video token (|V| = 0)')
-    if num_text_keys == 0:
-        raise NotApplicable('no_text_keys', 'the prompt has no text key outside special tokens and system turn')
-    if m_text.numel() == 0:
-        raise NotApplicable('empty_completion', '|o_i| = 0')
+    check_applicable(m_text, num_text_keys, num_vision_keys)
     defined = m_text[~torch.isnan(m_text)]
-    if defined.numel() == 0:
-        raise NotApplicable('no_prompt_attention', 'no generated token attends to a text or vision key')
     M_text = float(defined.mean())
     M_vis = 1.0 - M_text
     rho_text, rho_vis = M_text / num_text_keys, M_vis / num_vision_keys
@@ -233,3 +243,96 @@ def gated_rewards(group_rewards: Sequence[Optional[float]], correct: Sequence[bo
         num_correct[group] = num_correct.get(group, 0) + int(bool(ok))
     return [None if r is None else (r if ok and num_correct[g] >= 2 else 0.0)
             for r, ok, g in zip(group_rewards, correct, groups)]
+
+
+def token_tdr(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> torch.Tensor:
+    """``TDR_{i,t} = (m^T_{i,t} * |V|) / (m^V_{i,t} * |T|)`` of Eq. (10), clipped to ``[1e-6, 1e6]`` (`TDR_BOUND`) so a
+    token with ``m^T = 0`` or ``m^V = 0`` stays finite; NaN (undefined ``m^T``) stays NaN.
+
+    Example: ``m^T = [0.5, 0.75, 1.0]``, ``|T| = |V|`` gives ``[1, 3, 1e6]``.
+    """
+    m_text = m_text.double()
+    ratio = (m_text * num_vision_keys) / ((1.0 - m_text) * num_text_keys)  # m^V = 0 gives inf, clipped below
+    return ratio.clamp(1.0 / TDR_BOUND, TDR_BOUND)
+
+
+def gaussian_smooth(values: torch.Tensor, sigma: float, defined: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``values`` smoothed along the completion with a Gaussian kernel of standard deviation ``sigma`` tokens, cut at
+    ``3 sigma``: each token gets the kernel-weighted mean of the ``defined`` tokens (default all) within reach, so the
+    ends and undefined tokens take no weight and a constant stays constant. ``sigma = 0`` returns ``values``.
+
+    Example: ``[0, 3, 0]`` with ``sigma = 1`` gives ``[1.0446, 1.3556, 1.0446]``: token 0 is
+    ``3 e^{-1/2} / (1 + e^{-1/2} + e^{-2})``.
+    """
+    if sigma <= 0 or values.numel() < 2:
+        return values
+    defined = torch.ones_like(values, dtype=torch.bool) if defined is None else defined
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2)).view(1, 1, -1)
+    present = defined.double()
+    total = torch.nn.functional.conv1d(
+        torch.nn.functional.pad((torch.nan_to_num(values.double()) * present).view(1, 1, -1), (radius, radius)), kernel)
+    weight = torch.nn.functional.conv1d(torch.nn.functional.pad(present.view(1, 1, -1), (radius, radius)), kernel)
+    return (total / weight).view(-1)
+
+
+def mean_one_clip(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``w_t = clip(c * values_t, low, high)`` with the scale ``c > 0`` for which ``mean_t w_t = 1``.
+
+    ``values`` are positive; ``low <= 1 <= high`` makes ``c`` exist (``mean clip(c v)`` rises continuously from ``low``
+    to ``high`` as ``c`` grows). Clipping after a plain division by the mean would move the mean off 1; the scale is
+    found by bisection on ``log c``, then solved exactly for the tokens left inside the bounds.
+
+    Example: ``[9, 1/9]`` with bounds ``(0.2, 3)``: ``c = 0.2`` gives ``[1.8, 0.2]`` (plain normalisation would give
+    ``[1.9756, 0.0244]``, then ``[1.9756, 0.2]``, mean 1.0878).
+    """
+    if not 0 <= low <= 1 <= high:
+        raise ValueError(f'clip bounds must satisfy 0 <= low <= 1 <= high, got ({low}, {high})')
+    values = values.double()
+    n = values.numel()
+
+    def mean_at(log_c: float) -> float:
+        return float((values * math.exp(log_c)).clamp(low, high).mean())
+
+    guess = math.log(n / float(values.sum()))  # plain normalisation; often already inside the bounds
+    lo, hi = guess, guess
+    while mean_at(lo) > 1:
+        lo -= 1.0
+    while mean_at(hi) < 1:
+        hi += 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_at(mid) < 1 else (lo, mid)
+    scaled = values * math.exp(hi)
+    at_low, at_high = scaled <= low, scaled >= high
+    free = ~(at_low | at_high)
+    if bool(free.any()):  # exact scale for the free tokens, given which are held at the bounds
+        c = (n - low * int(at_low.sum()) - high * int(at_high.sum())) / float(values[free].sum())
+        scaled = torch.where(free, values * c, scaled)
+    return scaled.clamp(low, high)
+
+
+def token_weights(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int,
+                  clip: Tuple[float, float] = (0.2, 3.0), sigma: float = 0.0) -> torch.Tensor:
+    """Weights ``w_{i,t}`` of the log-probabilities of one output's generated tokens, from Eq. (10): a token chosen
+    while the model leaned on the image weighs more. Returns ``[|o_i|]`` float64.
+
+    ``o_{i,t}`` is chosen by the query row before it, so its weight comes from that row's ratio ``TDR_{i,t-1}``
+    (`token_tdr`); ``o_{i,1}`` is chosen by the prompt's last row, which the reward does not read, and gets
+    ``w_{i,1} = 1``. For ``t >= 2``: ``r_t = 1 / TDR_{i,t-1}``; ``sigma > 0`` smooths ``r`` along the completion
+    (`gaussian_smooth`, ``sigma`` in tokens); ``w_t = clip(c * r_t, low, high)`` with ``c`` such that the mean of
+    ``w`` over these tokens is 1 (`mean_one_clip`), so the weights move the output's advantage between its tokens
+    without changing its total. A row whose ``m^T`` is undefined (notation section 4) gives ``w = 1`` and stays
+    out of the smoothing and the mean. Raises `NotApplicable` where `sequence_scores` does (`check_applicable`).
+
+    Example: ``m^T = [0.5, 0.75, 0.9]``, ``|T| = |V|``: rows 1 and 2 give ``TDR = [1, 3]``, ``r = [1, 1/3]``,
+    so ``w = [1, 1.5, 0.5]`` (row 3 chose the token after the output).
+    """
+    check_applicable(m_text, num_text_keys, num_vision_keys)
+    weights = torch.ones(m_text.numel(), dtype=torch.float64)
+    ratio = 1.0 / token_tdr(m_text[:-1], num_text_keys, num_vision_keys)  # row t-1 chose token t
+    defined = ~torch.isnan(ratio)
+    if bool(defined.any()):
+        weights[1:][defined] = mean_one_clip(gaussian_smooth(ratio, sigma, defined)[defined], *clip)
+    return weights

@@ -9,7 +9,7 @@ no global backend is touched).
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ class ReportSample:
     reward_balance: float
     images: List = field(default_factory=list)  # PIL images as the processor saw them (resized)
     heatmaps: List[np.ndarray] = field(default_factory=list)  # one [rows, cols] grid per image
+    token_weights: Optional[List[float]] = None  # w_{i,t} multiplied into the advantages (DDAPO_TOKEN_WEIGHTS=1)
 
 
 def image_heatmaps(vision_values: torch.Tensor, grids: Sequence[Tuple[int, int, int]], merge_size: int) -> List[np.ndarray]:
@@ -116,6 +117,9 @@ class ReportWriter:
             stem = f'step{step:07d}_{mode}_sample{k}'
             lines += ['', f'### {sample.title}: TDR = {sample.tdr:.4g}, R^bal = {sample.reward_balance:.4f}', '',
                       'm^V per generated token: ' + token_line(sample.tokens, sample.m_vis), '']
+            if sample.token_weights is not None:
+                lines += ['advantage weight w per generated token: ' +
+                          token_line(sample.tokens, sample.token_weights), '']
             for j, (image, heat) in enumerate(zip(sample.images, sample.heatmaps)):
                 name = f'{stem}_image{j}.png'
                 pictures.append(render_heatmap(image, heat, os.path.join(self.directory, name),

@@ -5,6 +5,9 @@
     trainer           --policy_forward-----> no-grad eval forwards of the policy model with the
                                              language model's attention on a DDAPO implementation
                                              (ddapo_capture), every piece of state it touches restored on exit
+    token weights     --token_weight_store-> trainer.token_advantage_weights[request_id], which the GRPO
+                                             patch swift_patches/grpo_token_weights.py multiplies into the
+                                             per-token advantages
 """
 import random
 from contextlib import ExitStack, contextmanager
@@ -92,6 +95,7 @@ class EncodedCompletion:
     prompt_len: int  # P
     num_generated: int  # |o_i|
     forward_kwargs: Dict[str, Any] = field(repr=False)
+    labelled: bool = True  # every generated token carries a label, so it is a completion token of the GRPO loss
 
 
 class GeneratedIdsMismatch(ValueError):
@@ -122,7 +126,8 @@ def encode_completion(trainer, row: Dict[str, Any]) -> EncodedCompletion:
     batch = template.data_collator([encoded])
     batch.pop('labels', None)
     batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
-    return EncodedCompletion(input_ids, prompt_len, len(ids), batch)
+    labelled = all(label != -100 for label in labels[prompt_len:prompt_len + len(ids)])
+    return EncodedCompletion(input_ids, prompt_len, len(ids), batch, labelled)
 
 
 def padding_row(trainer) -> Dict[str, Any]:
@@ -223,3 +228,40 @@ def policy_forward(trainer, implementation: str = EAGER_ATTENTION) -> Iterator[T
                 return model(**to_device(kwargs, device))
 
         yield forward, report
+
+
+def enable_token_weights(trainer) -> None:
+    """Check at start that the trainer can take per-token advantage weights, and open its store.
+
+    Needs the GRPO patch ``swift_patches/grpo_token_weights.py`` (or its diff) and a loss that reads the per-token
+    advantages: ``--loss_type real`` and the Liger loss reduce them to one number per output (the weights would
+    cancel), and sequence parallelism trains on outputs scored on other ranks.
+    """
+    from swift_patches import grpo_token_weights
+    if not grpo_token_weights.is_applied():
+        raise RuntimeError('DDAPO_TOKEN_WEIGHTS=1 needs the ms-swift patch that multiplies token weights into the '
+                           'GRPO advantages, and it is not applied: load the reward through --external_plugins '
+                           'examples/train/grpo/plugin/plugin.py, or apply '
+                           'swift_patches/ms_swift_4.6_grpo_token_weights.diff to ms-swift.')
+    args = trainer.args
+    problems = []
+    if getattr(trainer, 'loss_type', getattr(args, 'loss_type', None)) == 'real':
+        problems.append('--loss_type real reduces the advantages to one per output')
+    if getattr(args, 'use_liger_kernel', False):
+        problems.append('--use_liger_kernel true reduces the advantages to one per output')
+    if getattr(trainer.template, 'sequence_parallel_size', 1) > 1:
+        problems.append('--sequence_parallel_size > 1 trains on outputs whose weights another rank computed')
+    if problems:
+        raise ValueError(f'DDAPO_TOKEN_WEIGHTS=1 cannot weight the GRPO loss of this run: {"; ".join(problems)}. '
+                         'Unset DDAPO_TOKEN_WEIGHTS or change these arguments.')
+    if getattr(trainer, grpo_token_weights.STORE, None) is None:
+        setattr(trainer, grpo_token_weights.STORE, {})
+
+
+def token_weight_store(trainer) -> Dict[str, List[float]]:
+    """``{request_id: w_{i,t}}`` that the patched ``_postprocess_batch`` reads (and empties) after the rewards."""
+    from swift_patches import grpo_token_weights
+    store = getattr(trainer, grpo_token_weights.STORE, None)
+    if store is None:
+        raise RuntimeError('token weights are not enabled on this trainer (enable_token_weights was not called)')
+    return store
