@@ -18,22 +18,15 @@ import inspect
 from contextvars import ContextVar
 from typing import Any, Callable, List, Optional
 
+from swift_patches import PatchError, is_patched, require  # noqa: F401 (PatchError: for callers)
+
 PATCH_FLAG = '__ddapo_reward_kwargs_patch__'
 DIFF_MARKER = "extra_reward_kwargs = {'trainer': self}"
-SUPPORTED_SWIFT = '>=4.6,<5'
 _TRAINER: ContextVar[Optional[Any]] = ContextVar('ddapo_reward_trainer', default=None)
 
 
-class PatchError(RuntimeError):
-    pass
-
-
 def _expect(condition: bool, what: str) -> None:
-    if not condition:
-        import swift
-        raise PatchError(f'swift_patches.grpo_reward_kwargs cannot patch ms-swift {swift.__version__} '
-                         f'(supported: {SUPPORTED_SWIFT}): {what}. Apply swift_patches/'
-                         'ms_swift_4.6_grpo_reward_kwargs.diff by hand or use a supported ms-swift.')
+    require(condition, 'grpo_reward_kwargs', what)
 
 
 def _params(func: Callable) -> List[str]:
@@ -62,8 +55,7 @@ def _bind_trainer(reward_func: Callable, trainer: Any) -> Callable:
 def is_applied() -> bool:
     """True when reward functions receive ``trainer`` (runtime patch or diff)."""
     from swift.rlhf_trainers import grpo_trainer
-    method = grpo_trainer.GRPOTrainer._compute_rewards_per_func
-    return getattr(method, PATCH_FLAG, False) or DIFF_MARKER in inspect.getsource(method)
+    return is_patched(grpo_trainer.GRPOTrainer._compute_rewards_per_func, PATCH_FLAG, DIFF_MARKER)
 
 
 def apply() -> str:

@@ -19,14 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from swift_patches import PatchError, is_patched, require  # noqa: F401 (PatchError: for callers)
+
 STORE = 'token_advantage_weights'
 PATCH_FLAG = '__ddapo_token_weights_patch__'
 DIFF_MARKER = 'scale_token_advantages('
-SUPPORTED_SWIFT = '>=4.6,<5'
-
-
-class PatchError(RuntimeError):
-    pass
 
 
 def scale_token_advantages(advantages: torch.Tensor, completion_mask: torch.Tensor,
@@ -56,18 +53,13 @@ def scale_token_advantages(advantages: torch.Tensor, completion_mask: torch.Tens
 
 
 def _expect(condition: bool, what: str) -> None:
-    if not condition:
-        import swift
-        raise PatchError(f'swift_patches.grpo_token_weights cannot patch ms-swift {swift.__version__} '
-                         f'(supported: {SUPPORTED_SWIFT}): {what}. Apply swift_patches/'
-                         'ms_swift_4.6_grpo_token_weights.diff by hand or use a supported ms-swift.')
+    require(condition, 'grpo_token_weights', what)
 
 
 def is_applied() -> bool:
     """True when ``_postprocess_batch`` applies ``trainer.token_advantage_weights`` (runtime patch or diff)."""
     from swift.rlhf_trainers import grpo_trainer
-    method = grpo_trainer.GRPOTrainer._postprocess_batch
-    return getattr(method, PATCH_FLAG, False) or DIFF_MARKER in inspect.getsource(method)
+    return is_patched(grpo_trainer.GRPOTrainer._postprocess_batch, PATCH_FLAG, DIFF_MARKER)
 
 
 def apply() -> str:

@@ -4,6 +4,7 @@ ms-swift hands a reward function only the trainer's own arguments, so the reward
 from the environment. Every ``DDAPO_*`` variable must be known and well-formed: a typo or a bad
 value fails at start, naming the variable and what it accepts, instead of silently running defaults.
 """
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Mapping, Optional, Tuple
@@ -24,34 +25,39 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise ValueError(f'{name}={raw!r} is not a boolean; allowed values: {", ".join(_TRUE + _FALSE)}')
 
 
-def _parse_count(name: str, raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f'{name}={raw!r} is not a count; allowed values: an integer >= 0')
-    return value
+def _number(kind: Callable[[str], float], lowest: float, strict: bool, what: str, allowed: str):
+    """A parser of finite numbers ``>= lowest`` (``> lowest`` when ``strict``)."""
+
+    def parse(name: str, raw: str):
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < lowest or (strict and value == lowest):
+            raise ValueError(f'{name}={raw!r} is not {what}; allowed values: {allowed}')
+        return value
+
+    return parse
 
 
-def _parse_positive(name: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float('inf'):
-        raise ValueError(f'{name}={raw!r} is not a positive number; allowed values: a finite number > 0')
-    return value
+def _choice(options: Tuple[str, ...], what: str):
+    """A parser of one of ``options``, case-insensitive."""
+
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f'{name}={raw!r} is not {what}; allowed values: {", ".join(options)}')
+        return value
+
+    return parse
 
 
-def _parse_nonnegative(name: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float('inf'):
-        raise ValueError(f'{name}={raw!r} is not a number >= 0; allowed values: a finite number >= 0')
-    return value
+_parse_count = _number(int, 0, False, 'a count', 'an integer >= 0')
+_parse_tokens = _number(int, 1, False, 'a token budget', 'an integer >= 1')
+_parse_positive = _number(float, 0.0, True, 'a positive number', 'a finite number > 0')
+_parse_nonnegative = _number(float, 0.0, False, 'a number >= 0', 'a finite number >= 0')
+_parse_reward = _choice(REWARDS, 'a reward variant')
+_parse_attention = _choice(ATTENTION_PATHS, 'a reward path')
 
 
 def _parse_clip(name: str, raw: str) -> Tuple[float, float]:
@@ -63,27 +69,6 @@ def _parse_clip(name: str, raw: str) -> Tuple[float, float]:
         raise ValueError(f'{name}={raw!r} is not a weight range; allowed values: LOW,HIGH with 0 <= LOW <= 1 <= HIGH '
                          '(the weights have mean 1, so the range must hold 1), for example 0.2,3.0')
     return low, high
-
-
-def _parse_reward(name: str, raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in REWARDS:
-        raise ValueError(f'{name}={raw!r} is not a reward variant; allowed values: {", ".join(REWARDS)}')
-    return value
-
-
-def _parse_attention(name: str, raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in ATTENTION_PATHS:
-        raise ValueError(f'{name}={raw!r} is not a reward path; allowed values: {", ".join(ATTENTION_PATHS)}')
-    return value
-
-
-def _parse_tokens(name: str, raw: str) -> int:
-    value = _parse_count(name, raw)
-    if value < 1:
-        raise ValueError(f'{name}={raw!r} is not a token budget; allowed values: an integer >= 1')
-    return value
 
 
 def _parse_layers(name: str, raw: str) -> str:
