@@ -98,7 +98,10 @@ CMD=("${SWIFT[@]}" rlhf
   --report_to "$REPORT_TO"
   --dataloader_num_workers "$DATALOADER_WORKERS"
   --output_dir "$OUTPUT_DIR/train")
-[ -n "$MODEL_TYPE" ] && CMD+=(--model_type "$MODEL_TYPE" --template "$MODEL_TYPE")
+# ms-swift's template of a MoE family is the dense one's (qwen3_vl_moe -> qwen3_vl, qwen3_5_moe -> qwen3_5)
+TEMPLATE=${TEMPLATE:-${MODEL_TYPE%_moe}}
+[ -n "$MODEL_TYPE" ] && CMD+=(--model_type "$MODEL_TYPE")
+[ -n "$TEMPLATE" ] && CMD+=(--template "$TEMPLATE")
 [ -n "$DEEPSPEED" ] && CMD+=(--deepspeed "$DEEPSPEED")
 [ "$DEMO" = 1 ] && CMD+=(--check_model false --seed 1)
 CMD+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Qwen2.5-VL / Qwen2-VL built offline, ms-swift's real template and hook.
+"""Shared fixtures: tiny random models of every supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE,
+Qwen3.5 dense and MoE) built offline, ms-swift's real template and hook.
 
 The reward code touches the trainer only through ``trainer.model``, ``trainer.template``,
 ``trainer.accelerator`` and ``trainer.args.gradient_checkpointing_kwargs``; `policy` hands it those
@@ -18,9 +19,9 @@ for path in (PLUGIN_DIR, GRPO_DIR, ROOT):
         sys.path.insert(0, path)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-from tiny_qwen_vl import build_shapes_dataset, build_tiny_qwen_vl  # noqa: E402
+from tiny_qwen_vl import FAMILIES, MODEL_TYPES, build_shapes_dataset, build_tiny_qwen_vl  # noqa: E402
 
-MODEL_TYPES = ['qwen2_5_vl', 'qwen2_vl']
+MODEL_TYPES = list(MODEL_TYPES)  # every family the reward supports
 
 
 @pytest.fixture(scope='session')
@@ -39,15 +40,18 @@ def shapes_dataset(tmp_path_factory):
     return build_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_rows=8)
 
 
-def make_policy(model_dir: str, model_type: str, output_dir: str, gradient_checkpointing: bool = False):
-    """The real model, processor and GRPO-mode template, with the template's post-encode hook registered."""
+def make_policy(model_dir: str, model_type: str, output_dir: str, gradient_checkpointing: bool = False,
+                default_system=None):
+    """The real model, processor and GRPO-mode template (``default_system`` as ``--system`` sets it), with the
+    template's post-encode hook registered."""
     import torch
     from accelerate import Accelerator
     from swift.model import get_model_processor
     from swift.template import get_template
     model, processor = get_model_processor(model_dir, check_model=False, model_type=model_type,
                                            torch_dtype=torch.float32)
-    template = get_template(processor, template_type=model_type)
+    template = get_template(processor, template_type=FAMILIES[model_type].template,
+                            **({'default_system': default_system} if default_system else {}))
     template.set_mode('train')
     template.model = model  # as ms-swift's pipelines do; Qwen2-VL's collator uses it for rope indices
     template.register_post_encode_hook([model])

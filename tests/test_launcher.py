@@ -10,8 +10,8 @@ from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, 'run_grpo_with_ddapo.sh')
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
-OVERRIDABLE = ('MODEL', 'DATASET', 'OUTPUT_DIR', 'NPROC_PER_NODE', 'CUDA_VISIBLE_DEVICES', 'DEEPSPEED', 'BATCH_SIZE',
-               'NUM_GENERATIONS', 'REWARD_FUNCS', 'MAX_STEPS')
+OVERRIDABLE = ('MODEL', 'MODEL_TYPE', 'TEMPLATE', 'DATASET', 'OUTPUT_DIR', 'NPROC_PER_NODE', 'CUDA_VISIBLE_DEVICES',
+               'DEEPSPEED', 'BATCH_SIZE', 'NUM_GENERATIONS', 'REWARD_FUNCS', 'MAX_STEPS')
 
 
 def run_script(*args, timeout=60, **env):
@@ -65,6 +65,21 @@ class TestDryRun:
         assert flag(argv, '--model') == ['/models/Qwen2-VL-7B-Instruct'] and flag(argv, '--deepspeed') == ['zero3']
         assert flag(argv, '--reward_funcs') == ['ddapo_attention'] and flag(argv, '--output_dir') == ['/tmp/o/train']
         assert argv[-2:] == ['--num_train_epochs', '3']
+
+    @pytest.mark.parametrize('model_type, template', [('qwen3_5_moe', 'qwen3_5'), ('qwen3_vl_moe', 'qwen3_vl'),
+                                                      ('qwen3_5', 'qwen3_5'), ('', None)])
+    def test_model_type_and_template(self, model_type, template):
+        """A MoE family's template is its dense family's; no MODEL_TYPE leaves both to ms-swift."""
+        result = run_script('--dry-run', MODEL_TYPE=model_type)
+        _, argv = composed(result)
+        if template is None:
+            assert '--model_type' not in argv and '--template' not in argv
+        else:
+            assert flag(argv, '--model_type') == [model_type] and flag(argv, '--template') == [template]
+
+    def test_template_override(self):
+        _, argv = composed(run_script('--dry-run', MODEL_TYPE='qwen3_5_moe', TEMPLATE='qwen3_8'))
+        assert flag(argv, '--model_type') == ['qwen3_5_moe'] and flag(argv, '--template') == ['qwen3_8']
 
     def test_demo_dry_run_builds_nothing(self, tmp_path):
         result = run_script('--demo', '--dry-run', OUTPUT_DIR=str(tmp_path))

@@ -5,10 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import image, make_policy
+from conftest import MODEL_TYPES, image, make_policy
 from ddapo_attention_reward import DDAPOAttentionORM
+from ddapo_formulas import layer_set
 from ddapo_key_sets import build_key_sets
-from ddapo_swift import TEMPLATE_MODE, encode_completion, model_spec
+from ddapo_swift import TEMPLATE_MODE, SystemTurns, encode_completion, model_spec, policy_forward
 
 COMPLETIONS = ['The answer is red', 'It is a square, I think', 'blue', 'Think step by step. The shape is yellow']
 
@@ -37,9 +38,11 @@ def naive_reward(policy, row, num_layers_read=8, layers=None):
 
 
 def naive_token_text_mass(policy, row, num_layers_read=8, layers=None):
-    """``m^T_{i,t}`` (Eq. 1 + 4) from `output_attentions=True`, and the key sets."""
+    """``m^T_{i,t}`` (Eq. 1 + 4) from `output_attentions=True`, and the key sets. ``layers``: positions in the
+    attention layers L_att, which is what eager returns attentions for (Qwen3.5: its softmax layers only)."""
     spec = model_spec(policy)
-    encoded = encode_completion(policy, row)  # the template's train-mode encoding
+    with policy_forward(policy):  # the template's train-mode encoding
+        encoded = encode_completion(policy, row, SystemTurns(policy.template))
     model, config = policy.model, policy.model.config
     kwargs = {k: v for k, v in encoded.forward_kwargs.items()
               if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids',
@@ -55,10 +58,9 @@ def naive_token_text_mass(policy, row, num_layers_read=8, layers=None):
         config._attn_implementation = saved
         model.train()
         policy.template.register_post_encode_hook(handles)
-    assert len(attentions) == spec.num_layers
+    assert len(attentions) == len(spec.attention_layers)
     P, n = encoded.prompt_len, encoded.num_generated
-    ks = build_key_sets(encoded.input_ids, P, spec.vision_token_ids, spec.special_ids, spec.im_start_id,
-                        spec.im_end_id, spec.system_role_ids)
+    ks = build_key_sets(encoded.input_ids, P, spec.vision_token_ids, spec.special_ids, encoded.system_turn)
     read = [attentions[l] for l in layers] if layers is not None else attentions[-num_layers_read:]
     rows = torch.stack(read)[:, 0, :, P:P + n, :].double().mean(dim=1)  # [L, n, S]
     text_mass, vision_mass = rows[..., ks.text_keys].sum(-1), rows[..., ks.vision_keys].sum(-1)
@@ -118,11 +120,12 @@ def policy_state(policy):
 
 class TestStateRestored:
     """Model modes (per module, a frozen eval-mode submodule included), attention keys, gradient
-    checkpointing and template state are as before, after a normal call and after a forward that raises."""
+    checkpointing and template state are as before, after a normal call and after a forward that raises; on every
+    family (the forward that raises is stopped in an attention layer of L_att)."""
 
-    @pytest.fixture()
-    def checkpointed_policy(self, tiny_model_dir, tmp_path):
-        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path), gradient_checkpointing=True)
+    @pytest.fixture(params=MODEL_TYPES)
+    def checkpointed_policy(self, request, tiny_model_dir, tmp_path):
+        policy = make_policy(tiny_model_dir(request.param), request.param, str(tmp_path), gradient_checkpointing=True)
         policy.model.visual.eval()  # a submodule whose mode differs from the model's
         policy.template.max_length = 4096
         policy.template.set_mode('rlhf')
@@ -137,7 +140,7 @@ class TestStateRestored:
 
     def test_after_forward_that_raises(self, checkpointed_policy):
         before = policy_state(checkpointed_policy)
-        layer = checkpointed_policy.model.model.language_model.layers[1]
+        layer = checkpointed_policy.model.model.language_model.layers[model_spec(checkpointed_policy).attention_layers[-1]]
 
         def explode(module, args, kwargs):
             assert checkpointed_policy.model.config.text_config._attn_implementation == 'ddapo_rows'
@@ -175,6 +178,20 @@ class TestFailsClearly:
         with pytest.raises(ValueError, match='no image_token_id or video_token_id'):
             DDAPOAttentionORM().on_trainer_init(trainer)
 
+    def test_unsupported_family(self, policy, monkeypatch):
+        import ddapo_swift
+        assert ddapo_swift.SUPPORTED_MODEL_TYPES == tuple(MODEL_TYPES)
+        monkeypatch.setattr(ddapo_swift, 'SUPPORTED_MODEL_TYPES', ('gemma3', 'glm4v'))
+        with pytest.raises(ValueError, match=f"supports the model families gemma3, glm4v; .*model_type='{policy.model_type}'"):
+            DDAPOAttentionORM().on_trainer_init(policy)
+
+    def test_no_attention_layer(self, policy, monkeypatch):
+        text_config = policy.model.config.text_config
+        monkeypatch.setattr(text_config, 'layer_types', ['linear_attention'] * text_config.num_hidden_layers,
+                            raising=False)
+        with pytest.raises(ValueError, match='no softmax-attention layer'):
+            DDAPOAttentionORM().on_trainer_init(policy)
+
     def test_unknown_setting(self, monkeypatch):
         monkeypatch.setenv('DDAPO_DEBGU', '1')
         with pytest.raises(ValueError, match='DDAPO_DEBGU'):
@@ -186,10 +203,12 @@ class TestVariants:
     group equals Eq. (8) over the balance scores; gated uses a registered reward's verdict."""
 
     def test_layers(self, policy, monkeypatch):
-        monkeypatch.setenv('DDAPO_LAYERS', 'late')  # 4 layers: late = layers 3..4 = indices [2, 3]
+        monkeypatch.setenv('DDAPO_LAYERS', 'late')  # 4 layers: late = [2, 3]; Qwen3.5's 3 of 6: [2] (decoder layer 5)
+        late = layer_set(len(model_spec(policy).attention_layers), 'late')
+        assert late == ([2] if policy.model_type.startswith('qwen3_5') else [2, 3])
         columns = reward_kwargs(policy, COMPLETIONS[:2])
         rewards = DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
-        assert rewards == pytest.approx([naive_reward(policy, row, layers=[2, 3]) for row in rows_of(columns)],
+        assert rewards == pytest.approx([naive_reward(policy, row, layers=late) for row in rows_of(columns)],
                                         abs=1e-5)
         assert rewards != pytest.approx([naive_reward(policy, row) for row in rows_of(columns)], abs=1e-5)
 

@@ -9,13 +9,15 @@ import sys
 import pytest
 
 from conftest import ROOT
+from tiny_qwen_vl import FAMILIES
 
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
 
 
 def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', env_extra=None):
     cmd = [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
-           '--model_type', model_type, '--template', model_type, '--check_model', 'false', '--use_vllm', 'false',
+           '--model_type', model_type, '--template', FAMILIES[model_type].template, '--check_model', 'false',
+           '--use_vllm', 'false',
            '--external_plugins', PLUGIN, '--reward_funcs', 'ddapo_attention', '--dataset', dataset,
            '--tuner_type', 'lora', '--torch_dtype', 'float32', '--num_generations', '2',
            '--per_device_train_batch_size', '4', '--max_completion_length', '8', '--logging_steps', '1',
@@ -105,6 +107,29 @@ class TestSwiftRlhfGrpo:
         text = open(reports[0]).read()
         assert text.count('## step ') >= 2 and 'm^V per generated token:' in text
         assert glob.glob(os.path.join(os.path.dirname(reports[0]), '*_image0.png'))
+
+
+class TestModelFamilies:
+    """One short real run per family added after Qwen2-VL / Qwen2.5-VL (the suite's other runs cover those): Qwen3-VL
+    dense and MoE, Qwen3.5 dense and MoE (hybrid: three Gated DeltaNet and three softmax-attention layers, L_att =
+    decoder layers 1, 3, 5). The reward is logged, finite and not constant, the capture covers exactly L_att, and the
+    layer-third metrics are logged with the decoder layers they read named in the log."""
+
+    @pytest.mark.parametrize('model_type', ['qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe'])
+    def test_family(self, model_type, tiny_model_dir, shapes_dataset, tmp_path):
+        result = swift_rlhf(tiny_model_dir(model_type), shapes_dataset, str(tmp_path), '--max_steps', '3',
+                            model_type=model_type)
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-5000:]
+        hybrid = model_type.startswith('qwen3_5')
+        assert ('[DDAPO_DEBUG] layers captured: 3 of 3, the attention layers L_att = decoder layers [1, 3, 5] '
+                '(3 of 6, counted from 0); thirds of L_att: early = [1], middle = [3], late = [5]' in log) == hybrid, log
+        assert ('[DDAPO_DEBUG] layers captured: 4 of 4, the attention layers L_att = decoder layers [0, 1, 2, 3]'
+                in log) != hybrid
+        records, means = logged_means(str(tmp_path))
+        assert len(means) == 3 and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
+        assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
+        assert all({'ddapo/early/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r) for r in records if 'ddapo/M_V/mean' in r)
 
 
 def final_adapter(output_dir):

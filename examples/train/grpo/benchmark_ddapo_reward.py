@@ -103,7 +103,7 @@ def build_inputs(model, prompt_tokens: int, completion_tokens: int, group: int, 
         if 'mm_token_type_ids' in inspect.signature(rope_index).parameters:
             rope_args['mm_token_type_ids'] = kwargs['mm_token_type_ids'] = mm_types
         kwargs['position_ids'] = rope_index(**rope_args)[0]
-        key_sets = build_key_sets(ids, len(prompt), {IMAGE_TOKEN, VIDEO_TOKEN}, SPECIAL_IDS, IM_START, IM_END, ())
+        key_sets = build_key_sets(ids, len(prompt), {IMAGE_TOKEN, VIDEO_TOKEN}, SPECIAL_IDS)  # no system turn
         members.append((kwargs, len(prompt), completion_tokens, key_sets))
     return members, num_vision
 
@@ -157,8 +157,8 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
     device = model.device
     members, num_vision = build_inputs(model, prompt_tokens, completion_tokens, args.group, args.image_side[size],
                                        args.seed)
-    layers = layer_set(model.config.text_config.num_hidden_layers, 'last:8')
-    num_layers = model.config.text_config.num_hidden_layers
+    attention = list(range(model.config.text_config.num_hidden_layers))  # Qwen2.5-VL: every layer is attention
+    layers = layer_set(len(attention), 'last:8')
 
     def forward(**kwargs):
         with torch.no_grad():
@@ -176,7 +176,7 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
                 units = [[i] for i in range(len(batch))]
             captures = []
             for unit in units:
-                _, forward_capture, _ = captured_forward(forward, [batch[i] for i in unit], num_layers,
+                _, forward_capture, _ = captured_forward(forward, [batch[i] for i in unit], attention,
                                                          pack=len(unit) > 1)
                 captures += forward_capture.finish()
         return rewards_from_captures(captures, batch, layers)

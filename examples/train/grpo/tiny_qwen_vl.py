@@ -1,19 +1,23 @@
-"""Offline builders for a tiny random-weight Qwen2-VL / Qwen2.5-VL and a small image question set.
+"""Offline builders for tiny random-weight Qwen vision-language models and a small image question set.
 
 No hub is reachable in CI or on an air-gapped node, so the tests and the demo build their model
-here: a byte-level BPE tokenizer whose special tokens sit at the real Qwen ids (ms-swift hard-codes
-151643-151664), the real Qwen-VL processor classes, and a model with two tiny towers. Freshly
-initialised attention is almost uniform; ``qk_scale`` multiplies the language model's q/k
-projections so attention (and so the DDAPO reward) differs between samples.
+here, one per family ms-swift GRPO-trains (`FAMILIES`): Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE) and
+Qwen3.5 (dense and MoE; also what ms-swift loads for Qwen3.6 / 3.8), whose language model mixes Gated DeltaNet
+linear-attention layers with softmax-attention layers. Each build has a byte-level BPE tokenizer whose
+special tokens sit at the family's real ids (ms-swift's templates hard-code them: 151643 onwards for the
+Qwen2/3 vocabularies, 248044 onwards for Qwen3.5, whose image pad is 248056), the family's real processor
+classes, and a model with two tiny towers. Freshly initialised attention is almost uniform; ``qk_scale``
+multiplies the language model's q/k projections so attention (and so the DDAPO reward) differs between samples.
 
-    python examples/train/grpo/tiny_qwen_vl.py /tmp/tiny-qwen2_5_vl --model-type qwen2_5_vl
+    python examples/train/grpo/tiny_qwen_vl.py /tmp/tiny-qwen3_5 --model-type qwen3_5
 """
 import argparse
 import json
 import os
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
 
-QWEN_SPECIAL_TOKENS = [  # id 151643 onwards, in Qwen's order; the flag is Qwen2.5's `special`
+QWEN2_SPECIAL_TOKENS = [  # from the family's first special id onwards, in Qwen's order; the flag is `special`
     ('<|endoftext|>', True), ('<|im_start|>', True), ('<|im_end|>', True), ('<|object_ref_start|>', True),
     ('<|object_ref_end|>', True), ('<|box_start|>', True), ('<|box_end|>', True), ('<|quad_start|>', True),
     ('<|quad_end|>', True), ('<|vision_start|>', True), ('<|vision_end|>', True), ('<|vision_pad|>', True),
@@ -21,15 +25,74 @@ QWEN_SPECIAL_TOKENS = [  # id 151643 onwards, in Qwen's order; the flag is Qwen2
     ('<|fim_prefix|>', False), ('<|fim_middle|>', False), ('<|fim_suffix|>', False), ('<|fim_pad|>', False),
     ('<|repo_name|>', False), ('<|file_sep|>', False)
 ]
-FIRST_SPECIAL_ID = 151643
-VOCAB_SIZE = 151680  # >= 151665, a multiple of 16 like Qwen's padded vocab
+# Qwen3 and Qwen3.5 add these after the Qwen2 list; as in their tokenizers, <think> is not marked special
+QWEN3_SPECIAL_TOKENS = QWEN2_SPECIAL_TOKENS + [('<tool_response>', False), ('</tool_response>', False),
+                                               ('<think>', False), ('</think>', False)]
 CORPUS = ('You are a helpful assistant. What colour is the shape in the picture? Which shape is drawn? '
           'The answer is red green blue yellow circle square triangle. Think step by step. <think> </think> '
           '<answer> </answer> system user assistant image video describe count how many left right top bottom ')
 
 
-def build_tokenizer(path: str):
-    """A Qwen2 tokenizer with a tiny byte-level BPE, padded to the Qwen special-token ids."""
+@dataclass(frozen=True)
+class Family:
+    """What a tiny build of one ms-swift ``model_type`` needs: ids, classes and the family-specific config."""
+    first_special_id: int  # <|endoftext|>; the other specials follow in `special_tokens` order
+    vocab_size: int
+    special_tokens: List[Tuple[str, bool]]
+    classes: Tuple[str, str, str]  # config, model, processor class names in transformers
+    patch_size: int
+    template: str  # ms-swift's --template for the family
+    text: Dict[str, Any] = field(default_factory=dict)  # added to (or replacing) the shared tiny text config
+    vision: Dict[str, Any] = field(default_factory=dict)
+    drop_vision: Tuple[str, ...] = ()  # shared tiny vision keys the family's vision config does not take
+
+    def special_id(self, token: str) -> int:
+        return self.first_special_id + [t for t, _ in self.special_tokens].index(token)
+
+
+_QWEN3_VISION = dict(num_position_embeddings=64, deepstack_visual_indexes=[1], hidden_act='gelu_pytorch_tanh')
+_QWEN3_ROPE = {'rope_type': 'default', 'mrope_section': [2, 3, 3], 'mrope_interleaved': True, 'rope_theta': 5e6}
+# Qwen3.5: 6 layers, linear-attention (Gated DeltaNet) and softmax-attention alternating, so L_att = {2, 4, 6}
+_QWEN3_5_TEXT = dict(layer_types=['linear_attention', 'full_attention'] * 3, num_hidden_layers=6, head_dim=16,
+                     linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                     linear_num_key_heads=2, linear_num_value_heads=2,
+                     rope_parameters={'rope_type': 'default', 'mrope_section': [2, 1, 1], 'mrope_interleaved': True,
+                                      'rope_theta': 1e7, 'partial_rotary_factor': 0.5})
+_MOE = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+
+FAMILIES: Dict[str, Family] = {
+    'qwen2_vl': Family(151643, 151680, QWEN2_SPECIAL_TOKENS,
+                       ('Qwen2VLConfig', 'Qwen2VLForConditionalGeneration', 'Qwen2VLProcessor'), 14, 'qwen2_vl',
+                       vision=dict(mlp_ratio=2), drop_vision=('out_hidden_size', 'intermediate_size')),
+    'qwen2_5_vl': Family(151643, 151680, QWEN2_SPECIAL_TOKENS,
+                         ('Qwen2_5_VLConfig', 'Qwen2_5_VLForConditionalGeneration', 'Qwen2_5_VLProcessor'), 14, 'qwen2_5_vl',
+                         vision=dict(window_size=112, fullatt_block_indexes=[1], tokens_per_second=2),
+                         drop_vision=('embed_dim', )),
+    'qwen3_vl': Family(151643, 151936, QWEN3_SPECIAL_TOKENS,
+                       ('Qwen3VLConfig', 'Qwen3VLForConditionalGeneration', 'Qwen3VLProcessor'), 16, 'qwen3_vl',
+                       text=dict(head_dim=16, rope_parameters=_QWEN3_ROPE), vision=_QWEN3_VISION,
+                       drop_vision=('embed_dim', )),
+    'qwen3_vl_moe': Family(151643, 151936, QWEN3_SPECIAL_TOKENS,
+                           ('Qwen3VLMoeConfig', 'Qwen3VLMoeForConditionalGeneration', 'Qwen3VLProcessor'), 16,
+                           'qwen3_vl',
+                           text=dict(head_dim=16, rope_parameters=_QWEN3_ROPE, **_MOE), vision=_QWEN3_VISION,
+                           drop_vision=('embed_dim', )),
+    'qwen3_5': Family(248044, 248320, QWEN3_SPECIAL_TOKENS,
+                      ('Qwen3_5Config', 'Qwen3_5ForConditionalGeneration', 'Qwen3VLProcessor'), 16, 'qwen3_5',
+                      text=_QWEN3_5_TEXT, vision=dict(num_position_embeddings=64, hidden_act='gelu_pytorch_tanh'),
+                      drop_vision=('embed_dim', )),
+    'qwen3_5_moe': Family(248044, 248320, QWEN3_SPECIAL_TOKENS,
+                          ('Qwen3_5MoeConfig', 'Qwen3_5MoeForConditionalGeneration', 'Qwen3VLProcessor'), 16,
+                          'qwen3_5',
+                          text=dict(_QWEN3_5_TEXT, shared_expert_intermediate_size=32, **_MOE),
+                          vision=dict(num_position_embeddings=64, hidden_act='gelu_pytorch_tanh'),
+                          drop_vision=('embed_dim', )),
+}
+MODEL_TYPES = tuple(FAMILIES)
+
+
+def build_tokenizer(path: str, family: Family):
+    """A Qwen2 tokenizer with a tiny byte-level BPE, padded so the specials land on the family's real ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers import AddedToken
     from transformers import Qwen2TokenizerFast
@@ -42,62 +105,72 @@ def build_tokenizer(path: str):
     bpe.train_from_iterator([CORPUS] * 4, trainer=trainer)
     vocab: Dict[str, int] = bpe.get_vocab()
     merges: List = json.loads(bpe.to_str())['model']['merges']
-    for i in range(len(vocab), FIRST_SPECIAL_ID):  # unreachable fillers so the specials land on Qwen's ids
+    for i in range(len(vocab), family.first_special_id):  # unreachable fillers so the specials land on the real ids
         vocab[f'<|filler_{i}|>'] = i
     model = models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(' ')) for m in merges])
     full = Tokenizer(model)
     full.pre_tokenizer = bpe.pre_tokenizer
     full.decoder = bpe.decoder
-    full.add_tokens([AddedToken(tok, special=special, normalized=False) for tok, special in QWEN_SPECIAL_TOKENS])
+    full.add_tokens([AddedToken(tok, special=special, normalized=False) for tok, special in family.special_tokens])
     tokenizer = Qwen2TokenizerFast(
         tokenizer_object=full, eos_token='<|im_end|>', pad_token='<|endoftext|>', unk_token=None, bos_token=None)
-    assert tokenizer.convert_tokens_to_ids('<|image_pad|>') == 151655, 'special ids must match Qwen'
+    for token in ('<|image_pad|>', '<|video_pad|>', '<|vision_start|>'):
+        assert tokenizer.convert_tokens_to_ids(token) == family.special_id(token), f'{token} must sit at its real id'
     tokenizer.save_pretrained(path)
     return tokenizer
 
 
 def build_tiny_qwen_vl(path: str, model_type: str = 'qwen2_5_vl', seed: int = 0, qk_scale: float = 8.0,
                        num_layers: int = 4) -> str:
-    """Write a tiny random ``model_type`` ('qwen2_5_vl' or 'qwen2_vl') model, tokenizer and processor to ``path``.
+    """Write a tiny random ``model_type`` model (a key of `FAMILIES`), tokenizer and processor to ``path``.
 
-    Returns ``path``. Idempotent: an existing build (``config.json`` present) is reused.
+    ``num_layers`` is the decoder depth of the families without linear-attention layers (Qwen3.5 builds
+    always have 6: three Gated DeltaNet, three softmax attention). Returns ``path``. Idempotent: an existing
+    build (``config.json`` present) is reused.
     """
     import torch
+    import transformers
+    if model_type not in FAMILIES:
+        raise ValueError(f'model_type must be one of {", ".join(FAMILIES)}, got {model_type!r}')
     if os.path.exists(os.path.join(path, 'config.json')):
         return path
+    family = FAMILIES[model_type]
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(path)
-    text = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+    tokenizer = build_tokenizer(path, family)
+    first = family.first_special_id
+    text = dict(vocab_size=family.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True,
                 rope_parameters={'rope_type': 'default', 'mrope_section': [2, 3, 3], 'rope_theta': 1000000.0},
-                bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+                bos_token_id=first, eos_token_id=first + 2, pad_token_id=first)
+    text.update(family.text)
     vision = dict(depth=2, embed_dim=32, hidden_size=32, out_hidden_size=32, num_heads=2, intermediate_size=64,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    if model_type == 'qwen2_5_vl':
-        from transformers import (Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model,
-                                  Qwen2_5_VLProcessor as Processor)
-        vision.update(window_size=112, fullatt_block_indexes=[1], tokens_per_second=2)
-        vision.pop('embed_dim')
-    elif model_type == 'qwen2_vl':
-        from transformers import (Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model,
-                                  Qwen2VLProcessor as Processor)
-        vision.update(mlp_ratio=2)
-        vision.pop('out_hidden_size'), vision.pop('intermediate_size')
-    else:
-        raise ValueError(f'model_type must be qwen2_5_vl or qwen2_vl, got {model_type!r}')
-    config = Config(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                    vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True)
-    model = Model(config)
+                  patch_size=family.patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision.update(family.vision)
+    for key in family.drop_vision:
+        vision.pop(key)
+    config_class, model_class, processor_class = (getattr(transformers, name) for name in family.classes)
+    config = config_class(text_config=text, vision_config=vision, image_token_id=family.special_id('<|image_pad|>'),
+                          video_token_id=family.special_id('<|video_pad|>'),
+                          vision_start_token_id=family.special_id('<|vision_start|>'),
+                          vision_end_token_id=family.special_id('<|vision_end|>'), tie_word_embeddings=True)
+    model = model_class(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if 'visual' not in name and ('q_proj' in name or 'k_proj' in name):
                 param.mul_(qk_scale)
     model.save_pretrained(path)
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
-    Processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor).save_pretrained(path)
+    from transformers import Qwen2VLImageProcessor
+    pixels = (family.patch_size * 2)**2  # one merged vision token
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels * 4, max_pixels=pixels * 64,
+                                            patch_size=family.patch_size)
+    if model_type.startswith('qwen2'):
+        from transformers import Qwen2VLVideoProcessor as VideoProcessor
+    else:
+        from transformers import Qwen3VLVideoProcessor as VideoProcessor
+    video_processor = VideoProcessor(min_pixels=pixels * 4, max_pixels=pixels * 64, patch_size=family.patch_size)
+    processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                    video_processor=video_processor).save_pretrained(path)
     return path
 
 
@@ -148,7 +221,7 @@ def build_shapes_dataset(path: str, num_rows: int = 16, image_size: int = 112, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('path')
-    parser.add_argument('--model-type', default='qwen2_5_vl', choices=['qwen2_5_vl', 'qwen2_vl'])
+    parser.add_argument('--model-type', default='qwen2_5_vl', choices=MODEL_TYPES)
     parser.add_argument('--qk-scale', type=float, default=8.0)
     args = parser.parse_args()
     print(build_tiny_qwen_vl(args.path, args.model_type, qk_scale=args.qk_scale))

@@ -33,15 +33,15 @@ from swift.utils import get_logger
 
 from ddapo_capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture, captured_forward
 from ddapo_config import DDAPOConfig
-from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, step_metrics, weight_stats
+from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, segments, step_metrics, weight_stats
 from ddapo_formulas import (DDAPOScores, NotApplicable, gated_rewards, group_robust_rewards, layer_set, log_tdr,
                             sequence_scores, token_text_mass, token_weights)
 from ddapo_key_sets import KeySets, build_key_sets
 from ddapo_packing import shared_prompt_units
 from ddapo_report import ReportSample, ReportWriter, image_heatmaps
-from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, enable_token_weights,
-                         encode_completion, image_merge_size, model_spec, padding_row, policy_forward,
-                         processed_images, reward_rows, token_weight_store)
+from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, SystemTurnNotFound,
+                         SystemTurns, enable_token_weights, encode_completion, image_merge_size, model_spec,
+                         padding_row, policy_forward, processed_images, reward_rows, token_weight_store)
 
 logger = get_logger()
 
@@ -89,6 +89,7 @@ class DDAPOAttentionORM(ORM):
         logger.info(f'[DDAPO] ddapo_attention reward settings: {self.config.describe()}')
         self.gate = self._gate_reward(args) if self.config.reward == 'gated' else None
         self.spec: Optional[ModelSpec] = None
+        self.system_turns: Optional[SystemTurns] = None
         self.not_applicable: Counter = Counter()
         self.unweighted: Counter = Counter()  # outputs with a reward but no token weights, by reason
         self.last_metrics: Dict[str, float] = {}
@@ -99,10 +100,12 @@ class DDAPOAttentionORM(ORM):
         """Called by the patched trainer once its rewards exist: validate the policy model (and, with
         DDAPO_TOKEN_WEIGHTS=1, that the trainer can take token weights) at start."""
         self.spec = model_spec(trainer)
+        self.system_turns = SystemTurns(trainer.template)
+        self.system_turns.check()
         if self.config.token_weights:
             enable_token_weights(trainer)
-        logger.info(f'[DDAPO] policy model: {self.spec.num_layers} language-model layers, vision token ids '
-                    f'{sorted(self.spec.vision_token_ids)}')
+        logger.info(f'[DDAPO] policy model {self.spec.model_type}: {self.spec.num_layers} decoder layers, '
+                    f'{self._layers_note()}; vision token ids {sorted(self.spec.vision_token_ids)}')
 
     def __call__(self, completions: List[str], **kwargs) -> List[Optional[float]]:
         trainer = kwargs.get('trainer')
@@ -112,7 +115,7 @@ class DDAPOAttentionORM(ORM):
             self.on_trainer_init(trainer)
         mode = 'train' if trainer.model.training else 'eval'
         report_slots = self._report_slots(trainer)
-        layers = layer_set(self.spec.num_layers, self.config.layers)
+        layers = layer_set(len(self.spec.attention_layers), self.config.layers)  # positions in L_att
         with policy_forward(trainer, self._implementation) as (forward, report):
             prepared = [self._prepare(trainer, row) for row in reward_rows(kwargs, len(completions))]
             runnable = [p for p in prepared if isinstance(p, _Prepared)]
@@ -183,11 +186,13 @@ class DDAPOAttentionORM(ORM):
         """Encode one row and find its key sets: a `_Prepared`, or a `_Scored` None when it cannot be encoded."""
         spec = self.spec
         try:
-            encoded = encode_completion(trainer, row)
+            encoded = encode_completion(trainer, row, self.system_turns)
         except GeneratedIdsMismatch as error:
             return self._none('generated_ids_mismatch', str(error))
+        except SystemTurnNotFound as error:
+            return self._none('system_turn_not_found', str(error))
         key_sets = build_key_sets(encoded.input_ids, encoded.prompt_len, spec.vision_token_ids, spec.special_ids,
-                                  spec.im_start_id, spec.im_end_id, spec.system_role_ids)
+                                  encoded.system_turn)
         return _Prepared(row, encoded, key_sets)
 
     @staticmethod
@@ -208,8 +213,10 @@ class DDAPOAttentionORM(ORM):
 
     def _forward_units(self, runnable: List['_Prepared']) -> List[List['_Prepared']]:
         """The forwards of this call: one per output (``eager``, ``rows``), or one per prompt (``shared``): outputs
-        whose encodings share the prompt (ids and images) go together, up to ``DDAPO_PACK_TOKENS`` tokens each."""
-        if self.config.attention != 'shared':
+        whose encodings share the prompt (ids and images) go together, up to ``DDAPO_PACK_TOKENS`` tokens each.
+        A hybrid model (linear-attention layers) runs one output per forward under ``shared`` too: a linear layer
+        carries its state along the whole sequence, so no mask can keep one packed output from seeing another."""
+        if self.config.attention != 'shared' or self.spec.hybrid:
             return [[item] for item in runnable]
         members = [(u.encoded.forward_kwargs, u.encoded.prompt_len, u.encoded.num_generated) for u in runnable]
         return [[runnable[i] for i in unit] for unit in shared_prompt_units(members, self.config.pack_tokens)]
@@ -221,7 +228,7 @@ class DDAPOAttentionORM(ORM):
         members = [(u.encoded.forward_kwargs, u.encoded.prompt_len, u.encoded.num_generated, u.key_sets) for u in unit]
         try:
             # shared: a lone output keeps its plain causal sequence (sdpa's fastest kernel)
-            outputs, captures, length = captured_forward(forward, members, spec.num_layers, pack=len(unit) > 1,
+            outputs, captures, length = captured_forward(forward, members, spec.attention_layers, pack=len(unit) > 1,
                                                          key_attention=[u.want_report for u in unit])
         except torch.OutOfMemoryError as error:
             gc.collect()
@@ -234,10 +241,12 @@ class DDAPOAttentionORM(ORM):
             return {id(u): self._none('out_of_memory', detail) for u in unit}
         if not captures.complete:
             self._log_debug(unit[0].encoded, unit[0].key_sets, report, outputs, captures, None, layers, None)
-            raise RuntimeError(f'ddapo_attention captured {len(set(captures.layers_seen))} of {spec.num_layers} '
-                               'language-model layers: the model did not run its attention through the '
-                               f'{self._implementation!r} attention function. This model is not supported; see the '
-                               '[DDAPO_DEBUG] lines above.')
+            raise RuntimeError(f'ddapo_attention captured {len(set(captures.layers_seen) & set(spec.attention_layers))} '
+                               f'of {len(spec.attention_layers)} attention layers (decoder layers '
+                               f'{sorted(set(captures.layers_seen))} ran through it, L_att is '
+                               f'{list(spec.attention_layers)}): the model did not run the attention of exactly its '
+                               f'softmax-attention layers through the {self._implementation!r} attention function. '
+                               'This model is not supported; see the [DDAPO_DEBUG] lines above.')
         return {id(u): self._score(trainer, u, capture, report, outputs, captures, layers, length)
                 for u, capture in zip(unit, captures.finish())}
 
@@ -345,7 +354,15 @@ class DDAPOAttentionORM(ORM):
             step = getattr(getattr(trainer, 'state', None), 'global_step', 0)
             self._last_report_step = step
             ReportWriter(os.path.join(trainer.args.output_dir, 'ddapo')).write_step(
-                step, mode, self.last_metrics, samples)
+                step, mode, self.last_metrics, samples, self._layers_note())
+
+    def _layers_note(self) -> str:
+        """Which decoder layers (0-based ``layer_idx``) are ``L_att`` and its thirds (the ``ddapo/<third>/M_V`` metrics)."""
+        spec = self.spec
+        n = len(spec.attention_layers)
+        thirds = ', '.join(f'{name} = {spec.decoder_layers(layer_set(n, name))}' for name in segments(n)[1:])
+        return (f'attention layers L_att = decoder layers {list(spec.attention_layers)} ({n} of {spec.num_layers}, '
+                'counted from 0)' + (f'; thirds of L_att: {thirds}' if thirds else ''))
 
     def _log_debug(self, encoded: EncodedCompletion, key_sets: KeySets, report: ForwardReport, outputs,
                    captures: ForwardCapture, length: Optional[int], layers: List[int],
@@ -370,9 +387,11 @@ class DDAPOAttentionORM(ORM):
             f'is_gradient_checkpointing before the reward forward: {report.gradient_checkpointing} (disabled during it)',
             f'output type: {type(outputs).__name__}; outputs.attentions: '
             f'{"None" if attentions is None else f"{type(attentions).__name__} of {len(attentions)}"}',
-            f'layers captured: {len(set(captures.layers_seen))} of {self.spec.num_layers}; layers read (Lambda, '
-            f'DDAPO_LAYERS={self.config.layers}): '
-            f'{layers}',
+            f'layers captured: {len(set(captures.layers_seen) & set(self.spec.attention_layers))} of '
+            f'{len(self.spec.attention_layers)}, the {self._layers_note()}; layers read (Lambda, '
+            f'DDAPO_LAYERS={self.config.layers}): decoder layers {self.spec.decoder_layers(layers)}'
+            + ('; shared packing off: linear-attention layers carry state along the whole sequence, one output per '
+               'forward' if self.spec.hybrid and self.config.attention == 'shared' else ''),
             f'first sample: P={encoded.prompt_len}, |o_i|={encoded.num_generated}, |T|={key_sets.num_text_keys}, '
             f'|V|={key_sets.num_vision_keys}, ' +
             (f'TDR={scores.tdr:.4f}, R^bal={scores.reward_balance:.4f}' if scores else 'reward not applicable'),

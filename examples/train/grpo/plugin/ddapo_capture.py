@@ -14,7 +14,8 @@ rows to the active `LayerCapture` as soon as a layer has computed them, so no ma
 
 transformers reads ``text_config._attn_implementation`` at every forward, and the vision tower reads
 its own ``vision_config``: switching the text config switches the language model alone, so only
-its layers are captured.
+its layers are captured. In hybrid models (Qwen3.5) only the softmax-attention layers ``L_att`` call an
+attention function; their linear-attention (Gated DeltaNet) layers never do, and have nothing to capture.
 """
 import sys
 from contextlib import contextmanager
@@ -36,27 +37,33 @@ ROW_CHUNK_ELEMENTS = 1 << 24  # scores per chunk of rows (heads x rows x keys): 
 
 
 class LayerCapture:
-    """Collects, for one output ``o_i`` during one forward, per language-model layer: the Eq. (1) sums
-    ``masses [L, |o_i|, 2]`` and the per-key attention ``key_attention [L, P]`` (`layer_key_attention`).
+    """Collects, for one output ``o_i`` during one forward, per attention layer of ``L_att`` (in depth order; the
+    decoder-layer indices are ``attention_layers``): the Eq. (1) sums ``masses [|L_att|, |o_i|, 2]`` and the per-key
+    attention ``key_attention [|L_att|, P]`` (`layer_key_attention`). Linear-attention layers have no ``alpha``
+    and no slot.
 
     ``rows`` are the 0-based positions ``s_{i,t} - 1`` of the generated tokens in the forward's sequence
     (batch element ``batch_index``); the key sets are cut to the prompt ``[0, P)``, which holds all of
     ``T`` and ``V``. Sums stay on the model's device until `finish`.
     """
 
-    def __init__(self, key_sets: KeySets, prompt_len: int, rows: range, num_layers: int, batch_index: int = 0,
-                 keep_key_attention: bool = True):
+    def __init__(self, key_sets: KeySets, prompt_len: int, rows: range, attention_layers: Sequence[int],
+                 batch_index: int = 0, keep_key_attention: bool = True):
         self.keep_key_attention = keep_key_attention  # only the report reads it: skipped otherwise, to save time
         self.text_keys = key_sets.text_keys[:prompt_len]
         self.vision_keys = key_sets.vision_keys[:prompt_len]
-        self.rows, self.batch_index, self.num_layers = rows, batch_index, num_layers
+        self.rows, self.batch_index = rows, batch_index
+        self.slot = {layer: i for i, layer in enumerate(attention_layers)}  # decoder layer_idx -> row of masses
+        num_layers = len(self.slot)
         self.masses = torch.full((num_layers, len(rows), 2), torch.nan, dtype=torch.float32)
         self.key_attention = torch.zeros((num_layers, prompt_len), dtype=torch.float32)
         self._key_rows = torch.zeros(num_layers, dtype=torch.float32)
         self._device: Optional[torch.device] = None
 
     def record(self, layer_idx: int, head_mean: torch.Tensor, first_row: int = 0) -> None:
-        """``head_mean``: ``[c, S_k]`` head-averaged probabilities of rows ``first_row .. first_row + c - 1``."""
+        """``head_mean``: ``[c, S_k]`` head-averaged probabilities of rows ``first_row .. first_row + c - 1`` of the
+        decoder layer ``layer_idx`` (an attention layer of ``L_att``)."""
+        layer_idx = self.slot[layer_idx]
         if self._device is None:  # one host-to-device copy per output, not one per layer (each would synchronise)
             self._device = head_mean.device
             self.masses, self.key_attention, self._key_rows, self.text_keys, self.vision_keys = (
@@ -81,15 +88,16 @@ class LayerCapture:
 
 
 class ForwardCapture:
-    """The `LayerCapture` of every output in one forward, and the layers that ran through a DDAPO attention."""
+    """The `LayerCapture` of every output in one forward, and the decoder layers that ran through a DDAPO attention."""
 
-    def __init__(self, captures: Sequence[LayerCapture], num_layers: int):
-        self.captures, self.num_layers = list(captures), num_layers
+    def __init__(self, captures: Sequence[LayerCapture], attention_layers: Sequence[int]):
+        self.captures, self.attention_layers = list(captures), list(attention_layers)
         self.layers_seen: List[int] = []
 
     @property
     def complete(self) -> bool:
-        return sorted(set(self.layers_seen)) == list(range(self.num_layers))
+        """Exactly the attention layers ``L_att`` ran through the DDAPO attention, each of them."""
+        return sorted(set(self.layers_seen)) == sorted(self.attention_layers)
 
     def finish(self) -> List[LayerCapture]:
         return [capture.finish() for capture in self.captures]
@@ -110,13 +118,19 @@ def _eager_attention_of(module: torch.nn.Module):
     return _EAGER_BY_MODULE[name]
 
 
+def _seen(active: ForwardCapture, module: torch.nn.Module) -> bool:
+    """Note that ``module``'s layer ran through a DDAPO attention; whether it is one of ``L_att`` to capture (a layer
+    outside it is noted, so the completeness check fails instead of reading it)."""
+    active.layers_seen.append(module.layer_idx)
+    return module.layer_idx in active.captures[0].slot if active.captures else False
+
+
 def ddapo_eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: Optional[torch.Tensor], **kwargs):
     """Eager attention that also hands the captured rows of the layer's probabilities to the active captures."""
     attn_output, attn_weights = _eager_attention_of(module)(module, query, key, value, attention_mask, **kwargs)
     active = _ACTIVE.get()
-    if active is not None:
-        active.layers_seen.append(module.layer_idx)
+    if active is not None and _seen(active, module):
         offset = key.shape[2] - query.shape[2]
         for capture in active.captures:
             rows = slice(capture.rows.start - offset, capture.rows.stop - offset)
@@ -162,8 +176,7 @@ def ddapo_rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     """sdpa for the layer's output; `eager_rows` for the captured rows, chunked, handed to the active captures."""
     attn_output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     active = _ACTIVE.get()
-    if active is not None:
-        active.layers_seen.append(module.layer_idx)
+    if active is not None and _seen(active, module):
         scaling = kwargs.get('scaling') or query.shape[-1] ** -0.5
         offset = key.shape[2] - query.shape[2]
         chunk = max(1, ROW_CHUNK_ELEMENTS // (query.shape[1] * key.shape[2]))
@@ -230,8 +243,8 @@ def language_attention(config, keys: Sequence[str], implementation: str = EAGER_
                 setattr(cfg, key, value)
 
 
-def captured_forward(forward, members: Sequence[Tuple[Dict[str, Any], int, int, KeySets]], num_layers: int,
-                     pack: bool, key_attention: Optional[Sequence[bool]] = None) -> Tuple[Any, ForwardCapture, int]:
+def captured_forward(forward, members: Sequence[Tuple[Dict[str, Any], int, int, KeySets]],
+                     attention_layers: Sequence[int], pack: bool, key_attention: Optional[Sequence[bool]] = None) -> Tuple[Any, ForwardCapture, int]:
     """One forward for one or several outputs, each given as ``(forward kwargs, P, |o_i|, key sets)``.
 
     ``pack``: the outputs share their prompt and run as ``[q ; o_1 ; ... ; o_G]`` (`pack_shared_prompt`);
@@ -247,8 +260,8 @@ def captured_forward(forward, members: Sequence[Tuple[Dict[str, Any], int, int, 
     else:
         raise ValueError(f'{len(members)} outputs in one forward need pack=True')
     keep = key_attention or [False] * len(members)
-    captures = ForwardCapture([LayerCapture(m[3], m[1], r, num_layers, keep_key_attention=k)
-                               for m, r, k in zip(members, rows, keep)], num_layers)
+    captures = ForwardCapture([LayerCapture(m[3], m[1], r, attention_layers, keep_key_attention=k)
+                               for m, r, k in zip(members, rows, keep)], attention_layers)
     with capturing(captures):
         outputs = forward(**kwargs)
     return outputs, captures, int(kwargs['input_ids'].shape[-1])

@@ -1,4 +1,4 @@
-"""DDAPO attention-balance formulas, Eq. (1)-(10) of the DDAPO notation (docs: ../shared/ddapo_method.md).
+"""DDAPO attention-balance formulas, Eq. (1)-(11) of the DDAPO notation (docs/notation.md in this repository).
 
 Pure tensor functions: no ms-swift, no model. The data flow is
 
@@ -168,11 +168,15 @@ def sequence_scores(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: i
 
 
 def layer_set(num_layers: int, spec: str = 'last:8') -> List[int]:
-    """The layers ``Lambda`` read, as 0-based indices: ``last:K`` (all when ``L < K``), ``all``, or a third.
+    """The layers ``Lambda`` read, as 0-based positions in the attention layers ``L_att`` (``num_layers = |L_att|``,
+    which is ``L`` in a model without linear-attention layers): ``last:K`` (all when ``|L_att| < K``), ``all``, or a
+    third.
 
-    Thirds per the notation (layers numbered from 1): ``early = 1..floor(L/3)``,
-    ``middle = floor(L/3)+1..floor(2L/3)``, ``late = floor(2L/3)+1..L``.
-    Example: ``L = 28``: ``last:8`` is ``[20..27]``, ``early`` is ``[0..8]``, ``late`` is ``[18..27]``.
+    Thirds per the notation (attention layers numbered from 1, ``n = |L_att|``): ``early = 1..floor(n/3)``,
+    ``middle = floor(n/3)+1..floor(2n/3)``, ``late = floor(2n/3)+1..n``.
+    Example: ``n = 28``: ``last:8`` is ``[20..27]``, ``early`` is ``[0..8]``, ``late`` is ``[18..27]``; Qwen3.5-27B
+    (64 decoder layers, every fourth softmax attention, ``n = 16``): ``last:8`` is positions ``[8..15]``, the decoder
+    layers ``[35, 39, ..., 63]``.
     """
     if num_layers <= 0:
         raise ValueError(f'num_layers must be positive, got {num_layers}')

@@ -1,13 +1,14 @@
-"""The key sets ``T`` (text_keys) and ``V`` (vision_keys) of the DDAPO notation, section 2.
+"""The key sets ``T`` (text_keys) and ``V`` (vision_keys) of the DDAPO notation (docs/notation.md, section 2).
 
 Pure functions of token ids: ``V`` is every prompt position holding an image or video placeholder
 id of the model config; ``T`` is every other prompt position minus the tokenizer's special tokens and
-minus the system turn (from the first ``<|im_start|>`` through its ``<|im_end|>`` when its role is
-``system``). Positions at or after ``prompt_len`` (the generated tokens and anything the template
-appends) are in neither set.
+minus the system turn. The system turn is found the way the chat template builds it
+(`inserted_span`: the tokens the template adds when it renders the system message, found by the
+adapter from two renderings of the same probe), never by assuming a chat format. Positions at or after
+``prompt_len`` (the generated tokens and anything the template appends) are in neither set.
 """
 from dataclasses import dataclass
-from typing import Collection, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
 
@@ -27,41 +28,58 @@ class KeySets:
         return int(self.vision_keys.sum())
 
 
-def system_turn_span(input_ids: Sequence[int], im_start_id: int, im_end_id: int,
-                     system_role_ids: Sequence[int]) -> range:
-    """Positions of the system turn, ``<|im_start|>system ... <|im_end|>`` inclusive, or an empty range.
+def inserted_span(with_system: Sequence[int], without_system: Sequence[int],
+                  blank_ids: Collection[int] = ()) -> Optional[range]:
+    """Where ``with_system`` holds a block of tokens that ``without_system`` lacks: the system turn, when the two
+    are the template's renderings of the same conversation with and without its system message.
 
-    Only the first turn can be the system turn. Example (ids as words):
-    ``[<s>, system, \\n, Hi, </s>, \\n, <s>, user, ...]`` gives ``range(0, 5)``.
+    The block is taken as far left as the two sequences allow (so a turn marker shared by the system turn and the
+    next turn goes with the system turn), and tokens of ``blank_ids`` (separators that only hold whitespace, such
+    as the newline after ChatML's ``<|im_end|>``) are trimmed from both ends: the notation counts newlines as
+    text. Returns ``range(0)`` when the renderings are equal (no system turn), and ``None`` when
+    ``with_system`` is not ``without_system`` with one block inserted (the system turn cannot be located).
+
+    >>> S, E, NL = 100, 101, 8  # <|im_start|>, <|im_end|>, newline; system=5, Hi=9, user=6
+    >>> inserted_span([S, 5, NL, 9, E, NL, S, 6, NL], [S, 6, NL], blank_ids={NL})
+    range(0, 5)
+    >>> inserted_span([S, 6, NL], [S, 6, NL]), inserted_span([S, 7, NL], [S, 6, NL]) is None
+    (range(0, 0), True)
     """
-    ids = list(input_ids)
-    if im_start_id not in ids:
-        return range(0)
-    start = ids.index(im_start_id)
-    role = ids[start + 1:start + 1 + len(system_role_ids)]
-    if not system_role_ids or role != list(system_role_ids):
-        return range(0)
-    try:
-        end = ids.index(im_end_id, start + 1)
-    except ValueError:
-        return range(0)
-    return range(start, end + 1)
+    with_system, without_system = list(with_system), list(without_system)
+    extra = len(with_system) - len(without_system)
+    if extra < 0:
+        return None
+    suffix = 0
+    while suffix < len(without_system) and with_system[-1 - suffix] == without_system[-1 - suffix]:
+        suffix += 1
+    start = len(without_system) - suffix
+    if with_system[:start] != without_system[:start]:
+        return None
+    stop = start + extra
+    while start < stop and with_system[start] in blank_ids:
+        start += 1
+    while stop > start and with_system[stop - 1] in blank_ids:
+        stop -= 1
+    return range(start, stop) if stop > start else range(0)
 
 
 def build_key_sets(input_ids: Sequence[int], prompt_len: int, vision_token_ids: Collection[int],
-                   special_ids: Collection[int], im_start_id: int, im_end_id: int,
-                   system_role_ids: Sequence[int]) -> KeySets:
-    """``T`` and ``V`` for one sequence (notation section 2).
+                   special_ids: Collection[int], system_turn: range = range(0)) -> KeySets:
+    """``T`` and ``V`` for one sequence (notation section 2); ``system_turn``: the system turn's positions.
 
-    Example: ids ``[<s>, system, \\n, Hi, </s>, <s>, user, <img>, <img>, What, </s>, <s>, assistant, Red]``
-    with ``prompt_len = 13`` give ``V = {7, 8}`` and ``T = {6, 9, 12}`` (``user``, ``What``, ``assistant``):
-    special tokens and the system turn are dropped, the generated ``Red`` is not a key.
+    Example (ids as words): ``[<s>, system, \\n, Hi, </s>, <s>, user, <img>, <img>, What, </s>, <s>, assistant,
+    Red]`` with ``prompt_len = 13`` and the system turn at ``range(0, 5)`` gives ``V = {7, 8}`` and
+    ``T = {6, 9, 12}`` (``user``, ``What``, ``assistant``): special tokens and the system turn are dropped, the
+    generated ``Red`` is not a key.
+
+    >>> ks = build_key_sets([100, 5, 8, 9, 101, 100, 6, 50, 50, 10, 101, 100, 7, 11], 13, {50}, {100, 101}, range(0, 5))
+    >>> torch.nonzero(ks.vision_keys).flatten().tolist(), torch.nonzero(ks.text_keys).flatten().tolist()
+    ([7, 8], [6, 9, 12])
     """
     ids = torch.as_tensor(list(input_ids), dtype=torch.long)
     in_prompt = torch.arange(ids.numel()) < prompt_len
     vision = in_prompt & torch.isin(ids, torch.as_tensor(sorted(vision_token_ids), dtype=torch.long))
     special = torch.isin(ids, torch.as_tensor(sorted(special_ids), dtype=torch.long))
     text = in_prompt & ~vision & ~special
-    span = system_turn_span(input_ids[:prompt_len], im_start_id, im_end_id, system_role_ids)
-    text[span.start:span.stop] = False
+    text[system_turn.start:system_turn.stop] = False
     return KeySets(text_keys=text, vision_keys=vision)

@@ -108,9 +108,13 @@ class ReportWriter:
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, 'report.md')
 
-    def write_step(self, step: int, mode: str, metrics: Dict[str, float], samples: List[ReportSample]) -> List[str]:
-        """Returns the paths of the pictures written."""
-        lines = [f'## step {step} ({mode})', '', '| metric | value |', '| --- | --- |']
+    def write_step(self, step: int, mode: str, metrics: Dict[str, float], samples: List[ReportSample],
+                   layers_note: str = '') -> List[str]:
+        """Returns the paths of the pictures written. ``layers_note``: which decoder layers the layer metrics read."""
+        lines = [f'## step {step} ({mode})', '']
+        if layers_note:
+            lines += [layers_note, '']
+        lines += ['| metric | value |', '| --- | --- |']
         lines += [f'| `{k}` | {v:.4g} |' for k, v in sorted(metrics.items())]
         pictures = []
         for k, sample in enumerate(samples):

@@ -1,7 +1,10 @@
-"""Everything the DDAPO reward needs from ms-swift, in one place.
+"""Everything the DDAPO reward needs from ms-swift, in one place, and the model-family specifics.
 
+    policy model      --model_spec---------> vision token ids, special ids, the attention layers L_att read from
+                                             the config's layer types (softmax attention only), family check
+    trainer template  --SystemTurns--------> where the template renders the system turn (default system included)
     reward kwargs row --encode_completion--> the trainer's template encoding of [q ; o_i], exact
-                                             generated ids, prompt_len P, collated forward kwargs
+                                             generated ids, prompt_len P, the system turn, collated forward kwargs
     trainer           --policy_forward-----> no-grad eval forwards of the policy model with the
                                              language model's attention on a DDAPO implementation
                                              (ddapo_capture), every piece of state it touches restored on exit
@@ -9,6 +12,7 @@
                                              patch swift_patches/grpo_token_weights.py multiplies into the
                                              per-token advantages
 """
+import json
 import random
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -22,9 +26,16 @@ from swift.trainers.utils import disable_gradient_checkpointing
 from swift.utils import to_device
 
 from ddapo_capture import EAGER_ATTENTION, attention_settings, language_attention, language_config
+from ddapo_key_sets import inserted_span
 
 TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swift/pipelines/train/rlhf.py)
 NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state'})
+# Layer types (transformers' `layer_types` vocabulary) whose token mixing is softmax attention: the layers L_att.
+# Everything else (linear_attention: Gated DeltaNet, Mamba; conv; ...) has no attention probabilities to read.
+SOFTMAX_LAYER_TYPES = ('full_attention', 'sliding_attention', 'chunked_attention')
+# The families whose key sets, system turn, capture and GRPO runs are verified (README, "Supported models");
+# HF config model_type, which is also ms-swift's model_type for these.
+SUPPORTED_MODEL_TYPES = ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe')
 
 
 @dataclass(frozen=True)
@@ -33,10 +44,31 @@ class ModelSpec:
     vision_token_ids: FrozenSet[int]  # image_token_id, video_token_id of the model config
     image_token_id: Optional[int]
     special_ids: FrozenSet[int]
-    im_start_id: int
-    im_end_id: int
-    system_role_ids: Tuple[int, ...]
     num_layers: int  # L, the language model's decoder layers
+    attention_layers: Tuple[int, ...] = ()  # L_att: 0-based decoder-layer indices of the softmax-attention layers
+    model_type: str = ''
+
+    @property
+    def hybrid(self) -> bool:
+        """Some decoder layers are not softmax attention (linear attention mixes the whole sequence recurrently)."""
+        return len(self.attention_layers) < self.num_layers
+
+    def decoder_layers(self, slots: Sequence[int]) -> List[int]:
+        """Decoder-layer indices (0-based ``layer_idx``) of positions ``slots`` in ``L_att``."""
+        return [self.attention_layers[i] for i in slots]
+
+
+def attention_layers(config) -> Tuple[int, ...]:
+    """``L_att``: the decoder layers whose token mixing is softmax attention, read from the language config's
+    ``layer_types`` (transformers' per-layer type list); every layer when the config has none.
+
+    Example: Qwen3.5's ``['linear_attention', 'linear_attention', 'linear_attention', 'full_attention', ...]``
+    gives ``(3, 7, ...)``; Qwen2.5-VL's all-``full_attention`` list gives every layer.
+    """
+    text = language_config(config)
+    num_layers = int(getattr(text, 'num_hidden_layers', 0) or 0)
+    layer_types = getattr(text, 'layer_types', None) or ['full_attention'] * num_layers
+    return tuple(i for i, kind in enumerate(layer_types[:num_layers]) if kind in SOFTMAX_LAYER_TYPES)
 
 
 def unwrap_policy(trainer) -> torch.nn.Module:
@@ -46,31 +78,46 @@ def unwrap_policy(trainer) -> torch.nn.Module:
 
 
 def model_spec(trainer) -> ModelSpec:
-    """Read and validate the policy's vision token ids, special tokens and layer count.
+    """Read and validate the policy's vision token ids, special tokens and attention layers ``L_att``.
 
-    Raises ValueError when the model config has no image/video token id (not a vision-language model).
+    Raises ValueError, at start, when the model config has no image/video token id (not a vision-language
+    model), when its family is not one of `SUPPORTED_MODEL_TYPES`, or when its language model has no
+    softmax-attention layer (nothing to read attention from).
     """
     model = unwrap_policy(trainer)
     config = model.config
+    supported = ', '.join(SUPPORTED_MODEL_TYPES)
     vision_ids = {getattr(config, k, None) for k in ('image_token_id', 'video_token_id')} - {None}
     if not vision_ids:
         raise ValueError(f'ddapo_attention needs a vision-language model: the config of {type(model).__name__} '
                          f'(model_type={config.model_type!r}) has no image_token_id or video_token_id, so the '
-                         "prompt's vision keys V cannot be found. Use Qwen2-VL or Qwen2.5-VL, or drop the reward.")
+                         f"prompt's vision keys V cannot be found. Use one of the supported families ({supported}), "
+                         'or drop the reward.')
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f'ddapo_attention supports the model families {supported}; this model is '
+                         f'{type(model).__name__} (model_type={config.model_type!r}), whose chat format, vision '
+                         'tokens and attention layers it has not been verified on. Train one of those families, or '
+                         'drop the reward.')
     tokenizer = trainer.template.tokenizer
     special = set(tokenizer.all_special_ids)
     special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     num_layers = getattr(language_config(config), 'num_hidden_layers', None)
     if not num_layers:
         raise ValueError(f'ddapo_attention cannot find num_hidden_layers on the language config of {type(model).__name__}')
+    layers = attention_layers(config)
+    if not layers:
+        kinds = sorted(set(getattr(language_config(config), 'layer_types', None) or []))
+        raise ValueError(f'ddapo_attention reads softmax attention probabilities, and the language model of '
+                         f'{type(model).__name__} has no softmax-attention layer (layer types {kinds}; attention '
+                         f'layers are {", ".join(SOFTMAX_LAYER_TYPES)}): there is no alpha to read. Drop the reward '
+                         'for this model.')
     return ModelSpec(
         vision_token_ids=frozenset(vision_ids),
         image_token_id=getattr(config, 'image_token_id', None),
         special_ids=frozenset(special),
-        im_start_id=tokenizer.convert_tokens_to_ids('<|im_start|>'),
-        im_end_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
-        system_role_ids=tuple(tokenizer.encode('system', add_special_tokens=False)),
         num_layers=int(num_layers),
+        attention_layers=layers,
+        model_type=config.model_type,
     )
 
 
@@ -96,19 +143,116 @@ class EncodedCompletion:
     num_generated: int  # |o_i|
     forward_kwargs: Dict[str, Any] = field(repr=False)
     labelled: bool = True  # every generated token carries a label, so it is a completion token of the GRPO loss
+    system_turn: range = range(0)  # positions of the system turn (SystemTurns), empty without one
 
 
 class GeneratedIdsMismatch(ValueError):
     """The template's encoding does not hold the generated ids right after the prompt."""
 
 
-def encode_completion(trainer, row: Dict[str, Any]) -> EncodedCompletion:
+class SystemTurnNotFound(ValueError):
+    """The template's encoding of a row does not hold its system turn where the template renders it."""
+
+
+PROBE_TEXT = 'DDAPO probe'
+
+
+class SystemTurns:
+    """Where the trainer's template renders the system turn, found the way the template builds it.
+
+    ms-swift's template renders the system message (the row's, or the default system it inserts, with tools and
+    model-specific instructions folded in) from ``Template._get_system``; with ``None`` there it renders no system
+    turn. Two renderings of a probe conversation, as is and with ``_get_system`` returning ``None``, differ by
+    exactly the system turn (`inserted_span`), whatever the chat format. The block is cached per distinct system
+    setting and checked token for token in every row's encoding: a row where it is not found gives None
+    (``system_turn_not_found``), never a system turn counted as text. `check` refuses, at start, a chat format
+    whose system turn cannot be located this way.
+    """
+
+    def __init__(self, template):
+        self.template = template
+        self._blocks: Dict[str, Tuple[int, Tuple[int, ...]]] = {}
+
+    def _render(self, system: Optional[str], extra: Dict[str, Any], drop_system: bool) -> List[int]:
+        messages = [{'role': 'system', 'content': system}] if system is not None else []
+        messages += [{'role': 'user', 'content': PROBE_TEXT}, {'role': 'assistant', 'content': PROBE_TEXT}]
+        template = self.template
+        saved = template.__dict__.get('_get_system')
+        if drop_system:
+            template._get_system = lambda inputs: None  # the instance attribute shadows the template class's method
+        try:
+            return list(template.encode({'messages': messages, **extra})['input_ids'])
+        finally:
+            if drop_system:
+                if saved is None:
+                    del template._get_system
+                else:
+                    template._get_system = saved
+
+    def block(self, system: Optional[str], extra: Optional[Dict[str, Any]] = None) -> Tuple[int, Tuple[int, ...]]:
+        """``(offset, ids)`` of the system turn the template renders for ``system`` (``None``: the template's
+        default) and the row settings ``extra`` (``tools``, ``chat_template_kwargs``); ``ids`` is empty without one.
+        Raises `SystemTurnNotFound` when the two renderings do not differ by one block."""
+        extra = {k: v for k, v in (extra or {}).items() if v}
+        key = json.dumps([system, extra], sort_keys=True, default=str)
+        if key not in self._blocks:
+            with_system, without = self._render(system, extra, False), self._render(system, extra, True)
+            decode = self.template.tokenizer.decode
+            blank = {t for t in set(with_system) if not decode([t]).strip()}
+            span = inserted_span(with_system, without, blank)
+            if span is None:
+                raise SystemTurnNotFound(
+                    f'the template {self.template.template_meta.template_type!r} renders the system message '
+                    'somewhere other than one block of the conversation, so its positions cannot be told from the '
+                    'text keys T')
+            self._blocks[key] = (span.start, tuple(with_system[span.start:span.stop]))
+        return self._blocks[key]
+
+    def span(self, row: Dict[str, Any], input_ids: Sequence[int]) -> range:
+        """The system turn's positions in ``input_ids``, the template's encoding of ``row``."""
+        messages = row.get('messages') or []
+        system = messages[0].get('content') if messages and messages[0].get('role') == 'system' else None
+        offset, ids = self.block(system, {'tools': row.get('tools'),
+                                          'chat_template_kwargs': row.get('chat_template_kwargs')})
+        if not ids:
+            return range(0)
+        if tuple(input_ids[offset:offset + len(ids)]) != ids:
+            raise SystemTurnNotFound(f'the encoding does not hold the {len(ids)}-token system turn the template '
+                                     f'renders at position {offset}')
+        return range(offset, offset + len(ids))
+
+    def check(self) -> None:
+        """At start: the system turn of an explicit system message, and of the template's default, can be located,
+        and the explicit one holds the system text. Raises ValueError naming the fix."""
+        meta = self.template.template_meta
+        probe = f'{PROBE_TEXT} system message.'
+        try:
+            with _template_state(self.template):
+                self.block(None)  # the template's default system (or none)
+                if not getattr(meta, 'support_system', True):
+                    return
+                offset, ids = self.block(probe)
+        except SystemTurnNotFound as error:
+            raise ValueError(f'ddapo_attention cannot locate the system turn: {error}. The text keys T must leave '
+                             'the system turn out (docs/notation.md); use a model family whose template renders '
+                             f'it as one block ({", ".join(SUPPORTED_MODEL_TYPES)}).') from None
+        if probe not in self.template.tokenizer.decode(list(ids)):
+            raise ValueError(f'ddapo_attention cannot locate the system turn of template {meta.template_type!r}: '
+                             'rendering it without the system message does not remove the system text (a jinja '
+                             'chat template, --template_backend jinja?). The text keys T must leave the system '
+                             "turn out (docs/notation.md); use ms-swift's own template backend (the default).")
+
+
+def encode_completion(trainer, row: Dict[str, Any], system_turns: Optional[SystemTurns] = None) -> EncodedCompletion:
     """Encode the prompt with the trainer's template followed by exactly ``response_token_ids``.
 
     ms-swift's own `encode_sample` does what the training forward does (response ids injected, never
     re-tokenised text); the template then appends ``<|im_end|>\\n``, so ``o_i`` is the ``|o_i|``
-    positions right after the prompt, the first labelled position. An empty completion encodes the
-    prompt with an empty answer (``|o_i| = 0``). The batch stays on the CPU until its forward.
+    positions right after the prompt, the first labelled position. A thinking template's response prefix
+    (``<think>`` and a newline, or an empty think block with thinking off) was prompt context during rollout:
+    `encode_sample` puts it before the generated ids without a label, so it is part of ``q``. An empty
+    completion encodes the prompt with an empty answer (``|o_i| = 0``). The batch stays on the CPU until its
+    forward. ``system_turns`` locates the system turn (raises `SystemTurnNotFound`).
     """
     template = trainer.template
     sample = GRPOSample.from_row(row)
@@ -127,7 +271,8 @@ def encode_completion(trainer, row: Dict[str, Any]) -> EncodedCompletion:
     batch.pop('labels', None)
     batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
     labelled = all(label != -100 for label in labels[prompt_len:prompt_len + len(ids)])
-    return EncodedCompletion(input_ids, prompt_len, len(ids), batch, labelled)
+    system_turn = system_turns.span(row, input_ids[:prompt_len]) if system_turns is not None else range(0)
+    return EncodedCompletion(input_ids, prompt_len, len(ids), batch, labelled, system_turn)
 
 
 def padding_row(trainer) -> Dict[str, Any]:
