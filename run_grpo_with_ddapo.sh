@@ -4,6 +4,7 @@
 #   bash run_grpo_with_ddapo.sh                 # one node, two GPUs, Qwen2.5-VL-3B-Instruct, LoRA, ZeRO-2
 #   bash run_grpo_with_ddapo.sh --demo          # offline demo: tiny random Qwen2.5-VL + generated shapes, CPU ok
 #   bash run_grpo_with_ddapo.sh --dry-run       # print the command, run nothing (works with --demo too)
+#   bash run_grpo_with_ddapo.sh --gpu-check     # one GPU: step time and memory with and without the reward (< 6 min)
 #   MODEL=/path/to/Qwen2-VL-7B NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash run_grpo_with_ddapo.sh --num_train_epochs 2
 #
 # Every default below can be overridden by the environment variable of the same name; any other
@@ -11,6 +12,11 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PLUGIN="$ROOT/examples/train/grpo/plugin/plugin.py"
+
+if [ "${1:-}" = --gpu-check ]; then  # what the reward adds to a GRPO step on one GPU: examples/train/grpo/gpu_check.py
+  shift
+  exec python3 "$ROOT/examples/train/grpo/gpu_check.py" "$@"
+fi
 
 DEMO=0 DRY_RUN=0 PASSTHROUGH=()
 for arg in "$@"; do
@@ -31,7 +37,7 @@ if [ "$DEMO" = 1 ]; then
   DATASET=${DATASET:-"$OUTPUT_DIR/shapes/train.jsonl"}
   NPROC_PER_NODE=${NPROC_PER_NODE:-1}
   MODEL_TYPE=${MODEL_TYPE:-qwen2_5_vl}
-  DEEPSPEED=${DEEPSPEED:-}
+  DEEPSPEED=${DEEPSPEED-}
   TORCH_DTYPE=${TORCH_DTYPE:-float32}
   NUM_GENERATIONS=${NUM_GENERATIONS:-4}
   BATCH_SIZE=${BATCH_SIZE:-4}
@@ -53,7 +59,7 @@ else
   NPROC_PER_NODE=${NPROC_PER_NODE:-2}
   export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
   MODEL_TYPE=${MODEL_TYPE:-}
-  DEEPSPEED=${DEEPSPEED:-zero2}
+  DEEPSPEED=${DEEPSPEED-zero2}   # unset: zero2; DEEPSPEED=none or an empty value: no DeepSpeed
   TORCH_DTYPE=${TORCH_DTYPE:-bfloat16}
   NUM_GENERATIONS=${NUM_GENERATIONS:-8}
   BATCH_SIZE=${BATCH_SIZE:-8}          # per GPU: 2 GPUs x 8 = 16 completions = 2 prompts x 8 generations
@@ -68,6 +74,8 @@ else
   REPORT_TO=${REPORT_TO:-tensorboard}
   DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}
 fi
+[ "$DEEPSPEED" = none ] && DEEPSPEED=
+NPROCS=$NPROC_PER_NODE
 export MAX_PIXELS=${MAX_PIXELS:-401408}   # Qwen-VL image budget (512 x 28 x 28): bounds vision tokens per image
 [ "$NPROC_PER_NODE" -gt 1 ] && export NPROC_PER_NODE || unset NPROC_PER_NODE
 
@@ -109,6 +117,32 @@ CMD+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")
 ENV_SHOWN="NPROC_PER_NODE=${NPROC_PER_NODE:-1} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} MAX_PIXELS=$MAX_PIXELS"
 echo "+ $ENV_SHOWN $(printf '%q ' "${CMD[@]}")"
 [ "$DRY_RUN" = 1 ] && exit 0
+
+# Prerequisites, each failure naming its fix, before anything starts.
+fail() { echo "run_grpo_with_ddapo.sh: $*" >&2; exit 2; }
+for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
+  if [ "${PASSTHROUGH[$i]}" = --use_vllm ] && [ "${PASSTHROUGH[$((i + 1))]:-}" != false ]; then
+    fail "--use_vllm ${PASSTHROUGH[$((i + 1))]:-} cannot run with ddapo_attention: the reward reads attention from its" \
+      "own forward of the policy model, and a vLLM rollout engine returns no attention to pair it with. Keep --use_vllm false."
+  fi
+done
+if [ -n "$DEEPSPEED" ] && ! python3 -c 'import deepspeed' >/dev/null 2>&1; then
+  fail "DEEPSPEED=$DEEPSPEED needs the deepspeed package, which is not importable: pip install -e \".[deepspeed]\"" \
+    "(or run without DeepSpeed: DEEPSPEED=none)."
+fi
+is_hub_id() { [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+([:#].*)?$ ]]; }
+if [ "$DEMO" = 0 ]; then
+  [ -e "$MODEL" ] || is_hub_id "$MODEL" || fail "MODEL=$MODEL is neither an existing path nor a hub id (owner/name)."
+  for dataset in $DATASET; do
+    [ -e "${dataset%%[:#]*}" ] || is_hub_id "$dataset" || \
+      fail "DATASET=$dataset is neither an existing file or folder nor a hub id (owner/name)."
+  done
+  GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  if [ "$GPUS" -lt "$NPROCS" ]; then
+    fail "NPROC_PER_NODE=$NPROCS needs $NPROCS visible GPUs and $GPUS are visible (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}):" \
+      "set NPROC_PER_NODE and CUDA_VISIBLE_DEVICES to the GPUs you have, or run the offline CPU demo with --demo."
+  fi
+fi
 
 if [ "$DEMO" = 1 ]; then
   python3 "$ROOT/examples/train/grpo/ddapo_demo.py" prepare "$OUTPUT_DIR"

@@ -81,6 +81,10 @@ class TestDryRun:
         _, argv = composed(run_script('--dry-run', MODEL_TYPE='qwen3_5_moe', TEMPLATE='qwen3_8'))
         assert flag(argv, '--model_type') == ['qwen3_5_moe'] and flag(argv, '--template') == ['qwen3_8']
 
+    def test_gpu_check_mode(self):
+        result = run_script('--gpu-check', '--help')
+        assert result.returncode == 0 and '--cpu' in result.stdout and 'Qwen2.5-VL-3B' in result.stdout
+
     def test_demo_dry_run_builds_nothing(self, tmp_path):
         result = run_script('--demo', '--dry-run', OUTPUT_DIR=str(tmp_path))
         env, argv = composed(result)
@@ -88,6 +92,45 @@ class TestDryRun:
         assert flag(argv, '--model') == [str(tmp_path / 'tiny-qwen2_5_vl')]
         assert flag(argv, '--check_model') == ['false'] and flag(argv, '--use_vllm') == ['false']
         assert list(tmp_path.iterdir()) == []
+
+
+class TestPrerequisites:
+    """Checked before anything starts, each naming its fix (this machine has no GPU): --use_vllm true; deepspeed not
+    importable when DEEPSPEED asks for it (DEEPSPEED=none and an empty value run without it); a model or dataset
+    that is neither a path nor a hub id; fewer visible GPUs than NPROC_PER_NODE."""
+
+    @pytest.fixture()
+    def no_deepspeed(self, tmp_path):
+        (tmp_path / 'sitecustomize.py').write_text("import sys\nsys.modules['deepspeed'] = None\n")
+        return str(tmp_path)
+
+    def test_vllm(self):
+        result = run_script('--use_vllm', 'true')
+        assert result.returncode == 2 and 'Keep --use_vllm false' in result.stderr, result.stderr
+
+    def test_deepspeed_missing(self, no_deepspeed):
+        result = run_script(PYTHONPATH=no_deepspeed)
+        assert result.returncode == 2 and 'DEEPSPEED=zero2 needs the deepspeed package' in result.stderr
+        assert 'pip install -e ".[deepspeed]"' in result.stderr and 'DEEPSPEED=none' in result.stderr
+
+    @pytest.mark.parametrize('value', ['none', ''])
+    def test_without_deepspeed(self, no_deepspeed, value):
+        result = run_script(PYTHONPATH=no_deepspeed, DEEPSPEED=value)
+        assert '--deepspeed' not in composed(result)[1] and 'deepspeed' not in result.stderr
+        assert 'visible GPUs' in result.stderr  # the next check: this machine has none
+
+    @pytest.mark.parametrize('name, value', [('MODEL', '/no/such/model'), ('MODEL', 'not a hub id'),
+                                             ('DATASET', './missing.jsonl'), ('DATASET', 'AI-ModelScope/x /nope')])
+    def test_model_and_dataset(self, name, value):
+        result = run_script(**{name: value})
+        assert result.returncode == 2 and f'{name}=' in result.stderr and 'neither' in result.stderr, result.stderr
+
+    def test_gpus(self, tmp_path):
+        data = tmp_path / 'train.jsonl'
+        data.write_text('{}\n')
+        result = run_script(MODEL=str(tmp_path), DATASET=f'{data}#100')
+        assert result.returncode == 2
+        assert 'NPROC_PER_NODE=2 needs 2 visible GPUs and 0 are visible' in result.stderr and '--demo' in result.stderr
 
 
 class TestDemo:

@@ -14,8 +14,8 @@ from tiny_qwen_vl import FAMILIES
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
 
 
-def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', env_extra=None):
-    cmd = [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
+def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl'):
+    return [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
            '--model_type', model_type, '--template', FAMILIES[model_type].template, '--check_model', 'false',
            '--use_vllm', 'false',
            '--external_plugins', PLUGIN, '--reward_funcs', 'ddapo_attention', '--dataset', dataset,
@@ -23,6 +23,10 @@ def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', 
            '--per_device_train_batch_size', '4', '--max_completion_length', '8', '--logging_steps', '1',
            '--output_dir', output_dir, '--report_to', 'none', '--dataloader_num_workers', '0', '--save_strategy', 'no',
            '--seed', '1', *extra]
+
+
+def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', env_extra=None):
+    cmd = swift_command(model_dir, dataset, output_dir, *extra, model_type=model_type)
     env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
     env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -130,6 +134,20 @@ class TestModelFamilies:
         assert len(means) == 3 and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
         assert all({'ddapo/early/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r) for r in records if 'ddapo/M_V/mean' in r)
+
+
+class TestRefusalsFirst:
+    """The real command line with --use_vllm true --vllm_mode colocate: the plugin refuses it, with the reward's own
+    message, when ms-swift imports it, before ms-swift builds a trainer or looks for vLLM. (Without --vllm_mode, or in
+    server mode without a host, ms-swift's own argument checks fail first: they run before it imports any plugin.)"""
+
+    def test_vllm_colocate(self, tiny_model_dir, shapes_dataset, tmp_path):
+        result = swift_rlhf(tiny_model_dir('qwen2_5_vl'), shapes_dataset, str(tmp_path), '--use_vllm', 'true',
+                            '--vllm_mode', 'colocate')
+        log = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert 'ddapo_attention reads attention from its own forward' in log and '--use_vllm false' in log, log[-3000:]
+        assert 'vLLM is not available' not in log and 'pip install vllm' not in log
 
 
 def final_adapter(output_dir):

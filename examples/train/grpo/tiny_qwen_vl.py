@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 QWEN2_SPECIAL_TOKENS = [  # from the family's first special id onwards, in Qwen's order; the flag is `special`
     ('<|endoftext|>', True), ('<|im_start|>', True), ('<|im_end|>', True), ('<|object_ref_start|>', True),
@@ -121,11 +121,15 @@ def build_tokenizer(path: str, family: Family):
 
 
 def build_tiny_qwen_vl(path: str, model_type: str = 'qwen2_5_vl', seed: int = 0, qk_scale: float = 8.0,
-                       num_layers: int = 4) -> str:
+                       num_layers: int = 4, text_size: Optional[Dict[str, Any]] = None,
+                       vision_size: Optional[Dict[str, Any]] = None, max_vision_tokens: int = 64,
+                       dtype: str = 'float32') -> str:
     """Write a tiny random ``model_type`` model (a key of `FAMILIES`), tokenizer and processor to ``path``.
 
     ``num_layers`` is the decoder depth of the families without linear-attention layers (Qwen3.5 builds
-    always have 6: three Gated DeltaNet, three softmax attention). Returns ``path``. Idempotent: an existing
+    always have 6: three Gated DeltaNet, three softmax attention). ``text_size`` / ``vision_size`` replace the
+    tiny dimensions (e.g. a real model's, for a random-weight model of that size), ``max_vision_tokens`` bounds
+    an image's vision tokens, ``dtype`` is the saved weights' dtype. Returns ``path``. Idempotent: an existing
     build (``config.json`` present) is reused.
     """
     import torch
@@ -144,9 +148,11 @@ def build_tiny_qwen_vl(path: str, model_type: str = 'qwen2_5_vl', seed: int = 0,
                 rope_parameters={'rope_type': 'default', 'mrope_section': [2, 3, 3], 'rope_theta': 1000000.0},
                 bos_token_id=first, eos_token_id=first + 2, pad_token_id=first)
     text.update(family.text)
+    text.update(text_size or {})
     vision = dict(depth=2, embed_dim=32, hidden_size=32, out_hidden_size=32, num_heads=2, intermediate_size=64,
                   patch_size=family.patch_size, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     vision.update(family.vision)
+    vision.update(vision_size or {})
     for key in family.drop_vision:
         vision.pop(key)
     config_class, model_class, processor_class = (getattr(transformers, name) for name in family.classes)
@@ -154,7 +160,9 @@ def build_tiny_qwen_vl(path: str, model_type: str = 'qwen2_5_vl', seed: int = 0,
                           video_token_id=family.special_id('<|video_pad|>'),
                           vision_start_token_id=family.special_id('<|vision_start|>'),
                           vision_end_token_id=family.special_id('<|vision_end|>'), tie_word_embeddings=True)
-    model = model_class(config)
+    device = 'cuda' if torch.cuda.is_available() and text_size else 'cpu'  # a full-size build initialises faster there
+    with torch.device(device):
+        model = model_class(config).to(getattr(torch, dtype))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if 'visual' not in name and ('q_proj' in name or 'k_proj' in name):
@@ -162,13 +170,14 @@ def build_tiny_qwen_vl(path: str, model_type: str = 'qwen2_5_vl', seed: int = 0,
     model.save_pretrained(path)
     from transformers import Qwen2VLImageProcessor
     pixels = (family.patch_size * 2)**2  # one merged vision token
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels * 4, max_pixels=pixels * 64,
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels * 4, max_pixels=pixels * max_vision_tokens,
                                             patch_size=family.patch_size)
     if model_type.startswith('qwen2'):
         from transformers import Qwen2VLVideoProcessor as VideoProcessor
     else:
         from transformers import Qwen3VLVideoProcessor as VideoProcessor
-    video_processor = VideoProcessor(min_pixels=pixels * 4, max_pixels=pixels * 64, patch_size=family.patch_size)
+    video_processor = VideoProcessor(min_pixels=pixels * 4, max_pixels=pixels * max_vision_tokens,
+                                     patch_size=family.patch_size)
     processor_class(image_processor=image_processor, tokenizer=tokenizer,
                     video_processor=video_processor).save_pretrained(path)
     return path

@@ -22,6 +22,7 @@ provides (and, for token weights, the second patch there); ``plugin.py`` applies
 import gc
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -40,10 +41,15 @@ from ddapo_key_sets import KeySets, build_key_sets
 from ddapo_packing import shared_prompt_units
 from ddapo_report import ReportSample, ReportWriter, image_heatmaps
 from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, SystemTurnNotFound,
-                         SystemTurns, enable_token_weights, encode_completion, image_merge_size, model_spec,
+                         SystemTurns, VLLM_REFUSAL, enable_token_weights, encode_completion, image_merge_size, model_spec,
                          padding_row, policy_forward, processed_images, reward_rows, token_weight_store)
 
 logger = get_logger()
+
+# Test-only switches (outside the DDAPO_* settings, which are validated): skip the padding forwards, to show that a
+# ZeRO-3 run without them hangs; write each call's rows and rewards as JSON lines, to re-score them in one process.
+TEST_SKIP_PADDING = 'TEST_DDAPO_SKIP_PADDING'
+TEST_DUMP_DIR = 'TEST_DDAPO_DUMP_DIR'
 
 MISSING_TRAINER = (
     "ddapo_attention needs the GRPO trainer in the reward kwargs ('trainer'), and it is missing: the ms-swift "
@@ -70,6 +76,20 @@ class _Scored:
     token_weights: Optional[List[float]] = None  # w_{i,t}, with DDAPO_TOKEN_WEIGHTS=1
 
 
+def _dump_rows(directory: str, rank: int, kwargs: Dict[str, Any], num_completions: int,
+               rewards: List[Optional[float]], padding: int) -> None:
+    """Test only (`TEST_DUMP_DIR`): append this call's rows (messages, image paths, generated ids), rewards and the
+    call's padding forwards."""
+    import json
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f'rank{rank}.jsonl'), 'a') as f:
+        for row, reward in zip(reward_rows(kwargs, num_completions), rewards):
+            images = [image.get('path') if isinstance(image, dict) else image for image in row.get('images') or []]
+            f.write(json.dumps({'messages': row.get('messages'), 'images': images, 'reward': reward,
+                                'response_token_ids': row.get('response_token_ids'),
+                                'padding_forwards': padding}) + '\n')
+
+
 class DDAPOAttentionORM(ORM):
     """``R^bal_i = 1 / (1 + TDR_i)`` of Eq. (7) for every completion (``DDAPO_REWARD=balance``, the default),
     or the group-robust ``R^grp`` of Eq. (8) (``group``) or the correctness-gated ``R^gate`` of Eq. (9) (``gated``);
@@ -83,14 +103,14 @@ class DDAPOAttentionORM(ORM):
     def __init__(self, args=None, **kwargs):
         super().__init__(args, **kwargs)
         if args is not None and getattr(args, 'use_vllm', False):
-            raise ValueError('ddapo_attention reads attention from its own forward of the policy model, and a vLLM '
-                             'rollout engine returns no attention to pair it with: run GRPO with --use_vllm false.')
+            raise ValueError(VLLM_REFUSAL)
         self.config = DDAPOConfig.from_env()
         logger.info(f'[DDAPO] ddapo_attention reward settings: {self.config.describe()}')
         self.gate = self._gate_reward(args) if self.config.reward == 'gated' else None
         self.spec: Optional[ModelSpec] = None
         self.system_turns: Optional[SystemTurns] = None
         self.not_applicable: Counter = Counter()
+        self.padding_forwards = 0  # run by this rank to keep in step with busier ranks (ZeRO-3)
         self.unweighted: Counter = Counter()  # outputs with a reward but no token weights, by reason
         self.last_metrics: Dict[str, float] = {}
         self._debug_pending = self.config.debug
@@ -126,7 +146,17 @@ class DDAPOAttentionORM(ORM):
             results: Dict[int, _Scored] = {}
             for unit in units:
                 results.update(self._run(trainer, unit, forward, report, layers))
+            if padding and os.environ.get(TEST_SKIP_PADDING) == '1':
+                # print, not the logger: ms-swift's logger is quiet on ranks other than 0, which may be this one
+                print(f'[DDAPO] {TEST_SKIP_PADDING}=1: skipping {padding} padding forward(s) (test only)',
+                      file=sys.stderr, flush=True)
+                padding = 0
             if padding:
+                if not self.padding_forwards:
+                    logger.info(f'[DDAPO] rank {trainer.accelerator.process_index} runs {padding} padding forward(s) '
+                                f'after its {len(units)}, as many as the busiest rank (ZeRO-3 gathers parameters in '
+                                'every forward); logged once per run')
+                self.padding_forwards += padding
                 filler = runnable[0].encoded if runnable else encode_completion(trainer, padding_row(trainer))
                 for _ in range(padding):
                     forward(**filler.forward_kwargs)
@@ -134,9 +164,12 @@ class DDAPOAttentionORM(ORM):
         if self.config.token_weights:
             self._hand_over_token_weights(trainer, kwargs, scored)
         self._log_step(trainer, mode, scored)
-        if self.config.reward != 'balance':
-            return self._group_variant(trainer, completions, kwargs, scored)
-        return [s.reward for s in scored]
+        rewards = ([s.reward for s in scored] if self.config.reward == 'balance' else
+                   self._group_variant(trainer, completions, kwargs, scored))
+        if os.environ.get(TEST_DUMP_DIR):
+            _dump_rows(os.environ[TEST_DUMP_DIR], trainer.accelerator.process_index, kwargs, len(completions), rewards,
+                       padding)
+        return rewards
 
     def _gate_reward(self, args):
         """The registered reward whose verdict gates Eq. (9); checked at start."""

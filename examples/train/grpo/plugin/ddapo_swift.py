@@ -71,6 +71,42 @@ def attention_layers(config) -> Tuple[int, ...]:
     return tuple(i for i, kind in enumerate(layer_types[:num_layers]) if kind in SOFTMAX_LAYER_TYPES)
 
 
+VLLM_REFUSAL = ('ddapo_attention reads attention from its own forward of the policy model, and a vLLM rollout engine '
+                'returns no attention to pair it with: run GRPO with --use_vllm false (the Transformers rollout).')
+
+
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    """The last value of ``--name VALUE`` or ``--name=VALUE`` in a command line (later flags win, as in ms-swift)."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(name + '='):
+            value = word.split('=', 1)[1]
+    return value
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Refuse, when ms-swift imports the plugin (before it builds a trainer or a rollout engine), a command line
+    that runs ``ddapo_attention`` with a vLLM rollout. Raises ValueError.
+
+    >>> check_command_line(['rlhf', '--reward_funcs', 'ddapo_attention', '--use_vllm', 'false'])
+    >>> check_command_line(['rlhf', '--use_vllm', 'true', '--reward_funcs', 'accuracy'])  # not this reward's run
+    """
+    use_vllm = _flag_value(argv, '--use_vllm')
+    if use_vllm is None or use_vllm.lower() in ('false', '0', 'no'):
+        return
+    start = next((i for i, word in enumerate(argv) if word == '--reward_funcs'), None)
+    funcs = []
+    if start is not None:
+        for word in argv[start + 1:]:
+            if word.startswith('--'):
+                break
+            funcs.append(word)
+    if 'ddapo_attention' in funcs:
+        raise ValueError(f'--use_vllm {use_vllm}: {VLLM_REFUSAL}')
+
+
 def unwrap_policy(trainer) -> torch.nn.Module:
     """The Hugging Face model that really runs: DeepSpeed / DDP unwrapped by accelerate, then PEFT."""
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -1,0 +1,134 @@
+"""Real DeepSpeed ZeRO-3 and ZeRO-2 with two processes on CPU: `swift rlhf --deepspeed zero3|zero2`, DeepSpeed's CPU
+accelerator (DS_ACCELERATOR=cpu) and gloo, on image and text-only prompts, so the ranks have unequal scorable rows
+and unequal forwards, and one of them runs padding forwards.
+
+The only help DeepSpeed needs on CPU is `tests/cpu_deepspeed/sitecustomize.py` (put on PYTHONPATH): transformers
+builds accelerate's state for a DeepSpeed run without a backend, so without an accelerator accelerate counted one
+process and DeepSpeed stopped at its batch arithmetic (`train_batch_size ... 2 != 2 * 1 * 2`). ms-swift's fp16
+default is turned off (`--fp16 false`): DeepSpeed's CPU accelerator has no fp16.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, make_policy
+from test_swift_rlhf_e2e import logged_means, swift_command
+
+SHIM = os.path.join(ROOT, 'tests', 'cpu_deepspeed')
+# A pack budget between the two prompt kinds' packs (2 outputs of 8 tokens): a text-only prompt's outputs run as one
+# forward (34 + 16 tokens), an image prompt's as two (48 + 16 > 60), so ranks holding different kinds run unequal
+# numbers of forwards, and the one with fewer runs a padding forward.
+PACK_TOKENS = '60'
+
+
+@pytest.fixture(scope='module')
+def alternating_dataset(tmp_path_factory):
+    from tiny_qwen_vl import build_shapes_dataset
+    return build_shapes_dataset(str(tmp_path_factory.mktemp('alternating')), num_rows=8, text_only_every=2)
+
+
+def launch(model_dir, dataset, output_dir, stage, port, env_extra):
+    cmd = swift_command(model_dir, dataset, output_dir, '--deepspeed', stage, '--fp16', 'false', '--bf16', 'false',
+                        '--per_device_train_batch_size', '2', '--max_steps', '3')
+    env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
+    env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', NPROC_PER_NODE='2', MASTER_PORT=str(port),
+               DS_ACCELERATOR='cpu', DDAPO_PACK_TOKENS=PACK_TOKENS,
+               PYTHONPATH=os.pathsep.join([SHIM, env.get('PYTHONPATH', '')]), **env_extra)
+    log = open(os.path.join(output_dir, 'run.log'), 'w')
+    # a session of its own, so a hung run is killed with all its ranks
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log.name
+
+
+def kill(process):
+    """The run and every process under it (torch's launcher puts the ranks in sessions of their own)."""
+    import psutil
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    psutil.wait_procs(tree, timeout=10)
+
+
+def dumped_rows(dump_dir, rank):
+    return [json.loads(line) for line in open(os.path.join(dump_dir, f'rank{rank}.jsonl'))]
+
+
+class TestZero:
+    """ZeRO-3 and ZeRO-2, two CPU processes: the run finishes, a rank runs a padding forward, the rewards are logged,
+    and the first step's rewards (taken before any update) equal what the same rows score in one process (fp32,
+    1e-5). Edge case: text-only rows (None) on one rank while the other scores images."""
+
+    @pytest.mark.parametrize('stage, port', [('zero3', 29541), ('zero2', 29543)])
+    def test_run(self, stage, port, tiny_model_dir, alternating_dataset, tmp_path):
+        from ddapo_attention_reward import DDAPOAttentionORM
+        from test_reward import rows_of
+        model_dir = tiny_model_dir('qwen2_5_vl')
+        dump = str(tmp_path / 'dump')
+        process, log_path = launch(model_dir, alternating_dataset, str(tmp_path), stage, port,
+                                   {'TEST_DDAPO_DUMP_DIR': dump})
+        try:
+            process.wait(timeout=400)
+        finally:
+            kill(process)
+        log = open(log_path).read()
+        assert process.returncode == 0, log[-5000:]
+        assert f"'stage': {stage[-1]}" in log, log[-5000:]
+        padding = [row['padding_forwards'] for rank in (0, 1) for row in dumped_rows(dump, rank)]
+        assert sum(padding) > 0, 'no rank ran a padding forward: the test would not show the lockstep'
+        _, means = logged_means(str(tmp_path))
+        assert means and all(0.0 <= m <= 1.0 for m in means), means
+
+        policy = make_policy(model_dir, 'qwen2_5_vl', str(tmp_path / 'one_process'))
+        try:
+            for rank in (0, 1):
+                first_step = dumped_rows(dump, rank)[:2]  # 2 rows per rank and step
+                columns = {k: [row[k] for row in first_step] for k in ('messages', 'images', 'response_token_ids')}
+                columns['prompt_id'] = [f'p{i}' for i in range(len(first_step))]
+                expected = DDAPOAttentionORM()([''] * len(first_step), trainer=policy, **columns)
+                assert [row['reward'] for row in first_step] == pytest.approx(expected, abs=1e-5)
+        finally:
+            policy.template.remove_post_encode_hook()
+        scored = [row['reward'] for rank in (0, 1) for row in dumped_rows(dump, rank)]
+        assert None in scored and any(r is not None for r in scored)  # text-only and image rows
+
+
+class TestLockstepCanFail:
+    """The same ZeRO-3 run with the padding forwards skipped (test-only switch TEST_DDAPO_SKIP_PADDING=1) hangs: the
+    rank with fewer forwards waits in a collective the other never joins. Detected within a bounded time: the run
+    has not finished 45 s after the first skipped padding forward (the whole normal run takes about 30 s), and is
+    killed."""
+
+    def test_hangs_without_padding(self, tiny_model_dir, alternating_dataset, tmp_path):
+        process, log_path = launch(tiny_model_dir('qwen2_5_vl'), alternating_dataset, str(tmp_path), 'zero3', 29545,
+                                   {'TEST_DDAPO_SKIP_PADDING': '1'})
+        skipped_at = None
+        try:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline and process.poll() is None:
+                if skipped_at is None and 'TEST_DDAPO_SKIP_PADDING=1: skipping' in open(log_path).read():
+                    skipped_at = time.monotonic()
+                if skipped_at is not None and time.monotonic() - skipped_at > 45:
+                    break
+                time.sleep(1)
+            finished = process.poll() is not None
+        finally:
+            kill(process)
+        log = open(log_path).read()
+        assert skipped_at is not None, log[-5000:]
+        assert not finished, f'the run ended (rc {process.returncode}) although a rank skipped its padding forward'
+        assert 'End time of running main' not in log
