@@ -76,6 +76,9 @@ else
 fi
 [ "$DEEPSPEED" = none ] && DEEPSPEED=
 NPROCS=$NPROC_PER_NODE
+# Non-reentrant checkpointing: ms-swift runs its no-grad forwards (reference log-probabilities) in training mode,
+# where the reentrant kind warns "None of the inputs have requires_grad=True" on every step; gradients are the same.
+GRADIENT_CHECKPOINTING_KWARGS=${GRADIENT_CHECKPOINTING_KWARGS-'{"use_reentrant": false}'}
 export MAX_PIXELS=${MAX_PIXELS:-401408}   # Qwen-VL image budget (512 x 28 x 28): bounds vision tokens per image
 [ "$NPROC_PER_NODE" -gt 1 ] && export NPROC_PER_NODE || unset NPROC_PER_NODE
 
@@ -111,6 +114,7 @@ TEMPLATE=${TEMPLATE:-${MODEL_TYPE%_moe}}
 [ -n "$MODEL_TYPE" ] && CMD+=(--model_type "$MODEL_TYPE")
 [ -n "$TEMPLATE" ] && CMD+=(--template "$TEMPLATE")
 [ -n "$DEEPSPEED" ] && CMD+=(--deepspeed "$DEEPSPEED")
+[ -n "$GRADIENT_CHECKPOINTING_KWARGS" ] && CMD+=(--gradient_checkpointing_kwargs "$GRADIENT_CHECKPOINTING_KWARGS")
 [ "$DEMO" = 1 ] && CMD+=(--check_model false --seed 1)
 CMD+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")
 

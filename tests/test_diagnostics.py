@@ -1,6 +1,7 @@
 """ddapo/* step metrics (ddapo_diagnostics) and the report (ddapo_report) on synthetic cases with known answers."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,6 +145,30 @@ class TestReportWriter:
                                           for p in pictures)
         assert 'step0000005_train_sample0_image0.png' in text
         assert 'advantage weight w per generated token' not in text
+
+    def test_sample_text(self, tmp_path):
+        sample = ReportSample(title='sample 1: prompt p0, output 2 of 4', tokens=['red'], m_vis=[0.4], tdr=1.5,
+                              reward_balance=0.4, question='<image>What colour?', image_paths=['/d/0001.png'],
+                              solution='red', completion='<answer>red</answer>', vision_share=0.5)
+        ReportWriter(str(tmp_path)).write_step(3, 'train', {}, [sample, ReportSample(
+            title='sample 2', tokens=['x'], m_vis=[0.5], tdr=1.0, reward_balance=0.5, completion='x\ny')])
+        text = (tmp_path / 'report.md').read_text()
+        assert '### sample 1: prompt p0, output 2 of 4: TDR = 1.5, R^bal = 0.4000' in text
+        assert '- question: `<image>What colour?`' in text and '- images: `/d/0001.png`' in text
+        assert '- solution: `red`' in text and '- completion: `<answer>red</answer>`' in text
+        assert text.count('- solution:') == 1 and '- completion: `x\\ny`' in text and '- images: none' in text
+
+    def test_heatmap_scale_is_fixed(self, tmp_path):
+        """Two uniform heat maps of 1 and 2 fair shares get different colours (an auto scale would give both the same)."""
+        from PIL import Image
+        from ddapo_report import render_heatmap
+        image = Image.new('RGB', (56, 56), (255, 255, 255))
+        colours = []
+        for value in (1.0, 2.0):
+            path = render_heatmap(image, np.full((2, 2), value), str(tmp_path / f'h{value}.png'), 't')
+            picture = np.asarray(Image.open(path).convert('RGB'))
+            colours.append(tuple(picture[picture.shape[0] // 2, int(picture.shape[1] * 0.72)]))
+        assert colours[0] != colours[1]
 
     def test_token_weights_line(self, tmp_path):
         sample = ReportSample(title='p', tokens=['Red', '!'], m_vis=[0.4, 0.6], tdr=1.5, reward_balance=0.4,

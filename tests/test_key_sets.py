@@ -18,14 +18,6 @@ def positions(flags):
     return torch.nonzero(flags).flatten().tolist()
 
 
-def test_docstring_examples():
-    import doctest
-
-    import ddapo_key_sets
-    result = doctest.testmod(ddapo_key_sets)
-    assert result.attempted >= 4 and result.failed == 0
-
-
 class TestInsertedSpan:
     """Edge cases: ChatML system turn first (the marker it shares with the next turn goes with it, the trailing
     newline is trimmed), after a BOS, no system turn, a rendering that is not one inserted block, a block of blanks."""

@@ -147,6 +147,10 @@ class TestDemo:
         ddapo = [r[1] for r in rows]
         assert all(0.0 <= v <= 1.0 for v in ddapo) and max(ddapo) - min(ddapo) > 1e-4, ddapo
         assert (tmp_path / 'tiny-qwen2_5_vl' / 'config.json').exists()
+        report = re.search(r'DDAPO report \(.*\): (\S+report\.md)', result.stdout)
+        assert report and os.path.exists(report.group(1)) and '## step 1 (train)' in open(report.group(1)).read()
+        # the launcher's non-reentrant checkpointing: no per-step torch warning from ms-swift's no-grad forwards
+        assert 'None of the inputs have requires_grad=True' not in result.stdout + result.stderr
         assert (tmp_path / 'shapes' / 'train.jsonl').exists()
         from ddapo_demo import prepare  # cached: a second prepare builds nothing
         mtime = os.path.getmtime(tmp_path / 'tiny-qwen2_5_vl' / 'model.safetensors')

@@ -325,3 +325,33 @@ class TestTokenWeights:
         columns = reward_kwargs(policy, COMPLETIONS[:1])
         with pytest.raises(RuntimeError, match='request_id'):
             DDAPOAttentionORM()(COMPLETIONS[:1], **columns)
+
+
+class TestReport:
+    """The report through the ORM: the section is numbered as logging.jsonl numbers the step (global_step + 1 while the
+    rewards are computed), each sample names its prompt and its place in the group, and shows the question, the
+    image, the solution and the decoded completion; the heat map is in fair shares: its cells sum to
+    (|T| + |V|) * M^V, since the per-key attention on V sums to M^V."""
+
+    def test_report(self, policy, monkeypatch, tmp_path):
+        monkeypatch.setattr(policy.args, 'output_dir', str(tmp_path))
+        monkeypatch.setattr(policy, 'state', SimpleNamespace(global_step=4), raising=False)
+        columns = reward_kwargs(policy, COMPLETIONS[:2])
+        columns['prompt_id'] = ['prompt-one', 'prompt-one']
+        columns['solution'] = ['red', 'red']
+        import ddapo_attention_reward
+        written = []
+        original = ddapo_attention_reward.ReportWriter.write_step
+        monkeypatch.setattr(ddapo_attention_reward.ReportWriter, 'write_step',
+                            lambda self, step, mode, metrics, samples, note='': written.extend(samples) or
+                            original(self, step, mode, metrics, samples, note))
+        DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
+        sample = written[0]
+        keys = round(sample.vision_share ** -1 * sum(h.size for h in sample.heatmaps))  # |T| + |V|
+        assert sum(float(h.sum()) for h in sample.heatmaps) == pytest.approx(keys * sum(sample.m_vis) / len(sample.m_vis),
+                                                                           rel=1e-4)
+        text = (tmp_path / 'ddapo' / 'report.md').read_text()
+        assert '## step 5 (train)' in text and '## step 4' not in text
+        assert '### sample 1: prompt prompt-o, output 1 of 2' in text and 'sample 2: prompt prompt-o, output 2 of 2' in text
+        assert '- question: `<image>What colour is the shape?`' in text and '- solution: `red`' in text
+        assert f'- completion: `{COMPLETIONS[0]}`' in text and '- images: `<in memory>`' in text

@@ -61,6 +61,10 @@ def main() -> None:
             print(f'{key}={value}')
     else:
         print(summary_table(read_log(os.path.join(args.output_dir, 'train'))))
+        reports = sorted(glob.glob(os.path.join(args.output_dir, 'train', '**', 'ddapo', 'report.md'), recursive=True),
+                         key=os.path.getmtime)
+        if reports:
+            print(f'\nDDAPO report (metrics, samples, heat maps per logging step): {reports[-1]}')
 
 
 if __name__ == '__main__':

@@ -39,10 +39,11 @@ from ddapo_formulas import (DDAPOScores, NotApplicable, gated_rewards, group_rob
                             sequence_scores, token_text_mass, token_weights)
 from ddapo_key_sets import KeySets, build_key_sets
 from ddapo_packing import shared_prompt_units
-from ddapo_report import ReportSample, ReportWriter, image_heatmaps
+from ddapo_report import ReportSample, ReportWriter, fair_shares, image_heatmaps
 from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, SystemTurnNotFound,
                          SystemTurns, VLLM_REFUSAL, enable_token_weights, encode_completion, image_merge_size, model_spec,
-                         padding_row, policy_forward, processed_images, reward_rows, token_weight_store)
+                         image_paths, last_user_turn, padding_row, policy_forward, processed_images, reward_rows,
+                         token_weight_store)
 
 logger = get_logger()
 
@@ -65,6 +66,7 @@ class _Prepared:
     encoded: EncodedCompletion
     key_sets: KeySets
     want_report: bool = False  # shown in this step's report
+    report_title: str = ''
 
 
 @dataclass
@@ -139,8 +141,8 @@ class DDAPOAttentionORM(ORM):
         with policy_forward(trainer, self._implementation) as (forward, report):
             prepared = [self._prepare(trainer, row) for row in reward_rows(kwargs, len(completions))]
             runnable = [p for p in prepared if isinstance(p, _Prepared)]
-            for item in runnable[:report_slots]:
-                item.want_report = True
+            for k, item in enumerate(runnable[:report_slots]):
+                item.want_report, item.report_title = True, self._sample_title(runnable, item, k)
             units = self._forward_units(runnable)
             padding = self._padding_forwards(len(units))  # agreed before any forward: see the docstring
             results: Dict[int, _Scored] = {}
@@ -308,8 +310,8 @@ class DDAPOAttentionORM(ORM):
         diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(capture.masses),
                                         token_weights=None if weights is None else
                                         weight_stats(weights, self.config.token_weight_clip))
-        sample = (self._report_sample(trainer, item.row, encoded, capture, layers, m_text, scores, weights)
-                  if item.want_report else None)
+        sample = (self._report_sample(trainer, item.row, encoded, capture, layers, m_text, scores, weights,
+                                      item.report_title) if item.want_report else None)
         return _Scored(scores.reward_balance, diagnostics, sample, weights)
 
     def _token_weights(self, row: Dict[str, Any], encoded: EncodedCompletion, m_text: torch.Tensor,
@@ -352,8 +354,16 @@ class DDAPOAttentionORM(ORM):
             return 0
         return self.config.report_samples
 
+    @staticmethod
+    def _sample_title(runnable: List['_Prepared'], item: '_Prepared', k: int) -> str:
+        """``sample k: prompt <id>, output g of G`` (the outputs of that prompt in this call)."""
+        prompt = item.row.get('prompt_id')
+        group = [p for p in runnable if p.row.get('prompt_id') == prompt]
+        label = str(prompt)[:8] if prompt not in (None, '') else '?'
+        return f'sample {k + 1}: prompt {label}, output {group.index(item) + 1} of {len(group)}'
+
     def _report_sample(self, trainer, row, encoded: EncodedCompletion, capture: LayerCapture, layers: List[int],
-                       m_text, scores: DDAPOScores, weights: Optional[List[float]]) -> ReportSample:
+                       m_text, scores: DDAPOScores, weights: Optional[List[float]], title: str) -> ReportSample:
         tokenizer = trainer.template.tokenizer
         generated = encoded.input_ids[encoded.prompt_len:encoded.prompt_len + encoded.num_generated]
         grid = encoded.forward_kwargs.get('image_grid_thw')
@@ -362,16 +372,23 @@ class DDAPOAttentionORM(ORM):
             ids = encoded.input_ids[:encoded.prompt_len]
             image_positions = [p for p, token in enumerate(ids) if token == self.spec.image_token_id]
             key_attention = capture.key_attention[layers].mean(dim=0)
-            heatmaps = image_heatmaps(key_attention[image_positions], grid.tolist(), image_merge_size(trainer))
+            heatmaps = [fair_shares(heat, scores.num_text_keys, scores.num_vision_keys) for heat in
+                        image_heatmaps(key_attention[image_positions], grid.tolist(), image_merge_size(trainer))]
+        keys = scores.num_text_keys + scores.num_vision_keys
         return ReportSample(
-            title=f"prompt {row.get('prompt_id') or '?'}, request {str(row.get('request_id') or '?')[:8]}",
+            title=title,
             tokens=[tokenizer.decode([token]) for token in generated],
             m_vis=[1.0 - float(v) for v in m_text],
             tdr=scores.tdr,
             reward_balance=scores.reward_balance,
             images=images,
             heatmaps=heatmaps,
-            token_weights=weights)
+            token_weights=weights,
+            question=last_user_turn(row),
+            image_paths=image_paths(row),
+            solution=None if row.get('solution') is None else str(row['solution']),
+            completion=tokenizer.decode(generated),
+            vision_share=scores.num_vision_keys / keys)
 
     def _log_step(self, trainer, mode: str, scored: List[_Scored]) -> None:
         """``ddapo/*`` metrics over every rank's outputs into the trainer's log; the report on logging steps."""
@@ -386,8 +403,9 @@ class DDAPOAttentionORM(ORM):
         if samples:
             step = getattr(getattr(trainer, 'state', None), 'global_step', 0)
             self._last_report_step = step
+            # the rewards of step N are computed while global_step is still N - 1; logging.jsonl says N
             ReportWriter(os.path.join(trainer.args.output_dir, 'ddapo')).write_step(
-                step, mode, self.last_metrics, samples, self._layers_note())
+                step + 1, mode, self.last_metrics, samples, self._layers_note())
 
     def _layers_note(self) -> str:
         """Which decoder layers (0-based ``layer_idx``) are ``L_att`` and its thirds (the ``ddapo/<third>/M_V`` metrics)."""

@@ -1,10 +1,13 @@
 """The DDAPO report under ``<output_dir>/ddapo/``: ``report.md`` and PNG pictures, from the reward forward.
 
-Per logging step: the ``ddapo/*`` metrics as a table and, for a couple of outputs, the generated tokens
-with their ``m^V_{i,t}`` (Eq. 4), a heat map of the attention each vision token drew laid back onto the
-image (``layer_key_attention`` over ``Lambda``, one value per merged patch) beside the image, and a line
-plot of ``m^V_{i,t}`` along the completion. Pure: PIL, numpy and matplotlib's object API (no pyplot, so
-no global backend is touched).
+Per logging step (numbered as in ``logging.jsonl``): the ``ddapo/*`` metrics as a table and, for a couple of
+outputs, the question, the image paths, the solution, the decoded completion, the generated tokens with their
+``m^V_{i,t}`` (Eq. 4), the image beside a heat map of the attention each vision token drew
+(``layer_key_attention`` over ``Lambda``, one cell per merged patch), and a line plot of ``m^V_{i,t}`` along the
+completion. Both pictures are in units of the fair share, on fixed scales, so pictures compare across steps
+and runs: a heat-map cell of 2 drew twice the attention of a key under uniform attention
+(``1 / (|T| + |V|)``), and the token plot marks ``|V| / (|T| + |V|)``, the vision share under uniform attention.
+Pure: PIL, numpy and matplotlib's object API (no pyplot, so no global backend is touched).
 """
 import math
 import os
@@ -15,6 +18,9 @@ import numpy as np
 import torch
 
 
+HEAT_SCALE = (0.0, 4.0)  # heat-map colours, in fair shares: fixed so that pictures compare across steps and runs
+
+
 @dataclass
 class ReportSample:
     title: str
@@ -23,8 +29,22 @@ class ReportSample:
     tdr: float
     reward_balance: float
     images: List = field(default_factory=list)  # PIL images as the processor saw them (resized)
-    heatmaps: List[np.ndarray] = field(default_factory=list)  # one [rows, cols] grid per image
+    heatmaps: List[np.ndarray] = field(default_factory=list)  # one [rows, cols] grid per image, in fair shares
     token_weights: Optional[List[float]] = None  # w_{i,t} multiplied into the advantages (DDAPO_TOKEN_WEIGHTS=1)
+    question: str = ''  # the last user turn, as the row has it
+    image_paths: List[str] = field(default_factory=list)
+    solution: Optional[str] = None  # the row's solution column, when it has one
+    completion: str = ''  # the decoded completion
+    vision_share: float = math.nan  # |V| / (|T| + |V|): m^V under uniform attention
+
+
+def fair_shares(values: np.ndarray, num_text_keys: int, num_vision_keys: int) -> np.ndarray:
+    """Per-key attention (Eq. 1, sums to 1 over ``T or V``) in units of the fair share ``1 / (|T| + |V|)``.
+
+    >>> fair_shares(np.array([0.05, 0.1]), 10, 10).tolist()
+    [1.0, 2.0]
+    """
+    return np.asarray(values, dtype=float) * (num_text_keys + num_vision_keys)
 
 
 def image_heatmaps(vision_values: torch.Tensor, grids: Sequence[Tuple[int, int, int]], merge_size: int) -> List[np.ndarray]:
@@ -65,16 +85,18 @@ def _figure(width: float, height: float):
 
 
 def render_heatmap(image, heat: np.ndarray, path: str, title: str) -> str:
-    """The image, and beside it the image with ``heat`` (one cell per merged patch) laid over it."""
+    """The image, and beside it ``heat`` (one opaque cell per merged patch, in fair shares, on the fixed scale
+    `HEAT_SCALE`) at the image's size: no colour blend, so a cell's colour reads directly on the colour bar."""
     figure = _figure(8, 4.2)
     left, right = figure.subplots(1, 2)
     width, height = image.size
     left.imshow(image)
-    left.set_title('image')
-    right.imshow(image)
-    shown = right.imshow(heat, cmap='inferno', alpha=0.6, extent=(0, width, height, 0), interpolation='nearest')
-    right.set_title('attention per vision token')
-    figure.colorbar(shown, ax=right, fraction=0.046)
+    left.set_title('image, as the processor saw it', fontsize=9)
+    shown = right.imshow(heat, cmap='viridis', vmin=HEAT_SCALE[0], vmax=HEAT_SCALE[1], extent=(0, width, height, 0),
+                         interpolation='nearest')
+    right.set_title('attention per vision token', fontsize=9)
+    bar = figure.colorbar(shown, ax=right, fraction=0.046, extend='max')
+    bar.set_label('fair shares (1 = a key under uniform attention)', fontsize=8)
     for axis in (left, right):  # ticks off, frame kept: a white image still shows its edges
         axis.set_xticks([])
         axis.set_yticks([])
@@ -83,21 +105,54 @@ def render_heatmap(image, heat: np.ndarray, path: str, title: str) -> str:
     return path
 
 
-def render_token_plot(tokens: Sequence[str], m_vis: Sequence[float], path: str, title: str) -> str:
-    """``m^V_{i,t}`` along the completion (token labels when there are few)."""
-    figure = _figure(max(6.0, min(16.0, 0.3 * len(tokens))), 3.2)
+MAX_TOKEN_LABELS = 40
+
+
+def token_labels(tokens: Sequence[str], most: int = MAX_TOKEN_LABELS) -> List[Tuple[int, str]]:
+    """``(t, label)`` for the x axis of the token plot: every k-th token when there are more than ``most``, whitespace
+    made visible, long tokens shortened with an ellipsis.
+
+    >>> token_labels(['Red', ' is', '\\n'])
+    [(1, 'Red'), (2, '␣is'), (3, '\\\\n')]
+    >>> [t for t, _ in token_labels(['a'] * 100, most=10)]
+    [1, 11, 21, 31, 41, 51, 61, 71, 81, 91]
+    """
+    step = max(1, math.ceil(len(tokens) / most))
+
+    def show(token: str) -> str:
+        text = token.replace('\n', '\\n').replace(' ', '␣') or '∅'
+        return text if len(text) <= 14 else text[:13] + '…'
+    return [(t, show(tokens[t - 1])) for t in range(1, len(tokens) + 1, step)]
+
+
+def render_token_plot(tokens: Sequence[str], m_vis: Sequence[float], path: str, title: str,
+                      vision_share: float = math.nan) -> str:
+    """``m^V_{i,t}`` along the completion, with decoded token labels (thinned when long) and the fair-share line
+    ``|V| / (|T| + |V|)`` (``m^V`` under uniform attention)."""
+    figure = _figure(max(6.0, min(16.0, 0.3 * min(len(tokens), MAX_TOKEN_LABELS))), 3.4)
     axis = figure.subplots()
-    axis.plot(range(1, len(m_vis) + 1), m_vis, marker='o', markersize=3)
+    axis.plot(range(1, len(m_vis) + 1), m_vis, marker='o', markersize=3, label='m^V per generated token')
+    if math.isfinite(vision_share):
+        axis.axhline(vision_share, color='grey', linestyle='--', linewidth=1,
+                     label=f'fair share |V|/(|T|+|V|) = {vision_share:.2f}')
+        axis.legend(fontsize=7, loc='upper right')
     axis.set_xlabel('generated token t')
     axis.set_ylabel('m^V (vision share)')
     axis.set_ylim(0, 1)
-    if len(tokens) <= 48:
-        axis.set_xticks(range(1, len(tokens) + 1))
-        axis.set_xticklabels([t.replace('\n', '\\n')[:8] for t in tokens], rotation=90, fontsize=7)
+    labels = token_labels(tokens)
+    if labels:
+        axis.set_xticks([t for t, _ in labels])
+        axis.set_xticklabels([label for _, label in labels], rotation=90, fontsize=7)
     axis.set_title(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+def _inline(text: str) -> str:
+    """Text on one markdown line, as code so that tags such as ``<answer>`` show."""
+    text = str(text).replace('\n', '\\n').replace('`', "'")
+    return f'`{text}`' if text else '(empty)'
 
 
 class ReportWriter:
@@ -119,7 +174,12 @@ class ReportWriter:
         pictures = []
         for k, sample in enumerate(samples):
             stem = f'step{step:07d}_{mode}_sample{k}'
-            lines += ['', f'### {sample.title}: TDR = {sample.tdr:.4g}, R^bal = {sample.reward_balance:.4f}', '',
+            lines += ['', f'### {sample.title}: TDR = {sample.tdr:.4g}, R^bal = {sample.reward_balance:.4f}', '']
+            lines += [f'- question: {_inline(sample.question)}',
+                      f'- images: {", ".join(f"`{p}`" for p in sample.image_paths) or "none"}']
+            if sample.solution is not None:
+                lines.append(f'- solution: {_inline(sample.solution)}')
+            lines += [f'- completion: {_inline(sample.completion)}', '',
                       'm^V per generated token: ' + token_line(sample.tokens, sample.m_vis), '']
             if sample.token_weights is not None:
                 lines += ['advantage weight w per generated token: ' +
@@ -131,7 +191,7 @@ class ReportWriter:
                 lines.append(f'![attention per vision token, image {j}]({name})')
             name = f'{stem}_tokens.png'
             pictures.append(render_token_plot(sample.tokens, sample.m_vis, os.path.join(self.directory, name),
-                                              sample.title))
+                                              sample.title, sample.vision_share))
             lines.append(f'![m^V along the completion]({name})')
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write('\n'.join(lines) + '\n\n')

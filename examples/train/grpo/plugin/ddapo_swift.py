@@ -328,6 +328,22 @@ def processed_images(trainer, row: Dict[str, Any], image_grid_thw: Optional[torc
             for image, (_, h, w) in zip(row['images'], image_grid_thw.tolist())]
 
 
+def last_user_turn(row: Dict[str, Any]) -> str:
+    """The text of the row's last user message (the question), as the dataset has it."""
+    users = [m for m in row.get('messages') or [] if m.get('role') == 'user']
+    content = users[-1].get('content', '') if users else ''
+    return content if isinstance(content, str) else str(content)
+
+
+def image_paths(row: Dict[str, Any]) -> List[str]:
+    """The row's images as paths (ms-swift carries a path, or ``{'bytes', 'path'}``); ``<in memory>`` without one."""
+    paths = []
+    for image in row.get('images') or []:
+        path = image.get('path') if isinstance(image, dict) else image if isinstance(image, str) else None
+        paths.append(path or '<in memory>')
+    return paths
+
+
 def image_merge_size(trainer) -> int:
     """Patches merged into one vision token along each side (2 for Qwen2-VL / Qwen2.5-VL)."""
     return int(trainer.template.processor.image_processor.merge_size)

@@ -1,0 +1,11 @@
+"""The worked examples in the docstrings of the reward's modules, run as doctests (a failing example fails here)."""
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize('name', ['ddapo_key_sets', 'ddapo_report', 'ddapo_swift'])
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
