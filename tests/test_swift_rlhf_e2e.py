@@ -136,6 +136,29 @@ class TestModelFamilies:
         assert all({'ddapo/early/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r) for r in records if 'ddapo/M_V/mean' in r)
 
 
+class TestDashboard:
+    """--report_to tensorboard: the report's pictures reach TensorBoard through the trainer's own TensorBoard callback,
+    on the logging steps, beside the ddapo/* scalars; the markdown report stays."""
+
+    def test_tensorboard_images(self, tiny_model_dir, shapes_dataset, tmp_path):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        result = swift_rlhf(tiny_model_dir('qwen2_5_vl'), shapes_dataset, str(tmp_path), '--max_steps', '2',
+                            '--report_to', 'tensorboard', '--per_device_train_batch_size', '2')
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        events = glob.glob(str(tmp_path / '**' / 'events.out.tfevents.*'), recursive=True)
+        assert events, 'no TensorBoard event file'
+        accumulator = EventAccumulator(os.path.dirname(events[0]), size_guidance={'images': 0})
+        accumulator.Reload()
+        images = accumulator.Tags()['images']
+        assert {'ddapo/train/sample0_image0', 'ddapo/train/sample0_tokens'} <= set(images), images
+        steps = sorted({event.step for event in accumulator.Images('ddapo/train/sample0_image0')})
+        assert steps == [1, 2], steps
+        picture = accumulator.Images('ddapo/train/sample0_image0')[0]
+        assert picture.width > 100 and picture.height > 100
+        assert any(tag.startswith('train/ddapo/') for tag in accumulator.Tags()['scalars'])
+        assert glob.glob(str(tmp_path / '**' / 'ddapo' / 'report.md'), recursive=True)
+
+
 class TestRefusalsFirst:
     """The real command line with --use_vllm true --vllm_mode colocate: the plugin refuses it, with the reward's own
     message, when ms-swift imports it, before ms-swift builds a trainer or looks for vLLM. (Without --vllm_mode, or in

@@ -40,10 +40,10 @@ from ddapo_formulas import (DDAPOScores, NotApplicable, gated_rewards, group_rob
 from ddapo_key_sets import KeySets, build_key_sets
 from ddapo_packing import shared_prompt_units
 from ddapo_report import ReportSample, ReportWriter, fair_shares, image_heatmaps
-from ddapo_swift import (EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec, SystemTurnNotFound,
-                         SystemTurns, VLLM_REFUSAL, enable_token_weights, encode_completion, image_merge_size, model_spec,
-                         image_paths, last_user_turn, padding_row, policy_forward, processed_images, reward_rows,
-                         token_weight_store)
+from ddapo_swift import (VLLM_REFUSAL, EncodedCompletion, ForwardReport, GeneratedIdsMismatch, ModelSpec,
+                         SystemTurnNotFound, SystemTurns, enable_token_weights, encode_completion, image_merge_size,
+                         image_paths, last_user_turn, log_pictures, model_spec, padding_row, policy_forward,
+                         processed_images, reward_rows, token_weight_store)
 
 logger = get_logger()
 
@@ -86,8 +86,7 @@ def _dump_rows(directory: str, rank: int, kwargs: Dict[str, Any], num_completion
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f'rank{rank}.jsonl'), 'a') as f:
         for row, reward in zip(reward_rows(kwargs, num_completions), rewards):
-            images = [image.get('path') if isinstance(image, dict) else image for image in row.get('images') or []]
-            f.write(json.dumps({'messages': row.get('messages'), 'images': images, 'reward': reward,
+            f.write(json.dumps({'messages': row.get('messages'), 'images': image_paths(row), 'reward': reward,
                                 'response_token_ids': row.get('response_token_ids'),
                                 'padding_forwards': padding}) + '\n')
 
@@ -359,8 +358,9 @@ class DDAPOAttentionORM(ORM):
         """``sample k: prompt <id>, output g of G`` (the outputs of that prompt in this call)."""
         prompt = item.row.get('prompt_id')
         group = [p for p in runnable if p.row.get('prompt_id') == prompt]
+        place = next(i for i, p in enumerate(group) if p is item)  # identity: equal rows are different outputs
         label = str(prompt)[:8] if prompt not in (None, '') else '?'
-        return f'sample {k + 1}: prompt {label}, output {group.index(item) + 1} of {len(group)}'
+        return f'sample {k + 1}: prompt {label}, output {place + 1} of {len(group)}'
 
     def _report_sample(self, trainer, row, encoded: EncodedCompletion, capture: LayerCapture, layers: List[int],
                        m_text, scores: DDAPOScores, weights: Optional[List[float]], title: str) -> ReportSample:
@@ -404,8 +404,9 @@ class DDAPOAttentionORM(ORM):
             step = getattr(getattr(trainer, 'state', None), 'global_step', 0)
             self._last_report_step = step
             # the rewards of step N are computed while global_step is still N - 1; logging.jsonl says N
-            ReportWriter(os.path.join(trainer.args.output_dir, 'ddapo')).write_step(
+            pictures = ReportWriter(os.path.join(trainer.args.output_dir, 'ddapo')).write_step(
                 step + 1, mode, self.last_metrics, samples, self._layers_note())
+            log_pictures(trainer, step + 1, pictures, mode)  # the same pictures in TensorBoard / wandb / swanlab
 
     def _layers_note(self) -> str:
         """Which decoder layers (0-based ``layer_idx``) are ``L_att`` and its thirds (the ``ddapo/<third>/M_V`` metrics)."""

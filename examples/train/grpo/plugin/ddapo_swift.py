@@ -13,10 +13,12 @@
                                              per-token advantages
 """
 import json
+import os
 import random
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 from swift.model.utils import AttnImpl
@@ -213,17 +215,11 @@ class SystemTurns:
         messages = [{'role': 'system', 'content': system}] if system is not None else []
         messages += [{'role': 'user', 'content': PROBE_TEXT}, {'role': 'assistant', 'content': PROBE_TEXT}]
         template = self.template
-        saved = template.__dict__.get('_get_system')
-        if drop_system:
-            template._get_system = lambda inputs: None  # the instance attribute shadows the template class's method
-        try:
+        # an instance attribute shadows the template class's method for this rendering only
+        no_system = (mock.patch.object(template, '_get_system', lambda inputs: None, create=True) if drop_system
+                     else nullcontext())
+        with no_system:
             return list(template.encode({'messages': messages, **extra})['input_ids'])
-        finally:
-            if drop_system:
-                if saved is None:
-                    del template._get_system
-                else:
-                    template._get_system = saved
 
     def block(self, system: Optional[str], extra: Optional[Dict[str, Any]] = None) -> Tuple[int, Tuple[int, ...]]:
         """``(offset, ids)`` of the system turn the template renders for ``system`` (``None``: the template's
@@ -342,6 +338,34 @@ def image_paths(row: Dict[str, Any]) -> List[str]:
         path = image.get('path') if isinstance(image, dict) else image if isinstance(image, str) else None
         paths.append(path or '<in memory>')
     return paths
+
+
+def log_pictures(trainer, step: int, pictures: Sequence[str], mode: str = 'train') -> List[str]:
+    """Hand the report's pictures (PNG paths) to the trainer's trackers through their own callbacks and image APIs:
+    TensorBoard's ``SummaryWriter.add_image``, ``wandb.Image``, ``swanlab.Image`` (whichever ``--report_to`` set up).
+    Tags are ``ddapo/<mode>/<sample>_<picture>`` (e.g. ``ddapo/train/sample0_image0``). Returns the trackers used."""
+    import numpy as np
+    from PIL import Image
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+    from transformers.integrations.integration_utils import SwanLabCallback
+    # step0000002_train_sample0_image0.png -> ddapo/train/sample0_image0
+    tagged = {f'ddapo/{mode}/' + os.path.splitext(os.path.basename(path))[0].split(f'_{mode}_', 1)[-1]: path
+              for path in pictures}
+    used = []
+    for callback in getattr(getattr(trainer, 'callback_handler', None), 'callbacks', []):
+        if isinstance(callback, TensorBoardCallback) and getattr(callback, 'tb_writer', None) is not None:
+            for tag, path in tagged.items():
+                callback.tb_writer.add_image(tag, np.asarray(Image.open(path).convert('RGB')), step, dataformats='HWC')
+            callback.tb_writer.flush()
+            used.append('tensorboard')
+        elif isinstance(callback, WandbCallback) and getattr(callback, '_initialized', False):
+            callback._wandb.log({**{tag: callback._wandb.Image(path) for tag, path in tagged.items()},
+                                 'train/global_step': step})
+            used.append('wandb')
+        elif isinstance(callback, SwanLabCallback) and getattr(callback, '_initialized', False):
+            callback._swanlab.log({tag: callback._swanlab.Image(path) for tag, path in tagged.items()}, step=step)
+            used.append('swanlab')
+    return used
 
 
 def image_merge_size(trainer) -> int:
