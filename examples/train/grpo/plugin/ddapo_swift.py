@@ -369,7 +369,7 @@ def log_pictures(trainer, step: int, pictures: Sequence[str], mode: str = 'train
 
 
 def image_merge_size(trainer) -> int:
-    """Patches merged into one vision token along each side (2 for Qwen2-VL / Qwen2.5-VL)."""
+    """Patches merged into one vision token along each side (2 for every supported Qwen family)."""
     return int(trainer.template.processor.image_processor.merge_size)
 
 
