@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from tiny_qwen_vl import FAMILIES  # noqa: E402  (each family's ms-swift template)
 PLUGIN = os.path.join(HERE, 'plugin', 'plugin.py')
 DDAPO_MEAN = 'rewards/DDAPOAttentionORM/mean'
 TARGET_OVERHEAD = 0.10  # the reward may add at most 10% to the GRPO step (3B, 8 x 384)
@@ -104,7 +105,7 @@ def command(inputs: Dict[str, str], args, reward_funcs: List[str], output_dir: s
                 '--per_device_train_batch_size', str(args.num_generations),
                 '--max_completion_length', str(args.completion_length), '--deepspeed', 'zero3']
     return [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', inputs['model'],
-            '--model_type', args.model_type, '--template', args.model_type.replace('_moe', ''),
+            '--model_type', args.model_type, '--template', FAMILIES[args.model_type].template,
             '--check_model', 'false', '--use_vllm', 'false', '--attn_impl', 'sdpa',
             '--external_plugins', PLUGIN, inputs['timing_plugin'], '--reward_funcs', *reward_funcs,
             '--dataset', inputs['dataset'], '--tuner_type', 'lora', '--lora_rank', '16', '--target_modules',
@@ -183,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--output-dir', default=os.path.join(os.getcwd(), 'output', 'gpu_check'))
     parser.add_argument('--model', default=None, help='a real checkpoint (default: random-weight Qwen2.5-VL-3B)')
-    parser.add_argument('--model-type', default='qwen2_5_vl')
+    parser.add_argument('--model-type', default='qwen2_5_vl', choices=sorted(FAMILIES))
     parser.add_argument('--steps', type=int, default=4)
     parser.add_argument('--num-generations', type=int, default=8)
     parser.add_argument('--completion-length', type=int, default=384)

@@ -244,7 +244,8 @@ def language_attention(config, keys: Sequence[str], implementation: str = EAGER_
 
 
 def captured_forward(forward, members: Sequence[Tuple[Dict[str, Any], int, int, KeySets]],
-                     attention_layers: Sequence[int], pack: bool, key_attention: Optional[Sequence[bool]] = None) -> Tuple[Any, ForwardCapture, int]:
+                     attention_layers: Sequence[int], pack: bool,
+                     key_attention: Optional[Sequence[bool]] = None) -> Tuple[Any, ForwardCapture, int]:
     """One forward for one or several outputs, each given as ``(forward kwargs, P, |o_i|, key sets)``.
 
     ``pack``: the outputs share their prompt and run as ``[q ; o_1 ; ... ; o_G]`` (`pack_shared_prompt`);
