@@ -31,9 +31,12 @@ SYSTEM_PROMPT=${SYSTEM_PROMPT:-"A conversation between User and Assistant. The a
 REWARD_FUNCS=${REWARD_FUNCS:-"ddapo_attention format answer_match"}
 
 if [ "$DEMO" = 1 ]; then
-  # The embedded default: built once under OUTPUT_DIR, then a handful of single-process GRPO steps.
+  # The embedded default: built and warm-started once under OUTPUT_DIR, then a handful of single-process GRPO steps.
   OUTPUT_DIR=${OUTPUT_DIR:-"$ROOT/output/ddapo_demo"}
-  MODEL=${MODEL:-"$OUTPUT_DIR/tiny-qwen2_5_vl"}
+  PREPARE=(prepare "$OUTPUT_DIR" --system "$SYSTEM_PROMPT")  # what the demo builds: the defaults not overridden
+  [ -n "${MODEL:-}" ] && PREPARE+=(--dataset-only)
+  [ -n "${MODEL:-}" ] && [ -n "${DATASET:-}" ] && PREPARE=()
+  MODEL=${MODEL:-"$OUTPUT_DIR/tiny-qwen2_5_vl-warm"}
   DATASET=${DATASET:-"$OUTPUT_DIR/shapes/train.jsonl"}
   NPROC_PER_NODE=${NPROC_PER_NODE:-1}
   MODEL_TYPE=${MODEL_TYPE:-qwen2_5_vl}
@@ -42,7 +45,7 @@ if [ "$DEMO" = 1 ]; then
   NUM_GENERATIONS=${NUM_GENERATIONS:-4}
   BATCH_SIZE=${BATCH_SIZE:-4}
   GRAD_ACC=${GRAD_ACC:-1}
-  MAX_COMPLETION_LENGTH=${MAX_COMPLETION_LENGTH:-16}
+  MAX_COMPLETION_LENGTH=${MAX_COMPLETION_LENGTH:-24}  # the warm start's longest answer is 22 tokens
   MAX_LENGTH=${MAX_LENGTH:-1024}
   MAX_STEPS=${MAX_STEPS:-6}
   LEARNING_RATE=${LEARNING_RATE:-1e-4}
@@ -148,8 +151,8 @@ if [ "$DEMO" = 0 ]; then
   fi
 fi
 
-if [ "$DEMO" = 1 ]; then
-  python3 "$ROOT/examples/train/grpo/ddapo_demo.py" prepare "$OUTPUT_DIR"
+if [ "$DEMO" = 1 ] && [ ${#PREPARE[@]} -gt 0 ]; then
+  python3 "$ROOT/examples/train/grpo/ddapo_demo.py" "${PREPARE[@]}"
 fi
 "${CMD[@]}"
 if [ "$DEMO" = 1 ]; then

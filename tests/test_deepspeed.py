@@ -2,7 +2,7 @@
 accelerator (DS_ACCELERATOR=cpu) and gloo, on image and text-only prompts, so the ranks have unequal scorable rows
 and unequal forwards, and one of them runs padding forwards.
 
-The only help DeepSpeed needs on CPU is `tests/cpu_deepspeed/sitecustomize.py` (put on PYTHONPATH): transformers
+The only help DeepSpeed needs on CPU is `tests/cpu_distributed/sitecustomize.py` (put on PYTHONPATH): transformers
 builds accelerate's state for a DeepSpeed run without a backend, so without an accelerator accelerate counted one
 process and DeepSpeed stopped at its batch arithmetic (`train_batch_size ... 2 != 2 * 1 * 2`). ms-swift's fp16
 default is turned off (`--fp16 false`): DeepSpeed's CPU accelerator has no fp16.
@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, make_policy
 from test_swift_rlhf_e2e import logged_means, swift_command
 
-SHIM = os.path.join(ROOT, 'tests', 'cpu_deepspeed')
+SHIM = os.path.join(ROOT, 'tests', 'cpu_distributed')
 # A pack budget between the two prompt kinds' packs (2 outputs of 8 tokens): a text-only prompt's outputs run as one
 # forward (34 + 16 tokens), an image prompt's as two (48 + 16 > 60), so ranks holding different kinds run unequal
 # numbers of forwards, and the one with fewer runs a padding forward.

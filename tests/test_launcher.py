@@ -89,7 +89,8 @@ class TestDryRun:
         result = run_script('--demo', '--dry-run', OUTPUT_DIR=str(tmp_path))
         env, argv = composed(result)
         assert env['NPROC_PER_NODE'] == '1' and '--deepspeed' not in argv
-        assert flag(argv, '--model') == [str(tmp_path / 'tiny-qwen2_5_vl')]
+        assert flag(argv, '--model') == [str(tmp_path / 'tiny-qwen2_5_vl-warm')]
+        assert flag(argv, '--max_completion_length') == ['24']  # the warm start's longest completion: 22 tokens
         assert flag(argv, '--check_model') == ['false'] and flag(argv, '--use_vllm') == ['false']
         assert list(tmp_path.iterdir()) == []
 
@@ -146,13 +147,19 @@ class TestDemo:
         assert [int(r[0]) for r in rows] == list(range(1, 7))
         ddapo = [r[1] for r in rows]
         assert all(0.0 <= v <= 1.0 for v in ddapo) and max(ddapo) - min(ddapo) > 1e-4, ddapo
-        assert (tmp_path / 'tiny-qwen2_5_vl' / 'config.json').exists()
+        # the warm-started model answers: the format and the answer score on most steps
+        for name in ('Format', 'AnswerMatchORM'):
+            scores = [r[header.index(name)] for r in rows]
+            assert sum(v > 0 for v in scores) >= 4, (name, scores)
+        assert (tmp_path / 'tiny-qwen2_5_vl-warm' / 'warm_start.json').exists()
         report = re.search(r'DDAPO report \(.*\): (\S+report\.md)', result.stdout)
         assert report and os.path.exists(report.group(1)) and '## step 1 (train)' in open(report.group(1)).read()
         # the launcher's non-reentrant checkpointing: no per-step torch warning from ms-swift's no-grad forwards
         assert 'None of the inputs have requires_grad=True' not in result.stdout + result.stderr
         assert (tmp_path / 'shapes' / 'train.jsonl').exists()
-        from ddapo_demo import prepare  # cached: a second prepare builds nothing
-        mtime = os.path.getmtime(tmp_path / 'tiny-qwen2_5_vl' / 'model.safetensors')
-        prepare(str(tmp_path))
-        assert os.path.getmtime(tmp_path / 'tiny-qwen2_5_vl' / 'model.safetensors') == mtime
+        from ddapo_demo import prepare  # cached: a second prepare with the launcher's system prompt builds nothing
+        _, argv = composed(result)
+        models = [tmp_path / name / 'model.safetensors' for name in ('tiny-qwen2_5_vl', 'tiny-qwen2_5_vl-warm')]
+        mtimes = [os.path.getmtime(m) for m in models]
+        prepare(str(tmp_path), flag(argv, '--system')[0])
+        assert [os.path.getmtime(m) for m in models] == mtimes

@@ -21,7 +21,8 @@ class TestLockstep:
     def test_two_ranks(self, tiny_model_dir, tmp_path):
         model_dir = tiny_model_dir('qwen2_5_vl')
         env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
-        env.update(HF_HUB_OFFLINE='1', PYTHONPATH=os.pathsep.join([os.path.join(ROOT, 'tests'), env.get('PYTHONPATH', '')]))
+        env.update(HF_HUB_OFFLINE='1', PYTHONPATH=os.pathsep.join([os.path.join(ROOT, 'tests'),
+                                                    os.path.join(ROOT, 'tests', 'cpu_distributed'), env.get('PYTHONPATH', '')]))
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
                WORKER, model_dir, str(tmp_path)]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -12,6 +12,8 @@ from conftest import ROOT
 from tiny_qwen_vl import FAMILIES
 
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
+# test-only shims for multi-process CPU runs (gloo): a clean process-group exit, DeepSpeed's backend
+CPU_DISTRIBUTED = os.path.join(ROOT, 'tests', 'cpu_distributed')
 
 
 def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl'):
@@ -29,6 +31,8 @@ def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', 
     cmd = swift_command(model_dir, dataset, output_dir, *extra, model_type=model_type)
     env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
     env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
+    if env.get('NPROC_PER_NODE', '1') != '1':
+        env['PYTHONPATH'] = os.pathsep.join([CPU_DISTRIBUTED, env.get('PYTHONPATH', '')])
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 

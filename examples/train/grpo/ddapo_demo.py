@@ -1,15 +1,20 @@
 """Helpers of ``run_grpo_with_ddapo.sh --demo``: build the embedded default, then print the per-step rewards.
 
-    python examples/train/grpo/ddapo_demo.py prepare OUTPUT_DIR     # prints MODEL=... and DATASET=...
-    python examples/train/grpo/ddapo_demo.py summarize OUTPUT_DIR   # per-step table from logging.jsonl
+    python examples/train/grpo/ddapo_demo.py prepare OUTPUT_DIR [--system TEXT]   # prints MODEL=... and DATASET=...
+    python examples/train/grpo/ddapo_demo.py summarize OUTPUT_DIR                 # per-step table from logging.jsonl
+
+The embedded default is a tiny random Qwen2.5-VL warm-started by a short supervised pass (`warm_start`) on the
+shapes set, so it answers in the ``<think> ... </think><answer> ... </answer>`` format the demo's rewards check.
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
 import sys
-from typing import Dict, List
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_qwen_vl import build_shapes_dataset, build_tiny_qwen_vl  # noqa: E402
@@ -18,12 +23,112 @@ REWARD_PREFIX, REWARD_SUFFIX = 'rewards/', '/mean'
 DDAPO_COLUMN = 'rewards/DDAPOAttentionORM/mean'
 
 
-def prepare(output_dir: str) -> Dict[str, str]:
-    """Build (once; reused when present) the tiny Qwen2.5-VL and the shapes question set under ``output_dir``."""
-    model = build_tiny_qwen_vl(os.path.join(output_dir, 'tiny-qwen2_5_vl'), 'qwen2_5_vl')
+MODEL_TYPE = 'qwen2_5_vl'
+# The demo's reasoning phrasings, all in the tiny tokenizer's words: several per answer, so a warm-started model
+# samples different completions of one prompt (GRPO learns nothing from a group of identical ones).
+THINK_PHRASES = ('the shape is {a}', 'the colour is {a}', 'the shape in the picture is {a}', 'the answer is {a}',
+                 'the picture is {a}', '{a}')
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The supervised pass's recipe; a cached warm start is reused only when its recipe (and inputs) match."""
+    steps: int = 400
+    learning_rate: float = 5e-3
+    batch_size: int = 8
+    # The 151k-row vocabulary is fillers the tokenizer never emits (they only put the specials at Qwen's ids);
+    # a sampled softmax (the real tokens plus this many fillers, reweighted) costs 1/30 of the full one.
+    sampled_fillers: int = 2048
+    seed: int = 0
+
+
+FORWARD_INPUTS = ('input_ids', 'attention_mask', 'position_ids', 'pixel_values', 'image_grid_thw')
+
+
+def demo_completions(row: Dict) -> List[str]:
+    """The target completions of one shapes row, one per `THINK_PHRASES` entry.
+
+    >>> demo_completions({'messages': [{'role': 'user', 'content': '<image>Which shape is drawn?'}],
+    ...                   'solution': 'circle'})[0]
+    '<think> the shape is a circle </think><answer> circle </answer>'
+    """
+    solution = row['solution']
+    said = f'a {solution}' if 'shape is drawn' in row['messages'][-1]['content'] else solution
+    return [f'<think> {p.format(a=said)} </think><answer> {solution} </answer>' for p in THINK_PHRASES]
+
+
+def warm_start(base_dir: str, dataset: str, output_dir: str, system: Optional[str] = None,
+               recipe: WarmStart = WarmStart()) -> str:
+    """Train the tiny model at ``base_dir`` on ``dataset``'s rows with their `demo_completions` and write it to
+    ``output_dir`` (returned). Deterministic (fixed seeds, fixed batch order); cached: an ``output_dir`` holding
+    the same recipe, system prompt and data is reused as it is.
+
+    Each row is encoded as GRPO encodes it (ms-swift's template, ``system`` as ``--system`` sets it, the images)
+    with one target completion as the assistant turn, so the prompts the warm start sees are GRPO's prompts.
+    """
+    import torch
+    from swift.model import get_model_processor
+    from swift.template import get_template
+
+    rows = [json.loads(line) for line in open(dataset)]
+    key = {'recipe': asdict(recipe), 'system': system, 'base': os.path.abspath(base_dir),
+           'data': hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
+    marker = os.path.join(output_dir, 'warm_start.json')
+    if os.path.exists(marker) and json.load(open(marker)) == key:
+        return output_dir
+    torch.manual_seed(recipe.seed)
+    model, processor = get_model_processor(base_dir, check_model=False, model_type=MODEL_TYPE,
+                                           torch_dtype=torch.float32)
+    template = get_template(processor, template_type=MODEL_TYPE, **({'default_system': system} if system else {}))
+    template.set_mode('train')
+    template.model = model  # ms-swift's Qwen-VL collator computes the rope positions with it
+    encoded = [template.encode({'messages': row['messages'] + [{'role': 'assistant', 'content': completion}],
+                                'images': row.get('images') or []})
+               for row in rows for completion in demo_completions(row)]
+
+    weight = model.get_output_embeddings().weight
+    real = torch.tensor(sorted(i for t, i in processor.tokenizer.get_vocab().items() if not t.startswith('<|filler_')))
+    is_filler = torch.ones(weight.shape[0], dtype=torch.bool)
+    is_filler[real] = False
+    fillers = is_filler.nonzero().squeeze(1)
+    column = torch.full((weight.shape[0], ), -1)  # a real token's column in the sampled logits
+    column[real] = torch.arange(len(real))
+    filler_log_weight = math.log(len(fillers) / recipe.sampled_fillers)  # each sampled filler stands for this many
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
+    model.train()
+    for _ in range(recipe.steps):
+        order = torch.randperm(len(encoded), generator=generator)[:recipe.batch_size].tolist()
+        batch = template.data_collator([dict(encoded[i]) for i in order])  # the collator consumes its inputs
+        labels = batch.pop('labels')[:, 1:]
+        # the decoder's hidden states only: the full head would score 151k columns at every position
+        hidden = model.model(**{k: batch[k] for k in FORWARD_INPUTS if k in batch}).last_hidden_state
+        hidden = hidden[:, :-1][labels != -100]
+        sampled = fillers[torch.randint(len(fillers), (recipe.sampled_fillers, ), generator=generator)]
+        logits = torch.cat([hidden @ weight[real].T, hidden @ weight[sampled].T + filler_log_weight], dim=1)
+        loss = torch.nn.functional.cross_entropy(logits, column[labels[labels != -100]])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    with open(marker, 'w') as f:
+        json.dump(key, f, indent=1)
+    return output_dir
+
+
+def prepare(output_dir: str, system: Optional[str] = None, recipe: WarmStart = WarmStart(),
+            dataset_only: bool = False) -> Dict[str, str]:
+    """Build (once; reused when present) the shapes question set, the tiny Qwen2.5-VL and its warm start under
+    ``output_dir``; ``system`` is the system prompt the GRPO run will use. ``dataset_only``: the question set."""
     dataset = os.path.join(output_dir, 'shapes', 'train.jsonl')
     if not os.path.exists(dataset):
         dataset = build_shapes_dataset(os.path.dirname(dataset), num_rows=32)
+    if dataset_only:
+        return {'DATASET': dataset}
+    base = build_tiny_qwen_vl(os.path.join(output_dir, f'tiny-{MODEL_TYPE}'), MODEL_TYPE)
+    model = warm_start(base, dataset, os.path.join(output_dir, f'tiny-{MODEL_TYPE}-warm'), system, recipe)
     return {'MODEL': model, 'DATASET': dataset}
 
 
@@ -55,9 +160,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('command', choices=['prepare', 'summarize'])
     parser.add_argument('output_dir')
+    parser.add_argument('--system', default=None, help='the GRPO run\'s system prompt (prepare)')
+    parser.add_argument('--dataset-only', action='store_true', help='prepare the question set only')
     args = parser.parse_args()
     if args.command == 'prepare':
-        for key, value in prepare(args.output_dir).items():
+        for key, value in prepare(args.output_dir, args.system, dataset_only=args.dataset_only).items():
             print(f'{key}={value}')
     else:
         print(summary_table(read_log(os.path.join(args.output_dir, 'train'))))
