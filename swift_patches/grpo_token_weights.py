@@ -32,8 +32,12 @@ def scale_token_advantages(advantages: torch.Tensor, completion_mask: torch.Tens
     ``completion_mask[i]`` is set, in order) multiplied by ``weights[i]``; rows whose weights are ``None`` and the
     remaining completion tokens are unchanged. Returns a new tensor (or ``advantages`` when no row has weights).
 
-    Example: advantages ``[[2, 2, 2, 0]]``, mask ``[[1, 1, 1, 0]]``, weights ``[[1.5, 0.5]]`` give
-    ``[[3, 1, 2, 0]]`` (the third completion token is one the template appended).
+    Example: advantages ``[[2, 2, 2, 0]]``, mask ``[[1, 1, 1, 0]]``, weights ``[[1.5, 0.5]]`` (the third
+    completion token is one the template appended):
+
+    >>> advantages, mask = torch.tensor([[2.0, 2.0, 2.0, 0.0]]), torch.tensor([[1, 1, 1, 0]])
+    >>> scale_token_advantages(advantages, mask, [[1.5, 0.5]]).tolist()
+    [[3.0, 1.0, 2.0, 0.0]]
     """
     if len(weights) != advantages.shape[0]:
         raise ValueError(f'{len(weights)} token-weight rows for a micro-batch of {advantages.shape[0]} outputs')

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import GRPO_DIR
 
 
+@pytest.mark.slow
 class TestBenchmarkSmoke:
     """Edge cases: the JSON document has every measurement, and the reward paths agree with the naive
     computation and with each other (fp32, 1e-5)."""

@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, make_policy
 from test_swift_rlhf_e2e import logged_means, swift_command
 
+pytestmark = pytest.mark.slow  # real swift rlhf runs
 SHIM = os.path.join(ROOT, 'tests', 'cpu_distributed')
 # A pack budget between the two prompt kinds' packs (2 outputs of 8 tokens): a text-only prompt's outputs run as one
 # forward (34 + 16 tokens), an image prompt's as two (48 + 16 > 60), so ranks holding different kinds run unequal

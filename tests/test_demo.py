@@ -7,13 +7,14 @@ import pytest
 
 from ddapo_demo import THINK_PHRASES, WarmStart, demo_completions, warm_start
 
-SHORT = WarmStart(steps=3, sampled_fillers=64)
+# the demo's 32 rows, 50 steps: runs long enough for an order-dependent accumulation to have a chance to show
+SHORT = WarmStart(steps=50)
 
 
 @pytest.fixture(scope='module')
 def small_dataset(tmp_path_factory):
     from tiny_qwen_vl import build_shapes_dataset
-    return build_shapes_dataset(str(tmp_path_factory.mktemp('warm_shapes')), num_rows=3)
+    return build_shapes_dataset(str(tmp_path_factory.mktemp('warm_shapes')), num_rows=32)
 
 
 class TestDemoCompletions:
@@ -47,5 +48,5 @@ class TestWarmStart:
         assert json.load(open(os.path.join(first, 'warm_start.json')))['system'] == 'Answer in one word.'
         assert open(weights[1], 'rb').read() != data[1]  # another system prompt, other prompts: trained again
 
-        warm_start(base, small_dataset, first, 'Be brief.', WarmStart(steps=2, sampled_fillers=64))
+        warm_start(base, small_dataset, first, 'Be brief.', WarmStart(steps=2))
         assert json.load(open(os.path.join(first, 'warm_start.json')))['recipe']['steps'] == 2

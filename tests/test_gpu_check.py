@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import gpu_check
 from conftest import GRPO_DIR
 
 SCRIPT = os.path.join(GRPO_DIR, 'gpu_check.py')
 
 
+@pytest.mark.slow
 class TestCpuSmoke:
     """The whole script on the CPU: both runs finish, the table has every row, the rewards are finite and vary."""
 

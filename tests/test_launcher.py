@@ -134,6 +134,7 @@ class TestPrerequisites:
         assert 'NPROC_PER_NODE=2 needs 2 visible GPUs and 0 are visible' in result.stderr and '--demo' in result.stderr
 
 
+@pytest.mark.slow
 class TestDemo:
     """The product end to end: one command, offline, on this machine's CPU."""
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 WORKER = os.path.join(ROOT, 'tests', 'lockstep_worker.py')
+pytestmark = pytest.mark.slow  # torchrun, two processes
 
 
 class TestLockstep:

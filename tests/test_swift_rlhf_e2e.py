@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 from tiny_qwen_vl import FAMILIES
 
+pytestmark = pytest.mark.slow  # real swift rlhf runs
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
 # test-only shims for multi-process CPU runs (gloo): a clean process-group exit, DeepSpeed's backend
 CPU_DISTRIBUTED = os.path.join(ROOT, 'tests', 'cpu_distributed')

@@ -1,6 +1,6 @@
 """Does the reward steer attention? Two GRPO runs on the demo model, ``ddapo_attention`` weighted 1 and 0.
 
-    python examples/train/grpo/ablation_ddapo_weight.py [--output-dir output/ablation] [--steps 150]
+    python examples/train/grpo/ablation_ddapo_weight.py [--output-dir output/ablation] [--steps 300]
         [--learning-rate 5e-3] [--lora-rank 8] [--target-modules 'q_proj k_proj'] [--others-weight 0]
         [-- other swift rlhf flags]
 
@@ -9,12 +9,12 @@ questions and the same seed, with ``--reward_weights W O O`` for ``ddapo_attenti
 (``O = --others-weight``, 0 by default: the weight-1 run is steered by ``ddapo_attention`` alone and the weight-0
 run not at all, so the difference is the reward's own effect; ``--others-weight 1`` keeps the demo's mix). With
 ``W = 0`` the reward is still computed and logged, it only leaves the optimised sum. The script plots the mean
-vision mass ``ddapo/M_V/mean`` (Eq. 3: the share of a generated token's attention that lands on vision keys)
-and ``rewards/DDAPOAttentionORM/mean`` (``R^bal``) per step for both runs into one PNG, and writes the per-step
+vision mass ``ddapo/M_V/mean`` (Eq. 5: the share of a generated token's attention that lands on vision keys)
+and ``rewards/DDAPOAttentionORM/mean`` (``R^bal``, Eq. 7) per step for both runs into one PNG, and writes the per-step
 numbers beside it (``ablation.json``) and a summary table to stdout (first and last tenth of the steps).
-Both runs of 150 steps take about 9 minutes on 2 CPU cores (the warm start included). The README's section
-"Does the reward steer attention?" shows the committed result (docs/ablation_ddapo_weight.png) and the settings
-tried.
+Each run of 300 steps takes about 8 minutes on 2 CPU cores (both, with the warm start, about 17). The README's
+section "Does the reward steer attention?" shows the committed result (docs/ablation_ddapo_weight.png) and the
+settings tried.
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ LAUNCHER = os.path.join(ROOT, 'run_grpo_with_ddapo.sh')
 sys.path.insert(0, HERE)
 from ddapo_demo import prepare, read_log  # noqa: E402
 
-METRICS = {'ddapo/M_V/mean': 'M_V: vision share of attention (Eq. 3)',
+METRICS = {'ddapo/M_V/mean': 'M_V: vision share of attention (Eq. 5)',
            'rewards/DDAPOAttentionORM/mean': 'R^bal = 1 / (1 + TDR)'}
 OTHERS = ('rewards/Format/mean', 'rewards/AnswerMatchORM/mean')
 
@@ -120,7 +120,7 @@ def plot(curves: Dict[str, Dict[str, List[float]]], path: str, title: str) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--output-dir', default=os.path.join(ROOT, 'output', 'ablation'))
-    parser.add_argument('--steps', type=int, default=150)
+    parser.add_argument('--steps', type=int, default=300)
     parser.add_argument('--learning-rate', type=float, default=5e-3)
     parser.add_argument('--lora-rank', type=int, default=8)
     parser.add_argument('--target-modules', default='q_proj k_proj', help='LoRA targets, space-separated')

@@ -86,31 +86,52 @@ def warm_start(base_dir: str, dataset: str, output_dir: str, system: Optional[st
                                 'images': row.get('images') or []})
                for row in rows for completion in demo_completions(row)]
 
-    weight = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings()
+    weight = embedding.weight  # tied: also the output head's
     real = torch.tensor(sorted(i for t, i in processor.tokenizer.get_vocab().items() if not t.startswith('<|filler_')))
     is_filler = torch.ones(weight.shape[0], dtype=torch.bool)
     is_filler[real] = False
     fillers = is_filler.nonzero().squeeze(1)
-    column = torch.full((weight.shape[0], ), -1)  # a real token's column in the sampled logits
+    column = torch.full((weight.shape[0], ), -1)  # a real token's row in `delta` and column in the logits
     column[real] = torch.arange(len(real))
     filler_log_weight = math.log(len(fillers) / recipe.sampled_fillers)  # each sampled filler stands for this many
+    # Only the real tokens' rows train, as a small `delta`: a dense gradient and AdamW state over all 151k rows
+    # would cost most of each step. The fillers' rows stay as built.
+    weight.requires_grad_(False)
+    delta = torch.nn.Parameter(torch.zeros(len(real), weight.shape[1]))
 
-    generator = torch.Generator().manual_seed(recipe.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
-    model.train()
-    for _ in range(recipe.steps):
-        order = torch.randperm(len(encoded), generator=generator)[:recipe.batch_size].tolist()
-        batch = template.data_collator([dict(encoded[i]) for i in order])  # the collator consumes its inputs
-        labels = batch.pop('labels')[:, 1:]
-        # the decoder's hidden states only: the full head would score 151k columns at every position
-        hidden = model.model(**{k: batch[k] for k in FORWARD_INPUTS if k in batch}).last_hidden_state
-        hidden = hidden[:, :-1][labels != -100]
-        sampled = fillers[torch.randint(len(fillers), (recipe.sampled_fillers, ), generator=generator)]
-        logits = torch.cat([hidden @ weight[real].T, hidden @ weight[sampled].T + filler_log_weight], dim=1)
-        loss = torch.nn.functional.cross_entropy(logits, column[labels[labels != -100]])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    def add_delta(module, inputs, output):
+        rows = column[inputs[0]]
+        return output + torch.where((rows >= 0).unsqueeze(-1), delta[rows.clamp_min(0)], 0.0)
+
+    hook = embedding.register_forward_hook(add_delta)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # delta's gradient is an indexed accumulation: order it
+    try:
+        generator = torch.Generator().manual_seed(recipe.seed)
+        trained = [p for p in model.parameters() if p.requires_grad] + [delta]
+        optimizer = torch.optim.AdamW(trained, lr=recipe.learning_rate, weight_decay=0.0)
+        model.train()
+        for _ in range(recipe.steps):
+            order = torch.randperm(len(encoded), generator=generator)[:recipe.batch_size].tolist()
+            batch = template.data_collator([dict(encoded[i]) for i in order])  # the collator consumes its inputs
+            labels = batch.pop('labels')[:, 1:]
+            # the decoder's hidden states only: the full head would score 151k columns at every position
+            hidden = model.model(**{k: batch[k] for k in FORWARD_INPUTS if k in batch}).last_hidden_state
+            hidden = hidden[:, :-1][labels != -100]
+            sampled = fillers[torch.randint(len(fillers), (recipe.sampled_fillers, ), generator=generator)]
+            logits = torch.cat([hidden @ (weight[real] + delta).T, hidden @ weight[sampled].T + filler_log_weight],
+                               dim=1)
+            loss = torch.nn.functional.cross_entropy(logits, column[labels[labels != -100]])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        hook.remove()
+        torch.use_deterministic_algorithms(deterministic)
+    with torch.no_grad():
+        weight[real] += delta
+    weight.requires_grad_(True)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     with open(marker, 'w') as f:

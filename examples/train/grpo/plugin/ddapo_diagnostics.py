@@ -43,7 +43,10 @@ class SampleDiagnostics:
 def weight_stats(weights: Sequence[float], clip: Tuple[float, float]) -> WeightStats:
     """`WeightStats` of one output's weights; a weight counts as clipped when it sits on a bound other than 1.
 
-    Example: ``[1.0, 1.8, 0.2]`` with clip ``(0.2, 3.0)`` gives total 3, count 3, low 0.2, high 1.8, at_bounds 1.
+    Example: ``[1.0, 1.8, 0.2]`` with clip ``(0.2, 3.0)``:
+
+    >>> weight_stats([1.0, 1.8, 0.2], (0.2, 3.0))
+    WeightStats(total=3.0, count=3, low=0.2, high=1.8, at_bounds=1)
     """
     bounds = [b for b in clip if b != 1.0]
     at_bounds = sum(any(abs(w - b) <= 1e-12 for b in bounds) for w in weights)
@@ -59,8 +62,11 @@ def segments(num_layers: int) -> List[str]:
 def segment_vision_mass(masses: torch.Tensor) -> Dict[str, float]:
     """``M^V_i`` (Eq. 5) with ``Lambda`` = each segment of `segments`; ``masses`` is ``[L, |o_i|, 2]`` (all layers).
 
-    Example: 3 layers whose tokens all put masses ``[0.9, 0.1]``, ``[0.5, 0.5]``, ``[0.1, 0.9]`` give
-    ``{'all': 0.5, 'early': 0.1, 'middle': 0.5, 'late': 0.9}``.
+    Example: 3 layers whose one token puts masses ``[0.9, 0.1]``, ``[0.5, 0.5]``, ``[0.1, 0.9]`` on ``(T, V)``:
+
+    >>> masses = torch.tensor([[[0.9, 0.1]], [[0.5, 0.5]], [[0.1, 0.9]]])
+    >>> {k: round(v, 4) for k, v in segment_vision_mass(masses).items()}
+    {'all': 0.5, 'early': 0.1, 'middle': 0.5, 'late': 0.9}
     """
     out = {}
     for name in segments(masses.shape[0]):
@@ -79,8 +85,14 @@ def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
     """The step's ``ddapo/*`` metrics over every output of every rank.
 
     Means are over the outputs whose reward is defined; ``ddapo/tdr/mean`` leaves out ``TDR = inf``
-    (``M^V = 0``), which ``ddapo/tdr/median`` keeps. Example: two outputs with TDR 1 and 3 and one text-only
-    prompt give ``tdr/mean = 2``, ``tdr/median = 2``, ``not_applicable_frac = 1/3``.
+    (``M^V = 0``), which ``ddapo/tdr/median`` keeps. Example: two outputs with TDR 1 and 3 (``m^T = 0.25`` and
+    ``0.5``, ``|T| = 10``, ``|V| = 30``) and one output of a text-only prompt:
+
+    >>> from ddapo_formulas import sequence_scores
+    >>> outputs = [SampleDiagnostics(scores=sequence_scores(torch.tensor([m]), 10, 30)) for m in (0.25, 0.5)]
+    >>> metrics = step_metrics(outputs + [SampleDiagnostics(reason='no_vision_keys')])
+    >>> [round(metrics[k], 4) for k in ('ddapo/tdr/mean', 'ddapo/tdr/median', 'ddapo/not_applicable_frac')]
+    [2.0, 2.0, 0.3333]
     """
     if not samples:
         return {}

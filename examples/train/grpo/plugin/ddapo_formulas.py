@@ -42,8 +42,11 @@ def layer_modality_masses(head_mean: torch.Tensor, text_keys: torch.Tensor, visi
     ``text_keys`` / ``vision_keys``: ``[S]`` boolean masks of ``T`` and ``V``.
     Returns ``[|o_i|, 2]``: column 0 is ``sum_{j in T} (1/H) sum_h alpha``, column 1 the same over ``V``.
 
-    Example: one row ``[0.5, 0.3, 0.2]``, ``T = {0}``, ``V = {1}`` gives ``[[0.5, 0.3]]``
-    (key 2, e.g. a special token, is in neither set).
+    Example: one row ``[0.5, 0.3, 0.2]``, ``T = {0}``, ``V = {1}`` (key 2, e.g. a special token, is in neither set):
+
+    >>> T, V = torch.tensor([True, False, False]), torch.tensor([False, True, False])
+    >>> layer_modality_masses(torch.tensor([[0.5, 0.3, 0.2]]), T, V).double().round(decimals=4).tolist()
+    [[0.5, 0.3]]
     """
     key_masks = torch.stack([text_keys, vision_keys], dim=1).to(head_mean)  # [S, 2]
     return head_mean @ key_masks
@@ -55,7 +58,12 @@ def key_attention_sum(head_mean: torch.Tensor, text_keys: torch.Tensor,
 
     Rows whose Eq. (1) denominator is 0 are left out. Returns ``([S], count)``; the sum of several row
     chunks divided by the sum of their counts is `layer_key_attention` of all the rows.
-    Example: rows ``[[0.5, 0.3, 0.2], [0.0, 0.0, 1.0]]``, ``T = {0}``, ``V = {1}`` give ``([0.625, 0.375, 0], 1)``.
+    Example: rows ``[[0.5, 0.3, 0.2], [0.0, 0.0, 1.0]]``, ``T = {0}``, ``V = {1}`` (row 2 left out):
+
+    >>> T, V = torch.tensor([True, False, False]), torch.tensor([False, True, False])
+    >>> total, count = key_attention_sum(torch.tensor([[0.5, 0.3, 0.2], [0.0, 0.0, 1.0]]), T, V)
+    >>> [round(v, 4) for v in total.tolist()], int(count)
+    ([0.625, 0.375, 0.0], 1)
     """
     keys = (text_keys | vision_keys).to(head_mean)
     on_keys = head_mean * keys
@@ -70,7 +78,11 @@ def layer_key_attention(head_mean: torch.Tensor, text_keys: torch.Tensor, vision
 
     Returns ``[S]``; sums to 1 over ``T or V`` (rows whose Eq. (1) denominator is 0 are left out). Drives the
     heat maps: its values on ``V``, laid back onto the image grid, show where in the image the output looked.
-    Example: rows ``[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]``, ``T = {0}``, ``V = {1}`` give ``[0.5625, 0.4375, 0]``.
+    Example: rows ``[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]``, ``T = {0}``, ``V = {1}``:
+
+    >>> T, V = torch.tensor([True, False, False]), torch.tensor([False, True, False])
+    >>> [round(v, 4) for v in layer_key_attention(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), T, V).tolist()]
+    [0.5625, 0.4375, 0.0]
     """
     total, count = key_attention_sum(head_mean, text_keys, vision_keys)
     return total / count if int(count) > 0 else torch.zeros_like(total)
@@ -84,7 +96,11 @@ def token_text_mass(layer_masses: torch.Tensor) -> torch.Tensor:
     section 4); a token with no such layer at all gets NaN. ``m^V_{i,t} = 1 - m^T_{i,t}``.
 
     Example: two layers giving a token masses ``[0.6, 0.2]`` and ``[0.1, 0.1]`` give
-    ``m^T = (0.75 + 0.5) / 2 = 0.625``.
+    ``m^T = (0.75 + 0.5) / 2 = 0.625``:
+
+    >>> m_text = token_text_mass(torch.tensor([[[0.6, 0.2]], [[0.1, 0.1]]]))  # [|Lambda| = 2, |o_i| = 1, 2]
+    >>> [round(v, 6) for v in m_text.tolist()]
+    [0.625]
     """
     layer_masses = layer_masses.double()
     denominator = layer_masses.sum(dim=-1)  # [|Lambda|, |o_i|]
@@ -115,7 +131,13 @@ def check_applicable(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: 
     (``no_vision_keys``), ``|T| = 0`` (``no_text_keys``), ``|o_i| = 0`` (``empty_completion``), or no token with a
     defined ``m^T`` (``no_prompt_attention``).
 
-    Example: ``check_applicable(torch.tensor([0.5]), 3, 0)`` raises ``NotApplicable('no_vision_keys')``.
+    Example: a text-only prompt (``|V| = 0``):
+
+    >>> try:
+    ...     check_applicable(torch.tensor([0.5]), 3, 0)
+    ... except NotApplicable as error:
+    ...     error.reason
+    'no_vision_keys'
     """
     if num_vision_keys == 0:
         raise NotApplicable('no_vision_keys', 'the prompt has no image or video token (|V| = 0)')
@@ -130,12 +152,13 @@ def check_applicable(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: 
 def balance_reward(rho_text: float, rho_vis: float) -> float:
     """``R^bal_i = rho_vis_i / (rho_text_i + rho_vis_i) = 1 / (1 + TDR_i)``, Eq. (7), in ``[0, 1]``.
 
-    Example: ``rho_text = 0.03``, ``rho_vis = 0.01`` (``TDR = 3``) gives ``0.25``; ``rho_vis = 0`` gives ``0``.
+    ``rho_text + rho_vis > 0`` always holds where it is called: ``M^T + M^V = 1`` (`sequence_scores`).
+    Example: ``rho_text = 0.03``, ``rho_vis = 0.01`` (``TDR = 3``); ``rho_vis = 0``:
+
+    >>> round(balance_reward(0.03, 0.01), 6), balance_reward(0.03, 0.0)
+    (0.25, 0.0)
     """
-    total = rho_text + rho_vis
-    if total <= 0:
-        raise NotApplicable('no_prompt_attention', 'rho_text + rho_vis = 0')
-    return rho_vis / total
+    return rho_vis / (rho_text + rho_vis)
 
 
 def sequence_scores(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> DDAPOScores:
@@ -143,8 +166,13 @@ def sequence_scores(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: i
 
     Raises `NotApplicable` where the reward is undefined (`check_applicable`).
 
-    Example: ``m^T = [0.8, 0.6]``, ``|T| = 10``, ``|V| = 30``: ``M^T = 0.7``, ``rho_text = 0.07``,
-    ``rho_vis = 0.01``, ``TDR = 7``, ``eta^T = 2.8``, ``eta^V = 0.4``, ``R^bal = 0.125``.
+    Example: ``m^T = [0.8, 0.6]``, ``|T| = 10``, ``|V| = 30``:
+
+    >>> s = sequence_scores(torch.tensor([0.8, 0.6]), num_text_keys=10, num_vision_keys=30)
+    >>> [round(v, 4) for v in (s.M_text, s.rho_text, s.rho_vis, s.tdr, s.eta_text, s.eta_vis, s.reward_balance)]
+    [0.7, 0.07, 0.01, 7.0, 2.8, 0.4, 0.125]
+    >>> s.num_text_keys, s.num_vision_keys, s.num_tokens
+    (10, 30, 2)
     """
     check_applicable(m_text, num_text_keys, num_vision_keys)
     defined = m_text[~torch.isnan(m_text)]
@@ -200,7 +228,10 @@ TDR_BOUND = 1e6  # log TDR is taken of TDR clipped to [1/TDR_BOUND, TDR_BOUND]: 
 def log_tdr(tdr: float) -> float:
     """``log TDR_i`` for Eq. (8), with ``TDR_i`` clipped to ``[1e-6, 1e6]`` so ``M^V = 0`` (``TDR = inf``) stays usable.
 
-    Example: ``log_tdr(math.e) == 1.0``; ``log_tdr(math.inf) == log(1e6)``.
+    Example:
+
+    >>> log_tdr(math.e), round(log_tdr(math.inf), 4), round(math.log(1e6), 4)
+    (1.0, 13.8155, 13.8155)
     """
     return math.log(min(max(tdr, 1.0 / TDR_BOUND), TDR_BOUND))
 
@@ -213,7 +244,10 @@ def group_robust_rewards(log_tdrs: Sequence[Optional[float]], groups: Sequence[H
     group (``log_tdrs[i] is not None``); a lower TDR (more vision) scores higher. ``0`` for the valid outputs of a
     group with fewer than two valid outputs or with ``MAD < eps``; ``None`` stays ``None`` (not applicable).
     Example: one group with ``log TDR = [0, 1, 2]``: median 1, MAD 1, ``z = [1/1.4826, 0, -1/1.4826]``
-    (up to eps), ``R^grp = [0.2940, 0, -0.2940]``.
+    (up to eps):
+
+    >>> [round(r, 4) for r in group_robust_rewards([0, 1, 2], [0, 0, 0])]
+    [0.294, 0.0, -0.294]
     """
     if len(log_tdrs) != len(groups):
         raise ValueError(f'{len(log_tdrs)} values for {len(groups)} group labels')
@@ -239,8 +273,12 @@ def gated_rewards(group_rewards: Sequence[Optional[float]], correct: Sequence[bo
     """``R^gate_i = 1[acc_i = 1] * R^grp_i`` of Eq. (9); ``0`` for the whole group when fewer than two of its
     outputs are correct. ``None`` (not applicable) stays ``None``.
 
-    Example: one group, ``R^grp = [0.3, -0.1, None]``, correct ``[True, False, True]`` gives ``[0.3, 0.0, None]``;
-    with correct ``[True, False, False]`` it gives ``[0.0, 0.0, None]``.
+    Example: one group, ``R^grp = [0.3, -0.1, None]``; two correct outputs, then one:
+
+    >>> gated_rewards([0.3, -0.1, None], [True, False, True], [0, 0, 0])
+    [0.3, 0.0, None]
+    >>> gated_rewards([0.3, -0.1, None], [True, False, False], [0, 0, 0])
+    [0.0, 0.0, None]
     """
     num_correct: Dict[Hashable, int] = {}
     for ok, group in zip(correct, groups):
@@ -253,7 +291,10 @@ def token_tdr(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) ->
     """``TDR_{i,t} = (m^T_{i,t} * |V|) / (m^V_{i,t} * |T|)`` of Eq. (10), clipped to ``[1e-6, 1e6]`` (`TDR_BOUND`) so a
     token with ``m^T = 0`` or ``m^V = 0`` stays finite; NaN (undefined ``m^T``) stays NaN.
 
-    Example: ``m^T = [0.5, 0.75, 1.0]``, ``|T| = |V|`` gives ``[1, 3, 1e6]``.
+    Example: ``m^T = [0.5, 0.75, 1.0]``, ``|T| = |V|`` (the last token's ``m^V = 0`` is clipped):
+
+    >>> token_tdr(torch.tensor([0.5, 0.75, 1.0]), 7, 7).tolist()
+    [1.0, 3.0, 1000000.0]
     """
     m_text = m_text.double()
     ratio = (m_text * num_vision_keys) / ((1.0 - m_text) * num_text_keys)  # m^V = 0 gives inf, clipped below
@@ -265,8 +306,10 @@ def gaussian_smooth(values: torch.Tensor, sigma: float, defined: Optional[torch.
     ``3 sigma``: each token gets the kernel-weighted mean of the ``defined`` tokens (default all) within reach, so the
     ends and undefined tokens take no weight and a constant stays constant. ``sigma = 0`` returns ``values``.
 
-    Example: ``[0, 3, 0]`` with ``sigma = 1`` gives ``[1.0446, 1.3556, 1.0446]``: token 0 is
-    ``3 e^{-1/2} / (1 + e^{-1/2} + e^{-2})``.
+    Example: ``[0, 3, 0]`` with ``sigma = 1``; token 0 is ``3 e^{-1/2} / (1 + e^{-1/2} + e^{-2})``:
+
+    >>> [round(v, 4) for v in gaussian_smooth(torch.tensor([0.0, 3.0, 0.0]), 1.0).tolist()]
+    [1.0446, 1.3556, 1.0446]
     """
     if sigma <= 0 or values.numel() < 2:
         return values
@@ -288,8 +331,11 @@ def mean_one_clip(values: torch.Tensor, low: float, high: float) -> torch.Tensor
     to ``high`` as ``c`` grows). Clipping after a plain division by the mean would move the mean off 1; the scale is
     found by bisection on ``log c`` (to float precision).
 
-    Example: ``[9, 1/9]`` with bounds ``(0.2, 3)``: ``c = 0.2`` gives ``[1.8, 0.2]`` (plain normalisation would give
-    ``[1.9756, 0.0244]``, then ``[1.9756, 0.2]``, mean 1.0878).
+    Example: ``[9, 1/9]`` with bounds ``(0.2, 3)``: ``c = 0.2`` (plain normalisation would give
+    ``[1.9756, 0.0244]``, then ``[1.9756, 0.2]``, mean 1.0878):
+
+    >>> [round(v, 4) for v in mean_one_clip(torch.tensor([9.0, 1 / 9]), 0.2, 3.0).tolist()]
+    [1.8, 0.2]
     """
     if not 0 <= low <= 1 <= high:
         raise ValueError(f'clip bounds must satisfy 0 <= low <= 1 <= high, got ({low}, {high})')
@@ -324,8 +370,11 @@ def token_weights(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int
     without changing its total. A row whose ``m^T`` is undefined (notation section 4) gives ``w = 1`` and stays
     out of the smoothing and the mean. Raises `NotApplicable` where `sequence_scores` does (`check_applicable`).
 
-    Example: ``m^T = [0.5, 0.75, 0.9]``, ``|T| = |V|``: rows 1 and 2 give ``TDR = [1, 3]``, ``r = [1, 1/3]``,
-    so ``w = [1, 1.5, 0.5]`` (row 3 chose the token after the output).
+    Example: ``m^T = [0.5, 0.75, 0.9]``, ``|T| = |V|``: rows 1 and 2 give ``TDR = [1, 3]``, ``r = [1, 1/3]``
+    (row 3 chose the token after the output):
+
+    >>> [round(v, 4) for v in token_weights(torch.tensor([0.5, 0.75, 0.9]), 4, 4).tolist()]
+    [1.0, 1.5, 0.5]
     """
     check_applicable(m_text, num_text_keys, num_vision_keys)
     weights = torch.ones(m_text.numel(), dtype=torch.float64)

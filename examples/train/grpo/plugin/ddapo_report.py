@@ -53,7 +53,10 @@ def image_heatmaps(vision_values: torch.Tensor, grids: Sequence[Tuple[int, int, 
     ``vision_values``: the values of the image tokens in sequence order; ``grids``: ``image_grid_thw`` rows
     ``(t, h, w)`` in patches; the processor merges ``merge_size x merge_size`` patches into one token, row-major.
     Returns ``[h / merge_size, w / merge_size]`` arrays (temporal slices averaged; 1 for an image).
-    Example: grid ``(1, 4, 6)``, merge 2, values ``0..5`` give ``[[0, 1, 2], [3, 4, 5]]``.
+    Example: grid ``(1, 4, 6)`` (one image, 4 x 6 patches), merge 2, values ``0..5``:
+
+    >>> image_heatmaps(torch.arange(6.), [(1, 4, 6)], merge_size=2)[0].tolist()
+    [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     """
     maps, start = [], 0
     values = vision_values.detach().float().cpu().numpy()
