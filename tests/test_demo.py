@@ -7,14 +7,13 @@ import pytest
 
 from ddapo_demo import THINK_PHRASES, WarmStart, demo_completions, warm_start
 
-# the demo's 32 rows, 50 steps: runs long enough for an order-dependent accumulation to have a chance to show
-SHORT = WarmStart(steps=50)
+SHORT = WarmStart(steps=10)  # on 4 rows: a few seconds a training
 
 
 @pytest.fixture(scope='module')
 def small_dataset(tmp_path_factory):
     from tiny_qwen_vl import build_shapes_dataset
-    return build_shapes_dataset(str(tmp_path_factory.mktemp('warm_shapes')), num_rows=32)
+    return build_shapes_dataset(str(tmp_path_factory.mktemp('warm_shapes')), num_rows=4)
 
 
 class TestDemoCompletions:
