@@ -71,13 +71,19 @@ def running_mean(series: List[float]) -> List[float]:
     return [mean(series[max(0, j - window + 1):j + 1]) for j in range(len(series))]
 
 
+def same_step_gap(curves: Dict[str, Dict[str, List[float]]]) -> Dict[str, List[float]]:
+    """Per metric, the first run's value minus the second's at each step (both runs meet the same prompt there,
+    so the prompts' spread cancels)."""
+    values_1, values_0 = curves.values()
+    return {k: [a - b for a, b in zip(values_1[k], values_0[k])] for k in values_1}
+
+
 def summary(curves: Dict[str, Dict[str, List[float]]]) -> str:
     """Mean of each metric over the first and the last tenth of the steps, per run and for the per-step
     difference of the runs (the prompts' spread cancels there: both runs see the same prompt at a step)."""
     lines = [f'{"run":>10} | {"metric":>32} | {"first tenth":>11} | {"last tenth":>10} | {"change":>8}']
-    (first, values_1), (second, values_0) = curves.items()
-    difference = {k: [a - b for a, b in zip(values_1[k], values_0[k])] for k in values_1}  # same step, same prompt
-    for name, values in [*curves.items(), (f'{first[-1]} minus {second[-1]}', difference)]:
+    first, second = curves
+    for name, values in [*curves.items(), (f'{first[-1]} minus {second[-1]}', same_step_gap(curves))]:
         for key, series in values.items():
             tenth = max(1, len(series) // 10)
             first, last = mean(series[:tenth]), mean(series[-tenth:])
@@ -90,7 +96,8 @@ def plot(curves: Dict[str, Dict[str, List[float]]], path: str, title: str) -> No
     from matplotlib.figure import Figure
     figure = Figure(figsize=(15, 4), dpi=100)
     FigureCanvasAgg(figure)
-    (first, values_1), (second, values_0) = curves.items()
+    first, second = curves
+    gap = same_step_gap(curves)
     for i, (key, label) in enumerate(METRICS.items()):
         axes = figure.add_subplot(1, 3, i + 1)
         for name, values in curves.items():
@@ -102,11 +109,9 @@ def plot(curves: Dict[str, Dict[str, List[float]]], path: str, title: str) -> No
         axes.set_title(label, fontsize=10)
         axes.legend(fontsize=9)
         axes.grid(alpha=0.3)
-    # both runs see the same prompts in the same order, so the per-step difference removes the prompts' spread
     axes = figure.add_subplot(1, 3, 3)
     for key, label in METRICS.items():
-        difference = [a - b for a, b in zip(values_1[key], values_0[key])]
-        axes.plot(range(1, len(difference) + 1), running_mean(difference), linewidth=2, label=label.split(':')[0])
+        axes.plot(range(1, len(gap[key]) + 1), running_mean(gap[key]), linewidth=2, label=label.split(':')[0])
     axes.axhline(0.0, color='black', linewidth=0.8)
     axes.set_xlabel('GRPO step')
     axes.set_title(f'{first} minus {second}, same step (running mean)', fontsize=10)
