@@ -1,7 +1,8 @@
 """Worker of test_lockstep.py, run by torchrun: two CPU processes (gloo) score unequal batches.
 
 Every forward of the policy runs an all_reduce first, as DeepSpeed ZeRO-3's parameter gathers do: a rank
-that ran fewer reward forwards than the other would leave it waiting forever.
+that ran fewer reward forwards than the other would leave it waiting forever. The adapter is told so (it reads
+ZeRO-3 from accelerate's state, which this stand-in trainer's plain accelerator does not have).
 """
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+import ddapo_swift
 from conftest import make_policy
 from ddapo_attention_reward import DDAPOAttentionORM
 from test_reward import COMPLETIONS, reward_kwargs
@@ -30,6 +32,7 @@ def main(model_dir: str, output_dir: str) -> None:
         forwards.append(1)
 
     policy.model.register_forward_pre_hook(zero3_like_gather)
+    ddapo_swift._forwards_are_collective = lambda accelerator, template: True  # as under ZeRO-3
     orm = DDAPOAttentionORM()
     for case, plan in CASES.items():
         count, text_only = plan[rank]

@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.mark.parametrize('name', ['ddapo_formulas', 'ddapo_diagnostics', 'ddapo_key_sets', 'ddapo_report',
-                                  'ddapo_swift', 'ddapo_demo', 'swift_patches.grpo_token_weights'])
+                                  'ddapo_scorer', 'ddapo_swift', 'ddapo_demo', 'swift_patches.grpo_token_weights'])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0

@@ -191,10 +191,10 @@ class TestSystemTurnCheck:
         columns['messages'][0].insert(0, {'role': 'system', 'content': 'Be brief.'})
         orm = DDAPOAttentionORM()
         orm.on_trainer_init(policy)
-        orm.system_turns._blocks.clear()
-        orm.system_turns.block('Be brief.', {})
-        key = next(iter(orm.system_turns._blocks))
-        offset, ids = orm.system_turns._blocks[key]
-        orm.system_turns._blocks[key] = (offset + 1, ids)  # the template now says it is one token later
+        orm.swift.system_turns._blocks.clear()
+        orm.swift.system_turns.block('Be brief.', {})
+        key = next(iter(orm.swift.system_turns._blocks))
+        offset, ids = orm.swift.system_turns._blocks[key]
+        orm.swift.system_turns._blocks[key] = (offset + 1, ids)  # the template now says it is one token later
         assert orm(['red'], **columns) == [None]
         assert orm.not_applicable == {'system_turn_not_found': 1}

@@ -8,7 +8,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_f
 from conftest import image
 from ddapo_attention_reward import DDAPOAttentionORM
 from ddapo_capture import eager_rows
-from ddapo_packing import pack_shared_prompt, shared_prompt_units, shares_prompt, tree_mask
+from ddapo_config import DDAPOConfig
+from ddapo_packing import Member, pack_shared_prompt, shared_prompt_units, shares_prompt, tree_mask
 from ddapo_swift import model_spec
 from test_reward import naive_reward, reward_kwargs, rows_of
 
@@ -139,24 +140,22 @@ class TestRewardPaths:
     others one per output. Edge cases: an empty output inside a pack (None), a pack budget that splits a group, a
     hybrid model (Qwen3.5), where shared runs one output per forward."""
 
-    def _run(self, policy, monkeypatch, path, pack_tokens=None):
-        monkeypatch.setenv('DDAPO_ATTENTION', path)
-        if pack_tokens:
-            monkeypatch.setenv('DDAPO_PACK_TOKENS', str(pack_tokens))
+    def _run(self, policy, path, pack_tokens=None):
+        config = DDAPOConfig(attention=path, **({'pack_tokens': pack_tokens} if pack_tokens else {}))
         completions, columns = group_kwargs(policy)
         calls = []
         handle = policy.model.register_forward_pre_hook(lambda *args: calls.append(1))
         try:
-            orm = DDAPOAttentionORM()
+            orm = DDAPOAttentionORM(config=config)
             rewards = orm(completions, **columns)
         finally:
             handle.remove()
         return rewards, orm, len(calls), columns
 
-    def test_paths_agree(self, policy, monkeypatch):
-        eager, eager_orm, eager_calls, columns = self._run(policy, monkeypatch, 'eager')
-        rows, rows_orm, rows_calls, _ = self._run(policy, monkeypatch, 'rows')
-        shared, shared_orm, shared_calls, _ = self._run(policy, monkeypatch, 'shared')
+    def test_paths_agree(self, policy):
+        eager, eager_orm, eager_calls, columns = self._run(policy, 'eager')
+        rows, rows_orm, rows_calls, _ = self._run(policy, 'rows')
+        shared, shared_orm, shared_calls, _ = self._run(policy, 'shared')
         # a hybrid model (Qwen3.5: linear-attention layers carry state along the sequence) cannot pack outputs
         hybrid = model_spec(policy).hybrid
         assert hybrid == policy.model_type.startswith('qwen3_5')
@@ -170,9 +169,9 @@ class TestRewardPaths:
         for orm in (rows_orm, shared_orm):
             assert orm.last_metrics == pytest.approx(eager_orm.last_metrics, abs=1e-5, nan_ok=True)
 
-    def test_pack_budget_splits_group(self, policy, monkeypatch):
-        eager, *_ = self._run(policy, monkeypatch, 'eager')
-        shared, _, calls, columns = self._run(policy, monkeypatch, 'shared', pack_tokens=60)
+    def test_pack_budget_splits_group(self, policy):
+        eager, *_ = self._run(policy, 'eager')
+        shared, _, calls, columns = self._run(policy, 'shared', pack_tokens=60)
         assert 2 < calls < 9 or (model_spec(policy).hybrid and calls == 9)
         assert shared == pytest.approx(eager, abs=1e-5)
 
@@ -182,10 +181,10 @@ class TestSharedPromptUnits:
 
     def test_example(self):
         a = _kwargs([1, 9, 9, 2, 5, 0], 4)
-        members = [(a, 10, 5)] * 3
+        members = [Member(a, 10, 5)] * 3
         assert shared_prompt_units(members, 20) == [[0, 1], [2]]
 
     def test_prompts_apart_and_over_budget(self):
         a, b = _kwargs([1, 9, 9, 2, 5, 0], 4), _kwargs([1, 9, 9, 3, 5, 0], 4)
-        assert shared_prompt_units([(a, 4, 1), (b, 4, 1), (a, 4, 1)], 100) == [[0, 2], [1]]
-        assert shared_prompt_units([(a, 4, 50), (a, 4, 50)], 10) == [[0], [1]]
+        assert shared_prompt_units([Member(a, 4, 1), Member(b, 4, 1), Member(a, 4, 1)], 100) == [[0, 2], [1]]
+        assert shared_prompt_units([Member(a, 4, 50), Member(a, 4, 50)], 10) == [[0], [1]]

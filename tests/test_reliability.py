@@ -9,6 +9,7 @@ import torch
 import ddapo_attention_reward
 from conftest import image, make_policy
 from ddapo_attention_reward import DDAPOAttentionORM
+from ddapo_config import DDAPOConfig
 from ddapo_swift import encode_completion
 from test_reward import COMPLETIONS, naive_reward, reward_kwargs, rows_of
 
@@ -79,10 +80,10 @@ class TestBadSamples:
         assert orm.not_applicable == {'out_of_memory': 1}
         assert q25.model.config.text_config._attn_implementation == 'sdpa' and q25.model.training
 
-    def test_strict_raises(self, q25, monkeypatch):
-        monkeypatch.setenv('DDAPO_STRICT', '1')
+    def test_strict_raises(self, q25):
         with pytest.raises(RuntimeError, match=r'DDAPO_STRICT=1.*no_vision_keys'):
-            DDAPOAttentionORM()(COMPLETIONS[:1], **reward_kwargs(q25, COMPLETIONS[:1], text_only_rows=(0,)))
+            DDAPOAttentionORM(config=DDAPOConfig(strict=True))(
+                COMPLETIONS[:1], **reward_kwargs(q25, COMPLETIONS[:1], text_only_rows=(0,)))
         assert q25.model.config.text_config._attn_implementation == 'sdpa'
 
 

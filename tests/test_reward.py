@@ -7,6 +7,7 @@ import torch
 
 from conftest import MODEL_TYPES, image, make_policy
 from ddapo_attention_reward import DDAPOAttentionORM
+from ddapo_config import DDAPOConfig
 from ddapo_formulas import layer_set
 from ddapo_key_sets import build_key_sets
 from ddapo_swift import TEMPLATE_MODE, SystemTurns, encode_completion, model_spec, policy_forward
@@ -202,16 +203,17 @@ class TestVariants:
     """DDAPO_LAYERS and DDAPO_REWARD through the ORM: a layer third equals the naive computation on those layers;
     group equals Eq. (8) over the balance scores; gated uses a registered reward's verdict."""
 
-    def test_layers(self, policy, monkeypatch):
-        monkeypatch.setenv('DDAPO_LAYERS', 'late')  # 4 layers: late = [2, 3]; Qwen3.5's 3 of 6: [2] (decoder layer 5)
+    def test_layers(self, policy):
         late = layer_set(len(model_spec(policy).attention_layers), 'late')
-        assert late == ([2] if policy.model_type.startswith('qwen3_5') else [2, 3])
+        assert late == ([2] if policy.model_type.startswith('qwen3_5') else [2, 3])  # Qwen3.5: decoder layer 5
         columns = reward_kwargs(policy, COMPLETIONS[:2])
-        rewards = DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
+        rewards = DDAPOAttentionORM(config=DDAPOConfig(layers='late'))(COMPLETIONS[:2], **columns)
         assert rewards == pytest.approx([naive_reward(policy, row, layers=late) for row in rows_of(columns)],
                                         abs=1e-5)
         assert rewards != pytest.approx([naive_reward(policy, row) for row in rows_of(columns)], abs=1e-5)
 
+    # Eq. (8) / (9) act on the R^bal values, whatever the family: one standard and one hybrid family (suite time)
+    @pytest.mark.parametrize('policy', ['qwen2_5_vl', 'qwen3_5'], indirect=True)
     def test_group_and_gated(self, policy, monkeypatch):
         import math
 
@@ -228,11 +230,10 @@ class TestVariants:
         tdr = [None if r is None else (1 - r) / r for r in balance]  # R^bal = 1 / (1 + TDR)
         logs = [None if t is None else math.log(t) for t in tdr]
         expected_group = group_robust_rewards(logs, columns['prompt_id'])
-        monkeypatch.setenv('DDAPO_REWARD', 'group')
-        group = DDAPOAttentionORM()(completions, **columns)
+        group = DDAPOAttentionORM(config=DDAPOConfig(reward='group'))(completions, **columns)
         assert group == pytest.approx(expected_group, abs=1e-6)
         assert group[3] == 0.0 and group[4] is None  # q has one valid output; the text-only row stays None
-        monkeypatch.setenv('DDAPO_REWARD', 'gated')
+        monkeypatch.setenv('DDAPO_REWARD', 'gated')  # the environment, the way in from swift rlhf
         monkeypatch.setenv('DDAPO_GATE_REWARD', 'answer_match')
         gated = DDAPOAttentionORM()(completions, **columns)
         assert gated == pytest.approx(gated_rewards(expected_group, [True, False, True, True, False],
@@ -244,6 +245,14 @@ class TestVariants:
         monkeypatch.setenv('DDAPO_GATE_REWARD', 'acuracy')
         with pytest.raises(ValueError, match="DDAPO_GATE_REWARD='acuracy' is not a registered reward"):
             DDAPOAttentionORM()
+        with pytest.raises(ValueError, match="DDAPO_GATE_REWARD='acuracy' is not a registered reward"):
+            DDAPOAttentionORM(config=DDAPOConfig(reward='gated', gate_reward='acuracy'))  # the env is not read
+
+    def test_config_passed_in_is_validated(self, monkeypatch):
+        monkeypatch.setenv('DDAPO_DEBGU', '1')  # not read when a config is passed in
+        assert DDAPOAttentionORM(config=DDAPOConfig(reward='group')).config.reward == 'group'
+        with pytest.raises(ValueError, match="reward='grp' is not a reward variant"):
+            DDAPOAttentionORM(config=DDAPOConfig(reward='grp'))
 
 
 @pytest.fixture()
@@ -291,18 +300,18 @@ class TestTokenWeights:
         assert 'advantage weight w per generated token' in (tmp_path / 'ddapo' / 'report.md').read_text()
         store.clear()
 
-    def test_unmatched_tokens(self, token_weights_on):
-        from ddapo_key_sets import KeySets
-        from ddapo_swift import EncodedCompletion
+    def test_unmatched_tokens(self, policy, token_weights_on):
+        """A two-turn completion keeps its reward and gets no token weights, counted once in ``unweighted``."""
+        from ddapo_swift import token_weight_store
+        columns = reward_kwargs(policy, COMPLETIONS[:2])
+        columns['request_id'] = ['one-turn', 'two-turns']
+        columns['response_token_ids'][1] = [[5, 6]] + columns['response_token_ids'][1]
         orm = DDAPOAttentionORM()
-        keys = KeySets(text_keys=torch.tensor([True, False, False]), vision_keys=torch.tensor([False, True, False]))
-        labelled = EncodedCompletion([1, 2, 3], prompt_len=2, num_generated=1, forward_kwargs={})
-        unlabelled = EncodedCompletion([1, 2, 3], prompt_len=2, num_generated=1, forward_kwargs={}, labelled=False)
-        one_turn, two_turns = {'response_token_ids': [[3]]}, {'response_token_ids': [[5, 6], [3]]}
-        assert orm._token_weights(one_turn, labelled, torch.tensor([0.5]), keys) == [1.0]
-        assert orm._token_weights(one_turn, unlabelled, torch.tensor([0.5]), keys) is None
-        assert orm._token_weights(two_turns, labelled, torch.tensor([0.5]), keys) is None
-        assert orm.unweighted == {'unlabelled_generated_tokens': 1, 'multi_turn_completion': 1}
+        rewards = orm(COMPLETIONS[:2], **columns)
+        assert all(r is not None for r in rewards)
+        assert set(token_weight_store(policy)) == {'one-turn'}
+        assert orm.unweighted == {'multi_turn_completion': 1}
+        token_weight_store(policy).clear()
 
     def test_patch_missing(self, policy, token_weights_on, monkeypatch):
         from swift_patches import grpo_token_weights
@@ -339,10 +348,10 @@ class TestReport:
         columns = reward_kwargs(policy, COMPLETIONS[:2])
         columns['prompt_id'] = ['prompt-one', 'prompt-one']
         columns['solution'] = ['red', 'red']
-        import ddapo_attention_reward
+        import ddapo_step_log
         written = []
-        original = ddapo_attention_reward.ReportWriter.write_step
-        monkeypatch.setattr(ddapo_attention_reward.ReportWriter, 'write_step',
+        original = ddapo_step_log.ReportWriter.write_step
+        monkeypatch.setattr(ddapo_step_log.ReportWriter, 'write_step',
                             lambda self, step, mode, metrics, samples, note='': written.extend(samples) or
                             original(self, step, mode, metrics, samples, note))
         DDAPOAttentionORM()(COMPLETIONS[:2], **columns)

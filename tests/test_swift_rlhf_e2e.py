@@ -1,4 +1,7 @@
-"""A real ``swift rlhf --rlhf_type grpo`` run on CPU: tiny Qwen2.5-VL, LoRA, the plugin loaded as users load it."""
+"""Real ``swift rlhf --rlhf_type grpo`` runs on CPU: tiny models of every family, the plugin loaded as users load it.
+
+The runs (`RUNS`) are started by one module fixture, two at a time, and each test reads the ones it needs.
+"""
 import glob
 import json
 import math
@@ -51,35 +54,91 @@ def logged_means(output_dir):
     return records, [r['rewards/DDAPOAttentionORM/mean'] for r in records if 'rewards/DDAPOAttentionORM/mean' in r]
 
 
-class TestTrainingVariants:
-    """Every way people train, each a real run: full tuning without gradient checkpointing; Qwen2-VL with prompts
-    cut by --max_length (the rollout sees the cut prompt, the training forward and the reward the full one);
-    two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts, with token weights; the
-    group-robust reward (Eq. 8) reading the late third of the layers."""
+FAMILY_TYPES = ('qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe')
+TOKEN_WEIGHT_ARGS = ['--max_steps', '2', '--save_strategy', 'steps', '--save_steps', '2', '--save_only_model', 'true',
+                     '--lr_scheduler_type', 'constant', '--learning_rate', '1e-3']
+# Every swift rlhf run of this module: name -> (model type, dataset, extra arguments, environment).
+RUNS = {
+    'grpo': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {}),
+    'stock': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS, {}),
+    'unit': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS, {'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1,1'}),
+    'weighted': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS + ['--report_to', 'tensorboard'],
+                 {'DDAPO_TOKEN_WEIGHTS': '1'}),
+    'full_no_checkpointing_group_reward_late_layers': (
+        'qwen2_5_vl', 'mixed', ['--max_steps', '2', '--tuner_type', 'full', '--gradient_checkpointing', 'false'],
+        {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}),
+    'qwen2_vl_max_length': ('qwen2_vl', 'mixed', ['--max_steps', '2', '--max_length', '40'], {}),
+    'two_processes': ('qwen2_5_vl', 'mixed', ['--max_steps', '2'],
+                      {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DDAPO_TOKEN_WEIGHTS': '1'}),
+    **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES},
+    'refusal': ('qwen2_5_vl', 'shapes', ['--use_vllm', 'true', '--vllm_mode', 'colocate'], {}),
+}
 
-    @pytest.mark.parametrize('variant', ['full_no_checkpointing', 'qwen2_vl_max_length', 'two_processes',
-                                         'group_reward_late_layers'])
-    def test_variant(self, variant, tiny_model_dir, mixed_dataset, tmp_path):
-        model_type, extra, env = 'qwen2_5_vl', ['--max_steps', '2'], None
-        if variant == 'full_no_checkpointing':
-            extra += ['--tuner_type', 'full', '--gradient_checkpointing', 'false']
-        elif variant == 'qwen2_vl_max_length':
-            model_type, extra = 'qwen2_vl', extra + ['--max_length', '40']
-        elif variant == 'two_processes':  # token weights on: each rank weights the outputs it scored
-            env = {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DDAPO_TOKEN_WEIGHTS': '1'}
-        else:
-            env = {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}
-        result = swift_rlhf(tiny_model_dir(model_type), mixed_dataset, str(tmp_path), *extra, model_type=model_type,
-                            env_extra=env)
+
+def runs_of(item) -> list:
+    """The runs a collected test of this module reads."""
+    name = item.cls.__name__ if getattr(item, 'cls', None) else ''
+    params = getattr(getattr(item, 'callspec', None), 'params', {})
+    return {'TestTrainingVariants': [params.get('variant')], 'TestModelFamilies': [f"family_{params.get('model_type')}"],
+            'TestSwiftRlhfGrpo': ['grpo'], 'TestRefusalsFirst': ['refusal'],
+            'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestDashboard': ['weighted']}.get(name, [])
+
+
+class Runs:
+    """The runs the selected tests read, two at a time: on 2 cores one run's single-threaded start-up (about 15 s of
+    imports) overlaps another's steps. ``result(name)`` waits for a run: ``(output dir, CompletedProcess)``."""
+
+    def __init__(self, names, models, datasets, root):
+        from concurrent.futures import ThreadPoolExecutor
+        self._executor = ThreadPoolExecutor(max_workers=2)
+        self._futures = {}
+        for name in names:  # in RUNS order: the longest first
+            model_type, dataset, extra, env = RUNS[name]
+            output_dir = str(root / name)
+            self._futures[name] = self._executor.submit(
+                lambda m=model_type, d=dataset, o=output_dir, x=extra, e=env: (o, swift_rlhf(
+                    models[m], datasets[d], o, *x, model_type=m, env_extra=e)))
+
+    def result(self, name):
+        return self._futures[name].result()
+
+    def close(self):
+        for future in self._futures.values():
+            future.cancel()
+        self._executor.shutdown(wait=True)
+
+
+@pytest.fixture(scope='module')
+def runs(request, tiny_model_dir, mixed_dataset, shapes_dataset, tmp_path_factory):
+    wanted = {name for item in request.session.items if item.module is request.module for name in runs_of(item)}
+    names = [name for name in RUNS if name in wanted]
+    models = {RUNS[name][0]: tiny_model_dir(RUNS[name][0]) for name in names}  # built here, not in the threads
+    pool = Runs(names, models, {'mixed': mixed_dataset, 'shapes': shapes_dataset}, tmp_path_factory.mktemp('runs'))
+    yield pool
+    pool.close()
+
+
+class TestTrainingVariants:
+    """Every way people train, each a real run: full tuning without gradient checkpointing, with the group-robust
+    reward (Eq. 8) reading the late third of the layers (a reward setting, orthogonal to the tuning, so one run
+    covers both); Qwen2-VL with prompts cut by --max_length (the rollout sees the cut prompt, the training forward
+    and the reward the full one); two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts, with
+    token weights."""
+
+    @pytest.mark.parametrize('variant', ['full_no_checkpointing_group_reward_late_layers', 'qwen2_vl_max_length',
+                                         'two_processes'])
+    def test_variant(self, variant, runs):
+        grouped = variant == 'full_no_checkpointing_group_reward_late_layers'
+        output_dir, result = runs.result(variant)
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-        records, means = logged_means(str(tmp_path))
-        low = -0.5 if variant == 'group_reward_late_layers' else 0.0  # Eq. (8) lies in [-0.5, 0.5]
+        records, means = logged_means(output_dir)
+        low = -0.5 if grouped else 0.0  # Eq. (8) lies in [-0.5, 0.5]
         assert means and all(math.isfinite(m) and low <= m <= 1.0 for m in means), means
         if variant == 'two_processes':
             weighted = [r['token_advantage_weights/weighted_frac'] for r in records
                         if 'token_advantage_weights/weighted_frac' in r]
             assert weighted and max(weighted) > 0 and any('ddapo/token_weight/max' in r for r in records), records
-        if variant == 'group_reward_late_layers':
+        if grouped:
             assert 'DDAPO_REWARD=group' in result.stderr + result.stdout and 'DDAPO_LAYERS=late' in result.stderr
             assert all(0 <= r['ddapo/R_bal/mean'] <= 1 for r in records if 'ddapo/R_bal/mean' in r)
 
@@ -87,15 +146,15 @@ class TestTrainingVariants:
 class TestSwiftRlhfGrpo:
     """Edge cases: LoRA with ms-swift's default gradient checkpointing; text-only prompts in the data."""
 
-    def test_reward_logged_and_moving(self, tiny_model_dir, mixed_dataset, tmp_path):
-        result = swift_rlhf(tiny_model_dir('qwen2_5_vl'), mixed_dataset, str(tmp_path), '--max_steps', '4')
+    def test_reward_logged_and_moving(self, runs):
+        output_dir, result = runs.result('grpo')
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-5000:]
         assert '[DDAPO] ms-swift GRPO reward-kwargs patch: applied' in log
         assert '[DDAPO_DEBUG] layers captured: 4 of 4' in log
         assert 'reward is None (no_vision_keys)' in log
         assert 'All reward functions returned None' in log  # the all-None row path ran and did not crash
-        records, means = logged_means(str(tmp_path))
+        records, means = logged_means(output_dir)
         assert len(means) >= 2, records
         assert all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
@@ -111,7 +170,7 @@ class TestSwiftRlhfGrpo:
         fractions = [r['ddapo/not_applicable_frac'] for r in records if 'ddapo/not_applicable_frac' in r]
         assert all(0.0 <= f <= 1.0 for f in fractions) and max(fractions) > 0  # the text-only rows
         # the report, from the main process, on logging steps
-        reports = glob.glob(str(tmp_path / '**' / 'ddapo' / 'report.md'), recursive=True)
+        reports = glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
         assert len(reports) == 1, reports
         text = open(reports[0]).read()
         assert text.count('## step ') >= 2 and 'm^V per generated token:' in text
@@ -124,10 +183,9 @@ class TestModelFamilies:
     decoder layers 1, 3, 5). The reward is logged, finite and not constant, the capture covers exactly L_att, and the
     layer-third metrics are logged with the decoder layers they read named in the log."""
 
-    @pytest.mark.parametrize('model_type', ['qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe'])
-    def test_family(self, model_type, tiny_model_dir, shapes_dataset, tmp_path):
-        result = swift_rlhf(tiny_model_dir(model_type), shapes_dataset, str(tmp_path), '--max_steps', '3',
-                            model_type=model_type)
+    @pytest.mark.parametrize('model_type', FAMILY_TYPES)
+    def test_family(self, model_type, runs):
+        output_dir, result = runs.result(f'family_{model_type}')
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-5000:]
         hybrid = model_type.startswith('qwen3_5')
@@ -135,22 +193,22 @@ class TestModelFamilies:
                 '(3 of 6, counted from 0); thirds of L_att: early = [1], middle = [3], late = [5]' in log) == hybrid, log
         assert ('[DDAPO_DEBUG] layers captured: 4 of 4, the attention layers L_att = decoder layers [0, 1, 2, 3]'
                 in log) != hybrid
-        records, means = logged_means(str(tmp_path))
-        assert len(means) == 3 and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
+        records, means = logged_means(output_dir)
+        assert len(means) == 2 and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
         assert all({'ddapo/early/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r) for r in records if 'ddapo/M_V/mean' in r)
 
 
 class TestDashboard:
     """--report_to tensorboard: the report's pictures reach TensorBoard through the trainer's own TensorBoard callback,
-    on the logging steps, beside the ddapo/* scalars; the markdown report stays."""
+    on the logging steps, beside the ddapo/* scalars; the markdown report stays. (The run is TestTokenWeightsRun's
+    weighted one, which also reports to TensorBoard: one real run fewer in the suite.)"""
 
-    def test_tensorboard_images(self, tiny_model_dir, shapes_dataset, tmp_path):
+    def test_tensorboard_images(self, runs):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        result = swift_rlhf(tiny_model_dir('qwen2_5_vl'), shapes_dataset, str(tmp_path), '--max_steps', '2',
-                            '--report_to', 'tensorboard', '--per_device_train_batch_size', '2')
+        output_dir, result = runs.result('weighted')
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-        events = glob.glob(str(tmp_path / '**' / 'events.out.tfevents.*'), recursive=True)
+        events = glob.glob(os.path.join(output_dir, '**', 'events.out.tfevents.*'), recursive=True)
         assert events, 'no TensorBoard event file'
         accumulator = EventAccumulator(os.path.dirname(events[0]), size_guidance={'images': 0})
         accumulator.Reload()
@@ -161,7 +219,7 @@ class TestDashboard:
         picture = accumulator.Images('ddapo/train/sample0_image0')[0]
         assert picture.width > 100 and picture.height > 100
         assert any(tag.startswith('train/ddapo/') for tag in accumulator.Tags()['scalars'])
-        assert glob.glob(str(tmp_path / '**' / 'ddapo' / 'report.md'), recursive=True)
+        assert glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
 
 
 class TestRefusalsFirst:
@@ -169,9 +227,8 @@ class TestRefusalsFirst:
     message, when ms-swift imports it, before ms-swift builds a trainer or looks for vLLM. (Without --vllm_mode, or in
     server mode without a host, ms-swift's own argument checks fail first: they run before it imports any plugin.)"""
 
-    def test_vllm_colocate(self, tiny_model_dir, shapes_dataset, tmp_path):
-        result = swift_rlhf(tiny_model_dir('qwen2_5_vl'), shapes_dataset, str(tmp_path), '--use_vllm', 'true',
-                            '--vllm_mode', 'colocate')
+    def test_vllm_colocate(self, runs):
+        _, result = runs.result('refusal')
         log = result.stdout + result.stderr
         assert result.returncode != 0
         assert 'ddapo_attention reads attention from its own forward' in log and '--use_vllm false' in log, log[-3000:]
@@ -186,33 +243,31 @@ def final_adapter(output_dir):
 
 
 class TestTokenWeightsRun:
-    """DDAPO_TOKEN_WEIGHTS=1 in real runs on image prompts, two optimizer steps each (constant learning rate, the
-    LoRA saved at the end): weights held at 1 (DDAPO_TOKEN_WEIGHT_CLIP=1,1) train bit for bit as stock ms-swift;
-    the default weights train differently, are applied to every output and log their mean/min/max."""
+    """DDAPO_TOKEN_WEIGHTS=1 in real runs on image prompts, two optimizer steps each (constant learning rate, the LoRA
+    saved at the end; runs stock, unit, weighted): weights held at 1 (DDAPO_TOKEN_WEIGHT_CLIP=1,1) train
+    bit for bit as stock ms-swift; the default weights train differently, are applied to every output and log their
+    mean/min/max."""
 
-    def test_weights(self, tiny_model_dir, shapes_dataset, tmp_path):
+    def test_weights(self, runs):
         import torch
-        model = tiny_model_dir('qwen2_5_vl')
-        extra = ['--max_steps', '2', '--save_strategy', 'steps', '--save_steps', '2', '--save_only_model', 'true',
-                 '--lr_scheduler_type', 'constant', '--learning_rate', '1e-3']
-        runs = {'stock': {}, 'unit': {'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1,1'},
-                'weighted': {'DDAPO_TOKEN_WEIGHTS': '1'}}
-        adapters, logs = {}, {}
-        for name, env in runs.items():
-            result = swift_rlhf(model, shapes_dataset, str(tmp_path / name), *extra, env_extra=env)
+        outputs = {}
+        for name in ('stock', 'unit', 'weighted'):
+            output_dir, result = runs.result(name)
             assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-            adapters[name], logs[name] = final_adapter(str(tmp_path / name)), result.stdout + result.stderr
-        assert '[DDAPO] ms-swift GRPO token-weights patch: applied' in logs['weighted']
+            outputs[name] = output_dir
+        adapters = {name: final_adapter(path) for name, path in outputs.items()}
+        weighted_log = runs.result('weighted')[1].stdout + runs.result('weighted')[1].stderr
+        assert '[DDAPO] ms-swift GRPO token-weights patch: applied' in weighted_log
         assert all(torch.equal(adapters['stock'][k], adapters['unit'][k]) for k in adapters['stock'])
         assert not all(torch.equal(adapters['stock'][k], adapters['weighted'][k]) for k in adapters['stock'])
 
-        records, _ = logged_means(str(tmp_path / 'weighted'))
+        records, _ = logged_means(outputs['weighted'])
         steps = [r for r in records if 'ddapo/token_weight/mean' in r]
         assert len(steps) == 2, records
         for r in steps:
             assert r['ddapo/token_weight/mean'] == pytest.approx(1.0, abs=1e-6)
             assert 0.2 <= r['ddapo/token_weight/min'] < 1.0 < r['ddapo/token_weight/max'] <= 3.0
             assert r['token_advantage_weights/weighted_frac'] == 1.0
-        unit, _ = logged_means(str(tmp_path / 'unit'))
+        unit, _ = logged_means(outputs['unit'])
         assert all(r['ddapo/token_weight/min'] == r['ddapo/token_weight/max'] == 1.0
                    for r in unit if 'ddapo/token_weight/min' in r)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'plu
 from ddapo_capture import EAGER_ATTENTION, ROWS_ATTENTION, captured_forward, language_attention  # noqa: E402
 from ddapo_formulas import layer_set, sequence_scores, token_text_mass  # noqa: E402
 from ddapo_key_sets import build_key_sets  # noqa: E402
-from ddapo_packing import shared_prompt_units  # noqa: E402
+from ddapo_packing import Member, shared_prompt_units  # noqa: E402
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 IM_START, IM_END = 151644, 151645
@@ -171,13 +171,13 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
         implementation = EAGER_ATTENTION if path == 'eager' else ROWS_ATTENTION
         with language_attention(model.config, ATTN_KEYS, implementation):
             if path == 'shared':
-                units = shared_prompt_units([m[:3] for m in batch], args.pack_tokens)
+                units = shared_prompt_units([Member(*m[:3]) for m in batch], args.pack_tokens)
             else:
                 units = [[i] for i in range(len(batch))]
             captures = []
             for unit in units:
-                _, forward_capture, _ = captured_forward(forward, [batch[i] for i in unit], attention,
-                                                         pack=len(unit) > 1)
+                _, forward_capture, _ = captured_forward(forward, [Member(*batch[i][:3]) for i in unit],
+                                                         [batch[i][3] for i in unit], attention, pack=len(unit) > 1)
                 captures += forward_capture.finish()
         return rewards_from_captures(captures, batch, layers)
 

@@ -29,7 +29,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from ddapo_formulas import head_average, key_attention_sum, layer_modality_masses
 from ddapo_key_sets import KeySets
-from ddapo_packing import pack_shared_prompt
+from ddapo_packing import PackMember, pack_shared_prompt
 
 EAGER_ATTENTION = 'ddapo_eager'
 ROWS_ATTENTION = 'ddapo_rows'
@@ -243,10 +243,10 @@ def language_attention(config, keys: Sequence[str], implementation: str = EAGER_
                 setattr(cfg, key, value)
 
 
-def captured_forward(forward, members: Sequence[Tuple[Dict[str, Any], int, int, KeySets]],
+def captured_forward(forward, members: Sequence[PackMember], key_sets: Sequence[KeySets],
                      attention_layers: Sequence[int], pack: bool,
                      key_attention: Optional[Sequence[bool]] = None) -> Tuple[Any, ForwardCapture, int]:
-    """One forward for one or several outputs, each given as ``(forward kwargs, P, |o_i|, key sets)``.
+    """One forward for one or several outputs (``members[g]``'s sequence ``[q ; o_g]``, with key sets ``key_sets[g]``).
 
     ``pack``: the outputs share their prompt and run as ``[q ; o_1 ; ... ; o_G]`` (`pack_shared_prompt`);
     otherwise there is exactly one output, run on its own sequence. Returns the model outputs, the
@@ -254,15 +254,16 @@ def captured_forward(forward, members: Sequence[Tuple[Dict[str, Any], int, int, 
     ``key_attention``: per output, whether to keep `LayerCapture.key_attention` (default: for none).
     """
     if pack:
-        kwargs, rows = pack_shared_prompt([m[0] for m in members], members[0][1], [m[2] for m in members])
+        kwargs, rows = pack_shared_prompt([m.forward_kwargs for m in members], members[0].prompt_len,
+                                          [m.num_generated for m in members])
     elif len(members) == 1:
-        kwargs, prompt_len, num_generated, _ = members[0]
-        rows = [range(prompt_len, prompt_len + num_generated)]
+        member = members[0]
+        kwargs, rows = member.forward_kwargs, [range(member.prompt_len, member.prompt_len + member.num_generated)]
     else:
         raise ValueError(f'{len(members)} outputs in one forward need pack=True')
     keep = key_attention or [False] * len(members)
-    captures = ForwardCapture([LayerCapture(m[3], m[1], r, attention_layers, keep_key_attention=k)
-                               for m, r, k in zip(members, rows, keep)], attention_layers)
+    captures = ForwardCapture([LayerCapture(k, m.prompt_len, r, attention_layers, keep_key_attention=want)
+                               for m, k, r, want in zip(members, key_sets, rows, keep)], attention_layers)
     with capturing(captures):
         outputs = forward(**kwargs)
     return outputs, captures, int(kwargs['input_ids'].shape[-1])

@@ -1,12 +1,15 @@
-"""The reward's settings: one validated object read from ``DDAPO_*`` environment variables.
+"""The reward's settings: one validated object, built directly or read from ``DDAPO_*`` environment variables.
 
-ms-swift hands a reward function only the trainer's own arguments, so the reward's settings come
-from the environment. Every ``DDAPO_*`` variable must be known and well-formed: a typo or a bad
-value fails at start, naming the variable and what it accepts, instead of silently running defaults.
+ms-swift hands a reward function only the trainer's own arguments, so under ``swift rlhf`` the reward's
+settings come from the environment (`DDAPOConfig.from_env`). Every ``DDAPO_*`` variable must be known and
+well-formed: a typo or a bad value fails at start, naming the variable and what it accepts, instead of silently
+running defaults. Built directly (``DDAPOConfig(reward='group')``, then ``DDAPOAttentionORM(args, config=...)``),
+the same checks run on the values.
 """
 import math
 import os
 from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from ddapo_formulas import layer_set
@@ -85,6 +88,11 @@ def _parse_name(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _spell(value) -> str:
+    """A setting's value as the environment writes it (a tuple as ``LOW,HIGH``)."""
+    return ','.join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
 def _setting(default, parse: Callable[[str, str], object], doc: str):
     return field(default=default, metadata={'parse': parse, 'doc': doc})
 
@@ -119,6 +127,16 @@ class DDAPOConfig:
                                          'std (in tokens) of the Gaussian smoothing of the token weights; 0: none')
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # the environment's parser on the value's spelling: the same checks and messages, built directly too
+            if f.metadata['parse'](f.name, _spell(value)) != value:
+                raise ValueError(f'{f.name}={value!r} is not a {type(f.default).__name__} setting; '
+                                 f'{f.metadata["doc"]}')
+        for field_name, (needs, holds) in _ONLY_WITH.items():
+            default = next(f.default for f in fields(self) if f.name == field_name)
+            if getattr(self, field_name) != default and not holds(self):
+                raise ValueError(f'{field_name}={getattr(self, field_name)!r} has no effect without {needs}')
         if self.reward == 'gated' and not self.gate_reward:
             raise ValueError('DDAPO_REWARD=gated needs DDAPO_GATE_REWARD, the name of a registered reward (for '
                              'example answer_match or accuracy) whose value >= 1 marks a correct output')
@@ -139,16 +157,13 @@ class DDAPOConfig:
         parsers = {f.name: f.metadata['parse'] for f in fields(cls)}
         values = {field_name: parsers[field_name](name, environ[name])
                   for name, field_name in known.items() if name in environ}
-        config = cls(**values)
+        settings = SimpleNamespace(**{**{f.name: f.default for f in fields(cls)}, **values})
         for field_name, (needs, holds) in _ONLY_WITH.items():
-            if field_name in values and not holds(config):
-                # a setting the run would never read is a silent misconfiguration
+            if field_name in values and not holds(settings):
+                # a setting the run would never read is a silent misconfiguration (even when set to its default)
                 raise ValueError(f'DDAPO_{field_name.upper()} is set but has no effect without {needs}')
-        return config
+        return cls(**values)
 
     def describe(self) -> str:
         """The settings as they would be written in the environment."""
-        def spell(value) -> str:
-            return ','.join(str(v) for v in value) if isinstance(value, tuple) else str(value)
-
-        return ', '.join(f'{name}={spell(getattr(self, field_name))}' for name, field_name in self.variables().items())
+        return ', '.join(f'{name}={_spell(getattr(self, field_name))}' for name, field_name in self.variables().items())

@@ -8,7 +8,8 @@ sees exactly the keys and positions it sees in its own sequence, and its Eq. (1)
 Pure torch on the Hugging Face forward kwargs (``input_ids``, ``attention_mask``, ``position_ids``,
 ``mm_token_type_ids``, pixel tensors): no ms-swift.
 """
-from typing import Any, Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Protocol, Sequence, Tuple
 
 import torch
 
@@ -16,6 +17,22 @@ import torch
 SEQUENCE_KEYS = ('input_ids', 'position_ids', 'text_position_ids', 'mm_token_type_ids', 'image_token_types')
 # Varlen packing metadata (flash-attention): the explicit 4D mask replaces it, so it is dropped.
 DROPPED_KEYS = ('cu_seq_lens_q', 'cu_seq_lens_k', 'max_length_q', 'max_length_k')
+
+
+class PackMember(Protocol):
+    """One output's single-sequence forward: ``[q ; o_i]`` (batch size 1), ``P`` and ``|o_i|`` (``EncodedCompletion``
+    is one)."""
+    forward_kwargs: Dict[str, Any]
+    prompt_len: int
+    num_generated: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """A `PackMember` by value (tests, the benchmark)."""
+    forward_kwargs: Dict[str, Any] = field(repr=False)
+    prompt_len: int
+    num_generated: int
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -93,18 +110,19 @@ def pack_shared_prompt(members: Sequence[Dict[str, Any]], prompt_len: int,
     return packed, rows
 
 
-def shared_prompt_units(members: Sequence[Tuple[Dict[str, Any], int, int]], budget: int) -> List[List[int]]:
-    """Indices of ``members`` (``(forward kwargs, P, |o_i|)`` each) in forwards: outputs sharing a prompt together,
-    in order, while ``P + sum |o_g| <= budget`` (a lone output is its own unit whatever its size).
+def shared_prompt_units(members: Sequence[PackMember], budget: int) -> List[List[int]]:
+    """Indices of ``members`` in forwards: outputs sharing a prompt together, in order, while
+    ``P + sum |o_g| <= budget`` (a lone output is its own unit whatever its size).
 
     Example: three outputs of one prompt with ``P = 10``, ``|o| = [5, 5, 5]``, ``budget = 20`` give ``[[0, 1], [2]]``.
     """
     units: List[List[int]] = []
-    for index, (kwargs, prompt_len, num_generated) in enumerate(members):
+    for index, member in enumerate(members):
         for unit in units:
-            head_kwargs, head_len, _ = members[unit[0]]
-            size = head_len + sum(members[i][2] for i in unit) + num_generated
-            if size <= budget and shares_prompt(head_kwargs, kwargs, head_len, prompt_len):
+            head = members[unit[0]]
+            size = head.prompt_len + sum(members[i].num_generated for i in unit) + member.num_generated
+            if size <= budget and shares_prompt(head.forward_kwargs, member.forward_kwargs, head.prompt_len,
+                                                member.prompt_len):
                 unit.append(index)
                 break
         else:

@@ -1,18 +1,29 @@
-"""Everything the DDAPO reward needs from ms-swift, in one place, and the model-family specifics.
+"""The one adapter between the DDAPO reward and ms-swift: everything the reward needs from the trainer and from
+ms-swift, and the model-family specifics. No other module of the reward imports ms-swift or reads the trainer.
 
-    policy model      --model_spec---------> vision token ids, special ids, the attention layers L_att read from
-                                             the config's layer types (softmax attention only), family check
-    trainer template  --SystemTurns--------> where the template renders the system turn (default system included)
-    reward kwargs row --encode_completion--> the trainer's template encoding of [q ; o_i], exact
-                                             generated ids, prompt_len P, the system turn, collated forward kwargs
-    trainer           --policy_forward-----> no-grad eval forwards of the policy model with the
-                                             language model's attention on a DDAPO implementation
-                                             (ddapo_capture), every piece of state it touches restored on exit
-    token weights     --token_weight_store-> trainer.token_advantage_weights[request_id], which the GRPO
-                                             patch swift_patches/grpo_token_weights.py multiplies into the
-                                             per-token advantages
+    GRPO trainer      --SwiftTrainer---------> what the reward class uses, and nothing else: the template's encoding,
+                                               the tokenizer, the policy model (unwrapped by accelerate, then PEFT),
+                                               rank / step / output dir / logging steps, one gather across ranks,
+                                               the metrics store, the trackers, the token-weight hand-over
+    policy model      --model_spec-----------> vision token ids, special ids, the attention layers L_att read from
+                                               the config's layer types (softmax attention only), family check
+    trainer template  --SystemTurns----------> where the template renders the system turn (default system included)
+    reward kwargs     --reward_rows----------> the per-output rows ms-swift batched (RowPreprocessor's inverse)
+    row               --encode_completion----> the trainer's template encoding of [q ; o_i], exact
+                                               generated ids, prompt_len P, the system turn, collated forward kwargs
+    trainer           --policy_forward-------> no-grad eval forwards of the policy model with the
+                                               language model's attention on a DDAPO implementation
+                                               (ddapo_capture), every piece of state it touches restored on exit
+    token weights     --token_weight_store---> trainer.token_advantage_weights[request_id], which the GRPO
+                                               patch swift_patches/grpo_token_weights.py multiplies into the
+                                               per-token advantages
+
+`INTERNALS` lists every private or undocumented ms-swift, transformers and accelerate name the project relies on
+(here, in ``ddapo_capture`` and in ``swift_patches/``), with the versions it was checked against;
+``tests/test_swift_adapter.py`` resolves each of them in the installed packages.
 """
 import json
+import math
 import os
 import random
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -25,13 +36,68 @@ from swift.model.utils import AttnImpl
 from swift.rl_core.data import GRPOSample
 from swift.rlhf_trainers.utils import encode_sample, load_pil_img
 from swift.trainers.utils import disable_gradient_checkpointing
-from swift.utils import to_device
+from swift.utils import get_logger, to_device
 
 from ddapo_capture import EAGER_ATTENTION, attention_settings, language_attention, language_config
 from ddapo_key_sets import inserted_span
 
+# The versions every name of `INTERNALS` was checked against (tests/test_swift_adapter.py checks them again).
+CHECKED_AGAINST = {'ms-swift': '4.6.0', 'transformers': '5.19.0', 'accelerate': '1.15.0', 'peft': '0.20.0'}
+# (module, attribute path, what relies on it): private or undocumented names. Instance attributes (``_metrics``,
+# ``tb_writer``, ...) are checked in the class source that sets them (tests/test_swift_adapter.py).
+INTERNALS = (
+    ('swift.template', 'Template._get_system', 'SystemTurns: a rendering without the system turn'),
+    ('swift.template', 'Template.encode', 'SystemTurns: probe conversations'),
+    ('swift.template', 'Template.set_mode', 'policy_forward: train-mode encoding'),
+    ('swift.template', 'Template.data_collator', 'encode_completion: one collated row'),
+    ('swift.template', 'Template.remove_post_encode_hook', 'tests: the naive output_attentions reference'),
+    ('swift.template', 'Template._get_response_prefix', "tests/test_key_sets: a thinking template's prefix"),
+    ('swift.template', 'Template.template_meta', 'SystemTurns: support_system, template_type'),
+    ('swift.template', 'Template.mode', 'policy_forward: saved and restored'),
+    ('swift.template', 'Template.max_length', 'policy_forward: no truncation for the reward forward'),
+    ('swift.template', 'Template.padding_free', 'policy_forward: no packing for the reward forward'),
+    ('swift.template', 'Template.sequence_parallel_size', 'enable_token_weights, _forwards_are_collective'),
+    ('swift.rlhf_trainers.utils', 'encode_sample', 'encode_completion: the GRPO encoding of one sample'),
+    ('swift.rlhf_trainers.utils', 'load_pil_img', 'processed_images: the row images of the report'),
+    ('swift.rl_core.data', 'GRPOSample.from_row', 'encode_completion: a row as GRPO samples are built'),
+    ('swift.dataset', 'RowPreprocessor.batched_to_rows', 'reward_rows: the inverse of how ms-swift batches rows'),
+    ('swift.trainers.utils', 'disable_gradient_checkpointing', 'policy_forward'),
+    ('swift.model.utils', 'AttnImpl.attn_impl_keys', 'policy_forward: the attention keys saved and restored'),
+    ('swift.utils', 'to_device', 'policy_forward'),
+    ('swift.rewards', 'orms', 'registered_reward, plugin.py: the reward registry'),
+    ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer._compute_rewards_per_func', 'swift_patches.grpo_reward_kwargs'),
+    ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer._prepare_rewards', 'swift_patches.grpo_reward_kwargs'),
+    ('swift.rlhf_trainers.grpo_trainer', 'score_completions', 'swift_patches.grpo_reward_kwargs'),
+    ('swift.rl_core.grpo_algorithm', '_is_async_reward', 'swift_patches.grpo_reward_kwargs'),
+    ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer._postprocess_batch', 'swift_patches.grpo_token_weights'),
+    ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer.split_by_mini_batches', 'swift_patches.grpo_token_weights'),
+    ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer._metrics',
+     'SwiftTrainer.log_metrics, grpo_token_weights: the metrics store (instance attribute; tests/test_swift_rlhf_e2e)'),
+    ('accelerate.state', 'AcceleratorState.deepspeed_plugin', '_forwards_are_collective: the ZeRO stage'),
+    ('accelerate.utils', 'DeepSpeedPlugin.zero_stage', '_forwards_are_collective'),
+    ('transformers.configuration_utils', 'PretrainedConfig._attn_implementation',
+     'ddapo_capture.language_attention: the text config switch'),
+    ('transformers.integrations.sdpa_attention', 'repeat_kv', 'ddapo_capture.eager_rows'),
+    ('transformers.integrations.sdpa_attention', 'sdpa_attention_forward', 'ddapo_capture.ddapo_rows_attention'),
+    ('transformers.masking_utils', 'ALL_MASK_ATTENTION_FUNCTIONS', 'ddapo_capture.register_attention'),
+    ('transformers.models.qwen2_5_vl.modeling_qwen2_5_vl', 'eager_attention_forward',
+     "ddapo_capture: each modeling file's eager reference (every supported family has one)"),
+    ('transformers.models.qwen2_5_vl.modeling_qwen2_5_vl', 'Qwen2_5_VLAttention.layer_idx',
+     'ddapo_capture: which decoder layer an attention call belongs to'),
+    ('transformers.models.qwen2_5_vl.modeling_qwen2_5_vl', 'Qwen2_5_VLAttention.num_key_value_groups',
+     'ddapo_capture.eager_rows: grouped-query heads'),
+    ('transformers.integrations', 'WandbCallback._initialized', 'log_pictures'),
+    ('transformers.integrations.integration_utils', 'SwanLabCallback._initialized', 'log_pictures'),
+    ('transformers.integrations', 'TensorBoardCallback.tb_writer', 'log_pictures (TestDashboard)'),
+    ('transformers.integrations', 'WandbCallback._wandb', 'log_pictures (untested: wandb not installed)'),
+    ('transformers.integrations.integration_utils', 'SwanLabCallback._swanlab',
+     'log_pictures (untested: swanlab not installed)'),
+)
+
 TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swift/pipelines/train/rlhf.py)
-NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state'})
+# Reward kwargs that are not columns of rows: ms-swift's trainer_state (and trajectory_inputs, a dict, in server
+# multi-turn), the patch's trainer.
+NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state', 'trajectory_inputs'})
 # Layer types (transformers' `layer_types` vocabulary) whose token mixing is softmax attention: the layers L_att.
 # Everything else (linear_attention: Gated DeltaNet, Mamba; conv; ...) has no attention probabilities to read.
 SOFTMAX_LAYER_TYPES = ('full_attention', 'sliding_attention', 'chunked_attention')
@@ -160,10 +226,21 @@ def model_spec(trainer) -> ModelSpec:
 
 
 def reward_rows(kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, Any]]:
-    """Split ms-swift's batched reward kwargs (one list per column) back into per-sample rows."""
-    columns = {k: v for k, v in kwargs.items()
-               if k not in NOT_ROW_KWARGS and isinstance(v, (list, tuple)) and len(v) == num_completions}
-    return [{k: v[i] for k, v in columns.items()} for i in range(num_completions)]
+    """The rows ms-swift batched into the reward kwargs (``RowPreprocessor.rows_to_batched`` of every sample's
+    ``to_reward_row()``), back as rows: every kwarg but `NOT_ROW_KWARGS` is a column with one value per output.
+    Raises RuntimeError when one is not (an ms-swift that batches its kwargs differently).
+
+    >>> reward_rows({'trainer_state': None, 'prompt_id': ['a', 'b'], 'images': [None, ['x.png']]}, 2)
+    [{'prompt_id': 'a', 'images': None}, {'prompt_id': 'b', 'images': ['x.png']}]
+    """
+    from swift.dataset import RowPreprocessor
+    columns = {k: v for k, v in kwargs.items() if k not in NOT_ROW_KWARGS}
+    odd = sorted(k for k, v in columns.items() if not isinstance(v, (list, tuple)) or len(v) != num_completions)
+    if odd:
+        raise RuntimeError(f'ddapo_attention reads one row per completion from the reward kwargs, and {odd} are not '
+                           f'columns of {num_completions} values: this ms-swift batches reward kwargs differently '
+                           f'from the one it was checked against ({CHECKED_AGAINST["ms-swift"]}).')
+    return RowPreprocessor.batched_to_rows(columns) if columns else [{} for _ in range(num_completions)]
 
 
 def generated_ids(response_token_ids: Sequence) -> List[int]:
@@ -184,12 +261,19 @@ class EncodedCompletion:
     system_turn: range = range(0)  # positions of the system turn (SystemTurns), empty without one
 
 
-class GeneratedIdsMismatch(ValueError):
+class NotEncodable(ValueError):
+    """A row whose encoding the reward cannot use; ``reason`` is its not-applicable reason."""
+    reason = 'not_encodable'
+
+
+class GeneratedIdsMismatch(NotEncodable):
     """The template's encoding does not hold the generated ids right after the prompt."""
+    reason = 'generated_ids_mismatch'
 
 
-class SystemTurnNotFound(ValueError):
+class SystemTurnNotFound(NotEncodable):
     """The template's encoding of a row does not hold its system turn where the template renders it."""
+    reason = 'system_turn_not_found'
 
 
 PROBE_TEXT = 'DDAPO probe'
@@ -486,3 +570,154 @@ def token_weight_store(trainer) -> Dict[str, List[float]]:
     if store is None:
         raise RuntimeError('token weights are not enabled on this trainer (enable_token_weights was not called)')
     return store
+
+
+def version_drift() -> Dict[str, Tuple[str, str]]:
+    """``{package: (checked against, installed)}`` where the installed version differs from `CHECKED_AGAINST`."""
+    from importlib.metadata import PackageNotFoundError, version
+    drift = {}
+    for package, checked in CHECKED_AGAINST.items():
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            installed = 'not installed'
+        if installed != checked:
+            drift[package] = (checked, installed)
+    return drift
+
+
+def registered_reward(name: str, args=None):
+    """The reward registered in ms-swift's ``orms`` as ``name``, built with the trainer's ``args`` (the reward whose
+    verdict gates Eq. 9). Raises ValueError, at start, naming the registered ones."""
+    from swift.rewards import orms
+    if name not in orms:
+        raise ValueError(f'DDAPO_GATE_REWARD={name!r} is not a registered reward; registered: {", ".join(sorted(orms))}')
+    return orms[name](args=args)
+
+
+def _forwards_are_collective(accelerator, template) -> bool:
+    """Whether a forward of the policy is a collective of all ranks, so that every rank must run as many.
+
+    ZeRO-3 and FSDP gather the sharded parameters in every forward, and sequence parallelism exchanges
+    activations. Plain data parallelism (DDP, ZeRO-1/2) runs a no-grad forward on each rank alone: DDP syncs
+    buffers only when gradients are on. Any other distributed type counts as collective, the safe side.
+    """
+    from accelerate.utils import DistributedType
+    if accelerator.num_processes <= 1:
+        return False
+    if getattr(template, 'sequence_parallel_size', 1) > 1:
+        return True
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return getattr(accelerator.state.deepspeed_plugin, 'zero_stage', 3) == 3
+    data_parallel = {getattr(DistributedType, name) for name in ('NO', 'MULTI_CPU', 'MULTI_GPU', 'MULTI_NPU',
+                                                                  'MULTI_XPU', 'MULTI_MLU', 'MULTI_SDAA', 'MULTI_MUSA',
+                                                                  'MULTI_HPU') if hasattr(DistributedType, name)}
+    return kind not in data_parallel
+
+
+class SwiftTrainer:
+    """The GRPO trainer as the reward sees it; built once, at start (``on_trainer_init``), which validates the
+    policy model (`model_spec`) and locates the template's system turn (`SystemTurns.check`)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.spec = model_spec(trainer)
+        self.system_turns = SystemTurns(trainer.template)
+        self.system_turns.check()
+        self.forwards_are_collective = _forwards_are_collective(trainer.accelerator, trainer.template)
+        drift = version_drift()
+        if drift:
+            get_logger().warning(
+                '[DDAPO] ddapo_swift.INTERNALS (the private ms-swift / transformers names the reward relies on) were '
+                'checked against other versions: ' + ', '.join(f'{p} {c} (installed {i})' for p, (c, i) in
+                                                              drift.items()) +
+                '; python -m pytest tests/test_swift_adapter.py checks them on this install.')
+
+    # where and when
+    @property
+    def rank(self) -> int:
+        return self.trainer.accelerator.process_index
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    @property
+    def mode(self) -> str:
+        """``train`` or ``eval``, the key of the trainer's metrics store."""
+        return 'train' if self.trainer.model.training else 'eval'
+
+    @property
+    def step(self) -> int:
+        """``global_step``: the rewards of step N are computed while it is still N - 1."""
+        return int(getattr(getattr(self.trainer, 'state', None), 'global_step', 0) or 0)
+
+    @property
+    def logging_steps(self) -> int:
+        return max(1, int(getattr(self.trainer.args, 'logging_steps', 1) or 1))
+
+    @property
+    def output_dir(self) -> str:
+        return self.trainer.args.output_dir
+
+    # ranks
+    def gather(self, values: List[Any]) -> List[Any]:
+        """Every rank's ``values``, concatenated in rank order (one collective; every rank must call it)."""
+        from accelerate.utils import gather_object
+        return gather_object(values)
+
+    # encoding and forwards
+    def rows(self, kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, Any]]:
+        return reward_rows(kwargs, num_completions)
+
+    def encode(self, row: Dict[str, Any]) -> EncodedCompletion:
+        """`encode_completion` with the system turn located; raises `NotEncodable`."""
+        return encode_completion(self.trainer, row, self.system_turns)
+
+    def padding_encoding(self) -> EncodedCompletion:
+        return encode_completion(self.trainer, padding_row(self.trainer))
+
+    def policy_forward(self, implementation: str):
+        """`policy_forward`: yields ``(forward, report)``."""
+        return policy_forward(self.trainer, implementation)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.trainer.template.tokenizer.decode(list(ids))
+
+    # the report
+    def images(self, row: Dict[str, Any], image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
+        return processed_images(self.trainer, row, image_grid_thw)
+
+    question = staticmethod(last_user_turn)
+    image_paths = staticmethod(image_paths)
+
+    @property
+    def merge_size(self) -> int:
+        return image_merge_size(self.trainer)
+
+    def log_pictures(self, step: int, pictures: Sequence[str], mode: str) -> List[str]:
+        return log_pictures(self.trainer, step, pictures, mode)
+
+    def log_metrics(self, mode: str, metrics: Dict[str, float]) -> None:
+        """Append to the trainer's metrics store (``_metrics[mode][key]``, averaged at logging); a stand-in trainer
+        without one (tests) logs nothing."""
+        store = getattr(self.trainer, '_metrics', None)
+        if store is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):  # the trainer averages lists at logging: a NaN would poison the mean
+                    store[mode][key].append(value)
+
+    # token weights (Eq. 10)
+    def enable_token_weights(self) -> None:
+        enable_token_weights(self.trainer)
+
+    def hand_over_token_weights(self, rows: Sequence[Dict[str, Any]], weights: Sequence[Optional[List[float]]]) -> None:
+        """Put each output's ``w_{i,t}`` where the patched GRPO trainer reads them: by ``request_id``."""
+        if any(row.get('request_id') in (None, '') for row in rows):
+            raise RuntimeError('DDAPO_TOKEN_WEIGHTS=1 hands token weights to the trainer by request_id, and the '
+                               'reward kwargs have rows without one; run it under ms-swift GRPO.')
+        store = token_weight_store(self.trainer)
+        for row, output_weights in zip(rows, weights):
+            if output_weights is not None:
+                store[row['request_id']] = output_weights

@@ -1,0 +1,140 @@
+"""The reward's forwards: which outputs run together, and every rank running as many. No ms-swift: the adapter's
+forward and gather come in as callables.
+
+    Outputs --units---> one forward per output (DDAPO_ATTENTION=eager, rows; a hybrid model under shared), or per
+                        prompt (shared: the outputs sharing a prompt, up to DDAPO_PACK_TOKENS, ddapo_packing)
+            --lockstep-> padding forwards, agreed before the first forward, where a forward is a collective of all
+                         ranks (ZeRO-3, FSDP: SwiftTrainer.forwards_are_collective)
+            --run-------> a `ForwardRun` per unit: one forward with attention captured (ddapo_capture), its
+                          per-output `LayerCapture`, or why there is none (out of memory)
+"""
+import gc
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from ddapo_capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture, captured_forward
+from ddapo_config import DDAPOConfig
+from ddapo_key_sets import KeySets
+from ddapo_packing import PackMember, shared_prompt_units
+
+# Test-only switch (outside the validated DDAPO_* settings): skip the padding forwards, to show that a ZeRO-3 run
+# without them hangs.
+TEST_SKIP_PADDING = 'TEST_DDAPO_SKIP_PADDING'
+
+
+@dataclass
+class Output:
+    """One completion of the reward call, encoded: ``position`` in the call's completions, its row, the template's
+    encoding ``[q ; o_i]`` (``ddapo_swift.EncodedCompletion``) and its key sets."""
+    position: int
+    row: Dict[str, Any] = field(repr=False)
+    encoded: PackMember = field(repr=False)
+    key_sets: KeySets = field(repr=False)
+    report_title: Optional[str] = None  # set when the output is shown in this step's report
+
+    @property
+    def generated(self) -> List[int]:
+        start = self.encoded.prompt_len
+        return list(self.encoded.input_ids[start:start + self.encoded.num_generated])
+
+
+@dataclass
+class ForwardRun:
+    """One forward of a unit of outputs, and its captures in the unit's order (``None`` when it ran out of memory:
+    ``detail`` says so)."""
+    unit: List[Output]
+    captures: Optional[List[LayerCapture]]
+    capture: Optional[ForwardCapture] = None
+    model_outputs: Any = None
+    length: int = 0
+    detail: str = ''
+
+    @property
+    def complete(self) -> bool:
+        return self.capture is None or self.capture.complete
+
+
+class ForwardScheduler:
+    """Plans and runs the forwards of one reward call (``shared``, ``rows`` or ``eager``, `DDAPOConfig.attention`)."""
+
+    def __init__(self, config: DDAPOConfig, attention_layers, hybrid: bool):
+        self.config, self.attention_layers, self.hybrid = config, tuple(attention_layers), hybrid
+        self.padding_forwards = 0  # run by this rank to keep in step with busier ranks, over the run
+        self.last_forwards = self.last_padding = 0  # of the last call: its forwards, its padding forwards
+
+    @property
+    def implementation(self) -> str:
+        """The attention function the reward forwards run: the eager reference, or sdpa with eager rows."""
+        return EAGER_ATTENTION if self.config.attention == 'eager' else ROWS_ATTENTION
+
+    @property
+    def packs(self) -> bool:
+        """Whether outputs of one prompt share a forward. Not in a hybrid model (linear-attention layers): a linear
+        layer carries its state along the whole sequence, so no mask keeps one packed output from seeing another."""
+        return self.config.attention == 'shared' and not self.hybrid
+
+    def units(self, outputs: List[Output]) -> List[List[Output]]:
+        """The forwards of this call, each a list of outputs, in order."""
+        if not self.packs:
+            return [[output] for output in outputs]
+        return [[outputs[i] for i in unit]
+                for unit in shared_prompt_units([o.encoded for o in outputs], self.config.pack_tokens)]
+
+    def run(self, forward: Callable[..., Any], outputs: List[Output], gather: Optional[Callable[[list], list]],
+            filler: Callable[[], PackMember], on_padding: Callable[[int, int], None]) -> Iterator[ForwardRun]:
+        """Run the forwards of ``outputs`` (``forward(**kwargs)``), yielding one `ForwardRun` per unit; then the
+        padding forwards on ``filler()``'s encoding.
+
+        ``gather`` (where forwards are collective, else ``None``): the count of forwards is agreed with it before
+        the first forward, since under ZeRO-3 a rank that ran fewer forwards than the others (fewer rows, rows
+        that could not be encoded) would hang them all, and the gather itself must not meet another rank's
+        forward. ``on_padding(padding, forwards)`` is told before the padding forwards run.
+        """
+        units = self.units(outputs)
+        padding = 0 if gather is None else max(gather([len(units)])) - len(units)
+        self.last_forwards, self.last_padding = len(units), 0
+        for unit in units:
+            yield self._run_unit(forward, unit)
+        if padding and os.environ.get(TEST_SKIP_PADDING) == '1':
+            # print, not the logger: ms-swift's logger is quiet on ranks other than 0, which may be this one
+            print(f'[DDAPO] {TEST_SKIP_PADDING}=1: skipping {padding} padding forward(s) (test only)',
+                  file=sys.stderr, flush=True)
+            padding = 0
+        if padding:
+            on_padding(padding, len(units))
+            self.padding_forwards += padding
+            self.last_padding = padding
+            kwargs = (outputs[0].encoded if outputs else filler()).forward_kwargs
+            for _ in range(padding):
+                forward(**kwargs)
+
+    def _run_unit(self, forward, unit: List[Output]) -> ForwardRun:
+        try:
+            # shared: a lone output keeps its plain causal sequence (sdpa's fastest kernel)
+            model_outputs, capture, length = captured_forward(
+                forward, [o.encoded for o in unit], [o.key_sets for o in unit], self.attention_layers,
+                pack=len(unit) > 1, key_attention=[o.report_title is not None for o in unit])
+        except torch.OutOfMemoryError as error:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            length = unit[0].encoded.prompt_len + sum(o.encoded.num_generated for o in unit)
+            detail = f'the reward forward of a {length}-token sequence ran out of memory ({str(error).splitlines()[0][:200]})'
+            if self.config.attention == 'shared':
+                detail += '; a lower DDAPO_PACK_TOKENS packs fewer outputs per forward'
+            return ForwardRun(unit, None, length=length, detail=detail)
+        captures = capture.finish() if capture.complete else None
+        return ForwardRun(unit, captures, capture, model_outputs, length)
+
+    def incomplete_message(self, run: ForwardRun) -> str:
+        """The error of a forward whose attention layers did not all run through the DDAPO attention function."""
+        seen = sorted(set(run.capture.layers_seen))
+        return (f'ddapo_attention captured {len(set(seen) & set(self.attention_layers))} of '
+                f'{len(self.attention_layers)} attention layers (decoder layers {seen} ran through it, L_att is '
+                f'{list(self.attention_layers)}): the model did not run the attention of exactly its '
+                f'softmax-attention layers through the {self.implementation!r} attention function. '
+                'This model is not supported; see the [DDAPO_DEBUG] lines above.')

@@ -1,0 +1,136 @@
+"""The pure per-output score, and the group variants over every rank's outputs. No ms-swift, no trainer.
+
+    LayerCapture.masses [|L_att|, |o_i|, 2] --score_output--> m^T_{i,t} over Lambda (Eq. 4), rho_text, rho_vis,
+                                                             TDR_i, R^bal_i (Eq. 2-7), M^V_i per segment, and
+                                                             with token weights on, w_{i,t} (Eq. 10): a `Scored`
+    every rank's `SharedOutput` --group_variant-------------> R^grp_i (Eq. 8) or R^gate_i (Eq. 9), by position
+
+`score_output` is verl's per-sample score: one output's numbers in, its result out; the reward class does the
+batching around it (forwards, counting, logging).
+"""
+from dataclasses import dataclass
+from typing import Collection, List, Optional, Sequence, Tuple
+
+import torch
+
+from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, weight_stats
+from ddapo_formulas import (NotApplicable, gated_rewards, group_robust_rewards, log_tdr, sequence_scores,
+                            token_text_mass, token_weights)
+
+
+@dataclass(frozen=True)
+class WeightSettings:
+    """``DDAPO_TOKEN_WEIGHT_CLIP`` and ``DDAPO_TOKEN_WEIGHT_SIGMA`` of Eq. (10)."""
+    clip: Tuple[float, float]
+    sigma: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One output's result: ``reward`` (``None`` where undefined, ``diagnostics.reason`` and ``detail`` say why)."""
+    reward: Optional[float]
+    diagnostics: SampleDiagnostics
+    detail: str = ''
+    m_text: Optional[torch.Tensor] = None  # m^T_{i,t} over Lambda (Eq. 4)
+    token_weights: Optional[List[float]] = None  # w_{i,t} (Eq. 10)
+    unweighted: Optional[Tuple[str, str]] = None  # (reason, detail): token weights on, but left out for this output
+
+    @classmethod
+    def not_applicable(cls, reason: str, detail: str) -> 'Scored':
+        return cls(None, SampleDiagnostics(reason=reason), detail)
+
+
+def token_weight_block(response_token_ids: Sequence, labelled: bool) -> Optional[Tuple[str, str]]:
+    """Why an output's ``w_{i,t}`` could not be matched to its completion tokens in the GRPO loss, or None.
+
+    >>> token_weight_block([[5, 6]], labelled=True) is None
+    True
+    >>> token_weight_block([[5], [6]], labelled=True)[0], token_weight_block([[5]], labelled=False)[0]
+    ('multi_turn_completion', 'unlabelled_generated_tokens')
+    """
+    turns = response_token_ids or []
+    if len(turns) > 1 and isinstance(turns[0], (list, tuple)):
+        return 'multi_turn_completion', 'has several generated turns, and the reward reads the last'
+    if not labelled:
+        return 'unlabelled_generated_tokens', 'has generated tokens without a label (--loss_scale?)'
+    return None
+
+
+def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int, num_vision_keys: int,
+                 generated: Sequence[int] = (), special_ids: Collection[int] = (),
+                 weights: Optional[WeightSettings] = None,
+                 weight_block: Optional[Tuple[str, str]] = None) -> Scored:
+    """Eq. (4)-(7) (and Eq. 10 with ``weights``) of one output from its Eq. (1) sums ``masses [|L_att|, |o_i|, 2]``
+    (``(text, vision)`` per layer and generated token), read at the positions ``layers`` of ``L_att`` (Lambda).
+
+    Not applicable (notation section 4) where ``masses`` holds inf or NaN, where the completion is only special
+    tokens, and wherever `sequence_scores` says so (empty completion, no vision keys, ...). ``weight_block``
+    (`token_weight_block`) leaves the token weights out, with the reward kept.
+    Example: one layer, one token putting ``0.6`` on ``T`` and ``0.2`` on ``V``, ``|T| = 10``, ``|V| = 30``:
+    ``m^T = 0.75``, ``rho_text = 0.075``, ``rho_vis = 0.25 / 30``, ``TDR = 9``, ``R^bal = 1 / (1 + 9)``:
+
+    >>> scored = score_output(torch.tensor([[[0.6, 0.2]]]), [0], 10, 30)
+    >>> round(scored.diagnostics.scores.tdr, 4), round(scored.reward, 4)
+    (9.0, 0.1)
+    >>> score_output(torch.tensor([[[float('nan'), 0.2]]]), [0], 10, 30).diagnostics.reason
+    'non_finite_attention'
+    """
+    read = masses[list(layers)]
+    m_text = token_text_mass(read)
+    try:
+        if not bool(torch.isfinite(read).all()):
+            raise NotApplicable('non_finite_attention', 'the attention probabilities hold inf or NaN '
+                                '(fp16 overflow?); the reward forward runs in the model dtype')
+        if generated and all(token in special_ids for token in generated):
+            raise NotApplicable('only_special_tokens', f'the completion is only special tokens {list(generated)}')
+        scores = sequence_scores(m_text, num_text_keys, num_vision_keys)
+    except NotApplicable as error:
+        return Scored.not_applicable(error.reason, error.detail)
+    output_weights = None
+    if weights is not None and weight_block is None:
+        output_weights = token_weights(m_text, num_text_keys, num_vision_keys, weights.clip, weights.sigma).tolist()
+    diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(masses),
+                                    token_weights=None if output_weights is None else
+                                    weight_stats(output_weights, weights.clip))
+    return Scored(scores.reward_balance, diagnostics, m_text=m_text, token_weights=output_weights,
+                  unweighted=weight_block if weights is not None else None)
+
+
+@dataclass(frozen=True)
+class SharedOutput:
+    """What one output shares with the other ranks (the one gather of a reward call): its metrics' numbers and,
+    for Eq. (8) / (9), its prompt, ``log TDR_i`` and the gate's verdict."""
+    rank: int
+    position: int
+    diagnostics: SampleDiagnostics
+    prompt_id: Optional[str] = None
+    correct: bool = True
+
+    @property
+    def log_tdr(self) -> Optional[float]:
+        scores = self.diagnostics.scores
+        return None if scores is None else log_tdr(scores.tdr)
+
+
+def group_variant(shared: Sequence[SharedOutput], rank: int, count: int, sigma: float,
+                  gated: bool) -> List[Optional[float]]:
+    """``R^grp`` (Eq. 8), or ``R^gate`` (Eq. 9) when ``gated``, of this rank's ``count`` outputs (by position),
+    over the groups of every rank's outputs: a group split across ranks is whole.
+
+    Example: one prompt's three outputs on two ranks, TDR ``1, e, e^2`` (log TDR ``0, 1, 2``):
+
+    >>> from ddapo_formulas import sequence_scores
+    >>> def out(rank, position, m_text):  # |T| = |V| = 1: TDR = m^T / (1 - m^T)
+    ...     scores = sequence_scores(torch.tensor([m_text]), 1, 1)
+    ...     return SharedOutput(rank, position, SampleDiagnostics(scores=scores), prompt_id='q')
+    >>> e = 2.718281828459045
+    >>> outputs = [out(0, 0, 0.5), out(0, 1, e / (1 + e)), out(1, 0, e * e / (1 + e * e))]
+    >>> [round(r, 3) for r in group_variant(outputs, rank=0, count=2, sigma=1.0, gated=False)]
+    [0.294, 0.0]
+    """
+    groups = [s.prompt_id for s in shared]
+    values = group_robust_rewards([s.log_tdr for s in shared], groups, sigma=sigma)
+    if gated:
+        values = gated_rewards(values, [s.correct for s in shared], groups)
+    mine = {s.position: value for s, value in zip(shared, values) if s.rank == rank}
+    return [mine[position] for position in range(count)]

@@ -1,0 +1,132 @@
+"""What a reward call leaves besides its rewards: the step's ``ddapo/*`` metrics in the trainer's log, the report
+under ``<output_dir>/ddapo/`` on logging steps, and the one-time ``[DDAPO_DEBUG]`` lines. It reaches the trainer
+only through the adapter (``ddapo_swift.SwiftTrainer``).
+
+    every rank's SampleDiagnostics --step_metrics (ddapo_diagnostics)--> ddapo/* into the trainer's metrics store
+    the report's outputs (`StepLogger.choose`) --report_sample-------> ReportSample: tokens, m^V_{i,t}, heat maps
+                                               --ddapo_report.ReportWriter--> report.md + PNGs, then the trackers
+    the first output's forward --debug_lines--> seed 001's [DDAPO_DEBUG] report
+"""
+import os
+from typing import Dict, List, Optional, Sequence
+
+from ddapo_capture import LayerCapture
+from ddapo_config import DDAPOConfig
+from ddapo_diagnostics import SampleDiagnostics, segments, step_metrics
+from ddapo_formulas import layer_set
+from ddapo_report import ReportSample, ReportWriter, fair_shares, image_heatmaps
+from ddapo_scheduler import ForwardRun, Output
+from ddapo_scorer import Scored
+
+PATHS = {
+    'shared': "one forward per prompt: [q ; o_1 ; ... ; o_G] with a tree mask, up to DDAPO_PACK_TOKENS={pack} tokens; "
+              "outputs from sdpa, the generated rows' probabilities from the eager formula",
+    'rows': "one forward per output; outputs from sdpa, the generated rows' probabilities from the eager formula",
+    'eager': "one eager forward per output, the model's eager_attention_forward (the reference)",
+}
+
+
+def layers_note(spec) -> str:
+    """Which decoder layers (0-based ``layer_idx``) are ``L_att`` and its thirds (the ``ddapo/<third>/M_V`` metrics)."""
+    n = len(spec.attention_layers)
+    thirds = ', '.join(f'{name} = {spec.decoder_layers(layer_set(n, name))}' for name in segments(n)[1:])
+    return (f'attention layers L_att = decoder layers {list(spec.attention_layers)} ({n} of {spec.num_layers}, '
+            'counted from 0)' + (f'; thirds of L_att: {thirds}' if thirds else ''))
+
+
+def sample_title(outputs: Sequence[Output], output: Output, k: int) -> str:
+    """``sample k: prompt <id>, output g of G`` (G: the outputs of that prompt in this call)."""
+    prompt = output.row.get('prompt_id')
+    group = [o for o in outputs if o.row.get('prompt_id') == prompt]
+    place = next(i for i, o in enumerate(group) if o.position == output.position)
+    label = str(prompt)[:8] if prompt not in (None, '') else '?'
+    return f'sample {k + 1}: prompt {label}, output {place + 1} of {len(group)}'
+
+
+def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: ForwardRun, layers: List[int],
+                scored: Optional[Scored]) -> List[str]:
+    """Seed 001's one-time report of the first reward forward (``report``: ``ddapo_swift.ForwardReport``)."""
+    output = run.unit[0]
+    kwargs = output.encoded.forward_kwargs
+    attentions = getattr(run.model_outputs, 'attentions', None)
+    scores = None if scored is None else scored.diagnostics.scores
+    seen = set(run.capture.layers_seen) if run.capture is not None else set()
+    return [
+        f'reward path: DDAPO_ATTENTION={config.attention} ({PATHS[config.attention].format(pack=config.pack_tokens)}); '
+        f'this forward: {run.length if run.capture is not None and run.capture.complete else None} tokens, '
+        f'{len(run.unit)} output(s)',
+        f'forward kwargs keys: {sorted(kwargs)}; output_attentions: {kwargs.get("output_attentions", "not set")} '
+        f"(not needed: attention is captured inside the attention function '{implementation}')",
+        f'attention implementation before the switch: {report.attention_before}',
+        f'attention implementation during the reward forward: {report.attention_during}',
+        f'is_gradient_checkpointing before the reward forward: {report.gradient_checkpointing} (disabled during it)',
+        f'output type: {type(run.model_outputs).__name__}; outputs.attentions: '
+        f'{"None" if attentions is None else f"{type(attentions).__name__} of {len(attentions)}"}',
+        f'layers captured: {len(seen & set(spec.attention_layers))} of {len(spec.attention_layers)}, the '
+        f'{layers_note(spec)}; layers read (Lambda, DDAPO_LAYERS={config.layers}): decoder layers '
+        f'{spec.decoder_layers(layers)}'
+        + ('; shared packing off: linear-attention layers carry state along the whole sequence, one output per '
+           'forward' if spec.hybrid and config.attention == 'shared' else ''),
+        f'first sample: P={output.encoded.prompt_len}, |o_i|={output.encoded.num_generated}, '
+        f'|T|={output.key_sets.num_text_keys}, |V|={output.key_sets.num_vision_keys}, ' +
+        (f'TDR={scores.tdr:.4f}, R^bal={scores.reward_balance:.4f}' if scores else 'reward not applicable'),
+    ]
+
+
+class StepLogger:
+    """The step's metrics, and the report once per ``logging_steps`` steps, on the main process."""
+
+    def __init__(self, config: DDAPOConfig):
+        self.config = config
+        self.last_metrics: Dict[str, float] = {}
+        self._last_report_step: Optional[int] = None
+
+    def choose(self, swift, outputs: List[Output]) -> None:
+        """Mark the outputs this call shows in the report (their ``report_title``): the first
+        ``DDAPO_REPORT_SAMPLES`` on the main process, once per ``logging_steps`` steps."""
+        config = self.config
+        if not config.report or not config.report_samples or not swift.is_main_process:
+            return
+        if self._last_report_step is not None and swift.step - self._last_report_step < swift.logging_steps:
+            return
+        for k, output in enumerate(outputs[:config.report_samples]):
+            output.report_title = sample_title(outputs, output, k)
+
+    @staticmethod
+    def report_sample(swift, output: Output, capture: LayerCapture, layers: List[int], scored: Scored) -> ReportSample:
+        """The report's view of one scored output (``scored.reward`` defined)."""
+        encoded, scores, row = output.encoded, scored.diagnostics.scores, output.row
+        generated = output.generated
+        grid = encoded.forward_kwargs.get('image_grid_thw')
+        images, heatmaps = swift.images(row, grid), []
+        if images:
+            ids = encoded.input_ids[:encoded.prompt_len]
+            image_positions = [p for p, token in enumerate(ids) if token == swift.spec.image_token_id]
+            key_attention = capture.key_attention[layers].mean(dim=0)
+            heatmaps = [fair_shares(heat, scores.num_text_keys, scores.num_vision_keys) for heat in
+                        image_heatmaps(key_attention[image_positions], grid.tolist(), swift.merge_size)]
+        return ReportSample(
+            title=output.report_title,
+            tokens=[swift.decode([token]) for token in generated],
+            m_vis=[1.0 - float(v) for v in scored.m_text],
+            tdr=scores.tdr,
+            reward_balance=scores.reward_balance,
+            images=images,
+            heatmaps=heatmaps,
+            token_weights=scored.token_weights,
+            question=swift.question(row),
+            image_paths=swift.image_paths(row),
+            solution=None if row.get('solution') is None else str(row['solution']),
+            completion=swift.decode(generated),
+            vision_share=scores.num_vision_keys / (scores.num_text_keys + scores.num_vision_keys))
+
+    def log(self, swift, mode: str, diagnostics: List[SampleDiagnostics], samples: List[ReportSample]) -> None:
+        """``ddapo/*`` over every rank's outputs into the trainer's log; the report when ``samples`` were chosen."""
+        self.last_metrics = step_metrics(diagnostics)
+        swift.log_metrics(mode, self.last_metrics)
+        if samples:
+            self._last_report_step = swift.step
+            # the rewards of step N are computed while global_step is still N - 1; logging.jsonl says N
+            pictures = ReportWriter(os.path.join(swift.output_dir, 'ddapo')).write_step(
+                swift.step + 1, mode, self.last_metrics, samples, layers_note(swift.spec))
+            swift.log_pictures(swift.step + 1, pictures, mode)  # the same pictures in TensorBoard / wandb / swanlab
