@@ -104,7 +104,7 @@ class DDAPOAttentionORM(ORM):
         rows = swift.rows(kwargs, len(completions))
         layers = layer_set(len(swift.spec.attention_layers), self.config.layers)  # positions in L_att
         results: List[Optional[Scored]] = [None] * len(rows)
-        samples = []  # the report's outputs
+        samples = {}  # the report's outputs, by position
         with swift.policy_forward(scheduler.implementation) as (forward, report):
             outputs = [output for output in (self._output(position, row, results)
                                              for position, row in enumerate(rows)) if output is not None]
@@ -117,11 +117,11 @@ class DDAPOAttentionORM(ORM):
                 for k, output in enumerate(run.unit):
                     results[output.position] = self._score(output, run, k, layers, report)
                     if output.report_title is not None and results[output.position].reward is not None:
-                        samples.append(self.step_log.report_sample(swift, output, run.captures[k], layers,
-                                                                   results[output.position]))
+                        samples[output.position] = self.step_log.report_sample(swift, output, run.captures[k], layers,
+                                                                               results[output.position])
         if self.config.token_weights:
             swift.hand_over_token_weights(rows, [r.token_weights for r in results])
-        rewards = self._share(completions, kwargs, rows, results, swift.mode, samples)
+        rewards = self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)])
         if os.environ.get(TEST_DUMP_DIR):
             self._dump(os.environ[TEST_DUMP_DIR], rows, rewards)
         return rewards
