@@ -40,21 +40,6 @@ def shapes_dataset(tmp_path_factory):
     return build_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_rows=8)
 
 
-@pytest.fixture(scope='session', autouse=True)
-def e2e_runs(request, tiny_model_dir, shapes_dataset, tmp_path_factory):
-    """The real swift rlhf runs of the selected tests of test_swift_rlhf_e2e.py, started in the background as the
-    session starts (`test_swift_rlhf_e2e.Runs`); None when none of those tests is selected."""
-    items = [item for item in request.session.items
-             if getattr(getattr(item, 'module', None), '__name__', '') == 'test_swift_rlhf_e2e']
-    if not items:
-        yield None
-        return
-    import test_swift_rlhf_e2e
-    runs = test_swift_rlhf_e2e.start_runs(items, tiny_model_dir, shapes_dataset, tmp_path_factory)
-    yield runs
-    runs.close()
-
-
 def make_policy(model_dir: str, model_type: str, output_dir: str, gradient_checkpointing: bool = False,
                 default_system=None):
     """The real model, processor and GRPO-mode template (``default_system`` as ``--system`` sets it), with the

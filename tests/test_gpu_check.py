@@ -20,7 +20,7 @@ class TestCpuSmoke:
 
     def test_smoke(self, tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
-        result = subprocess.run([sys.executable, SCRIPT, '--cpu', '--steps', '3', '--output-dir', str(tmp_path)],
+        result = subprocess.run([sys.executable, SCRIPT, '--cpu', '--steps', '2', '--output-dir', str(tmp_path)],
                                 capture_output=True, text=True, env=env, timeout=600)
         out = result.stdout
         assert result.returncode == 0, (out + result.stderr)[-5000:]
@@ -29,7 +29,7 @@ class TestCpuSmoke:
                     '| peak GPU memory allocated (GiB) | n/a | n/a |', '| rewards/DDAPOAttentionORM/mean per step |'):
             assert row in out, out
         assert 'rewards finite and varying' in out
-        assert (tmp_path / 'with' / 'reward_times.jsonl').read_text().count('\n') == 3  # one timed call per step
+        assert (tmp_path / 'with' / 'reward_times.jsonl').read_text().count('\n') == 2  # one timed call per step
         assert not (tmp_path / 'without' / 'reward_times.jsonl').exists()
 
 

@@ -1,6 +1,6 @@
 """Real ``swift rlhf --rlhf_type grpo`` runs on CPU: tiny models of every family, the plugin loaded as users load it.
 
-The runs (`RUNS`) start in the background when the session starts (`Runs`), and each test reads the ones it needs.
+The runs (`RUNS`) are started by one module fixture, two at a time, and each test reads the ones it needs.
 """
 import glob
 import json
@@ -40,6 +40,14 @@ def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', 
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.fixture(scope='module')
+def mixed_dataset(tmp_path_factory):
+    from tiny_qwen_vl import build_shapes_dataset
+    # every third prompt is text-only: those rows give None, and a step with only such rows runs ms-swift's
+    # all-None row warning with the trainer in the reward kwargs
+    return build_shapes_dataset(str(tmp_path_factory.mktemp('mixed')), num_rows=12, text_only_every=3)
+
+
 def logged_means(output_dir):
     records = [json.loads(line) for path in glob.glob(os.path.join(output_dir, '**', 'logging.jsonl'), recursive=True)
                for line in open(path)]
@@ -77,33 +85,19 @@ def runs_of(item) -> list:
 
 
 class Runs:
-    """The runs the selected tests read, started when the session starts (conftest's ``e2e_runs``) and run in the
-    background: one at a time while the tests before this module run (they use about one of the 2 cores: tiny
-    models, Python-bound), two at a time once this module's tests wait for them (`full_speed`; one run's
-    single-threaded start-up, about 15 s of imports, overlaps another's steps). ``result(name)`` waits for a run:
-    ``(output dir, CompletedProcess)``."""
+    """The runs the selected tests read, two at a time: on 2 cores one run's single-threaded start-up (about 15 s of
+    imports) overlaps another's steps. ``result(name)`` waits for a run: ``(output dir, CompletedProcess)``."""
 
     def __init__(self, names, models, datasets, root):
-        import threading
         from concurrent.futures import ThreadPoolExecutor
         self._executor = ThreadPoolExecutor(max_workers=2)
-        self._slots = threading.Semaphore(1)  # runs at a time: one, two after full_speed()
-        self._faster = False
         self._futures = {}
         for name in names:  # in RUNS order: the longest first
             model_type, dataset, extra, env = RUNS[name]
             output_dir = str(root / name)
-            self._futures[name] = self._executor.submit(self._run, output_dir, models[model_type], datasets[dataset],
-                                                        extra, model_type, env)
-
-    def _run(self, output_dir, model_dir, dataset, extra, model_type, env):
-        with self._slots:
-            return output_dir, swift_rlhf(model_dir, dataset, output_dir, *extra, model_type=model_type, env_extra=env)
-
-    def full_speed(self) -> None:
-        if not self._faster:
-            self._faster = True
-            self._slots.release()
+            self._futures[name] = self._executor.submit(
+                lambda m=model_type, d=dataset, o=output_dir, x=extra, e=env: (o, swift_rlhf(
+                    models[m], datasets[d], o, *x, model_type=m, env_extra=e)))
 
     def result(self, name):
         return self._futures[name].result()
@@ -114,22 +108,14 @@ class Runs:
         self._executor.shutdown(wait=True)
 
 
-def start_runs(items, tiny_model_dir, shapes_dataset, tmp_path_factory) -> Runs:
-    """The `Runs` that the collected tests ``items`` of this module read (models built here, not in the threads)."""
-    from tiny_qwen_vl import build_shapes_dataset
-    wanted = {name for item in items for name in runs_of(item)}
+@pytest.fixture(scope='module')
+def runs(request, tiny_model_dir, mixed_dataset, shapes_dataset, tmp_path_factory):
+    wanted = {name for item in request.session.items if item.module is request.module for name in runs_of(item)}
     names = [name for name in RUNS if name in wanted]
-    models = {RUNS[name][0]: tiny_model_dir(RUNS[name][0]) for name in names}
-    # every third prompt is text-only: those rows give None, and a step with only such rows runs ms-swift's
-    # all-None row warning with the trainer in the reward kwargs
-    mixed = build_shapes_dataset(str(tmp_path_factory.mktemp('mixed')), num_rows=12, text_only_every=3)
-    return Runs(names, models, {'mixed': mixed, 'shapes': shapes_dataset}, tmp_path_factory.mktemp('runs'))
-
-
-@pytest.fixture()
-def runs(e2e_runs):
-    e2e_runs.full_speed()
-    return e2e_runs
+    models = {RUNS[name][0]: tiny_model_dir(RUNS[name][0]) for name in names}  # built here, not in the threads
+    pool = Runs(names, models, {'mixed': mixed_dataset, 'shapes': shapes_dataset}, tmp_path_factory.mktemp('runs'))
+    yield pool
+    pool.close()
 
 
 class TestTrainingVariants:
