@@ -2,7 +2,6 @@
 versions: the reward warns at start when they differ from CHECKED_AGAINST), the reward modules outside it import no
 ms-swift, rows come back as ms-swift batched them, and which runs need lockstep."""
 import ast
-import dataclasses
 import importlib
 import inspect
 import os
@@ -18,16 +17,13 @@ from ddapo_swift import INTERNALS, _forwards_are_collective, reward_rows, versio
 
 
 def resolve(module: str, path: str):
-    """The object at ``module.path``; for a dataclass field or an instance attribute (set in ``__init__`` or later),
-    the class that declares or assigns it."""
+    """The object at ``module.path``; for an instance attribute (set in ``__init__`` or later), the class whose
+    source assigns ``self.<attribute>``."""
     owner = importlib.import_module(module)
     parts = path.split('.')
     for i, part in enumerate(parts):
         if hasattr(owner, part):
             owner = getattr(owner, part)
-        elif i == len(parts) - 1 and dataclasses.is_dataclass(owner) and part in [f.name for f in
-                                                                                   dataclasses.fields(owner)]:
-            return owner
         elif i == len(parts) - 1 and inspect.isclass(owner):
             source = ''.join(inspect.getsource(c) for c in owner.__mro__ if c.__module__.split('.')[0] in
                              ('swift', 'transformers'))
