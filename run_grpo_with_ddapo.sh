@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GRPO with the DDAPO attention-balance reward (ddapo_attention) in ms-swift.
 #
-#   bash run_grpo_with_ddapo.sh                 # one node, two GPUs, Qwen2.5-VL-3B-Instruct, LoRA, ZeRO-2
+#   bash run_grpo_with_ddapo.sh                 # one node, two GPUs, Qwen2.5-VL-3B-Instruct, LoRA, ZeRO-2, vLLM colocate
+#   ROLLOUT=hf bash run_grpo_with_ddapo.sh      # the same with Transformers generate (no vLLM needed)
+#   VLLM_MODE=server VLLM_SERVER_HOST=10.0.0.5 bash run_grpo_with_ddapo.sh   # rollouts from a `swift rollout` server
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run_grpo_with_ddapo.sh  # node 0 of 2 (then 1)
 #   bash run_grpo_with_ddapo.sh --demo          # offline demo: tiny random Qwen2.5-VL + generated shapes, CPU ok
 #   bash run_grpo_with_ddapo.sh --dry-run       # print the command, run nothing (works with --demo too)
-#   bash run_grpo_with_ddapo.sh --gpu-check     # one GPU: step time and memory with and without the reward (< 6 min)
+#   bash run_grpo_with_ddapo.sh --gpu-check     # one GPU: step time and memory with and without the reward
 #   MODEL=/path/to/Qwen2-VL-7B NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash run_grpo_with_ddapo.sh --num_train_epochs 2
 #
 # Every default below can be overridden by the environment variable of the same name; any other
@@ -33,10 +36,14 @@ REWARD_FUNCS=${REWARD_FUNCS:-"ddapo_attention format answer_match"}
 if [ "$DEMO" = 1 ]; then
   # The embedded default: built and warm-started once under OUTPUT_DIR, then a handful of single-process GRPO steps.
   OUTPUT_DIR=${OUTPUT_DIR:-"$ROOT/output/ddapo_demo"}
+  ROLLOUT=${ROLLOUT:-hf}
   PREPARE=(prepare "$OUTPUT_DIR" --system "$SYSTEM_PROMPT")  # what the demo builds: the defaults not overridden
+  DEMO_MODEL=tiny-qwen2_5_vl
+  # vLLM's attention kernels take heads of 32 or more: ROLLOUT=vllm builds and warm-starts a 64-wide model
+  [ "$ROLLOUT" = vllm ] && PREPARE+=(--vllm) && DEMO_MODEL=tiny-qwen2_5_vl-head32
   [ -n "${MODEL:-}" ] && PREPARE+=(--dataset-only)
   [ -n "${MODEL:-}" ] && [ -n "${DATASET:-}" ] && PREPARE=()
-  MODEL=${MODEL:-"$OUTPUT_DIR/tiny-qwen2_5_vl-warm"}
+  MODEL=${MODEL:-"$OUTPUT_DIR/$DEMO_MODEL-warm"}
   DATASET=${DATASET:-"$OUTPUT_DIR/shapes/train.jsonl"}
   NPROC_PER_NODE=${NPROC_PER_NODE:-1}
   MODEL_TYPE=${MODEL_TYPE:-qwen2_5_vl}
@@ -76,7 +83,31 @@ else
   SAVE_STRATEGY=${SAVE_STRATEGY:-steps}
   REPORT_TO=${REPORT_TO:-tensorboard}
   DATALOADER_WORKERS=${DATALOADER_WORKERS:-4}
+  ROLLOUT=${ROLLOUT:-vllm}
 fi
+# Rollouts: vLLM (colocate: an engine on each training GPU; server: `swift rollout` on GPUs of its own) or Transformers
+# generate. The reward never reads the rollout's attention: it runs its own forward of the trainer model afterwards.
+VLLM_MODE=${VLLM_MODE:-colocate}
+# colocate: level 1 moves vLLM's weights to CPU and frees its KV cache while the policy trains and the reward's own
+# forward runs, so that forward gets the memory the KV cache held (0 keeps both on the GPU, 2 frees both).
+SLEEP_LEVEL=${SLEEP_LEVEL:-1}
+VLLM_GPU_MEMORY_UTILIZATION=${VLLM_GPU_MEMORY_UTILIZATION:-0.4}
+VLLM_MAX_MODEL_LEN=${VLLM_MAX_MODEL_LEN:-$((MAX_LENGTH + MAX_COMPLETION_LENGTH))}
+VLLM_SERVER_HOST=${VLLM_SERVER_HOST:-127.0.0.1}
+VLLM_SERVER_PORT=${VLLM_SERVER_PORT:-8000}
+PLUGINS=("$PLUGIN")
+VLLM_EXTRA=()
+if [ "$DEMO" = 1 ] && [ "$ROLLOUT" = vllm ] && \
+   [ "$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)" = 0 ]; then
+  # vLLM's CPU build: no sleep mode, eager only, a KV cache in GiB of RAM, and a plugin that keeps the weights its CPU
+  # kernels repack, so that the per-step weight sync can load into them (examples/train/grpo/vllm_cpu_weights.py)
+  SLEEP_LEVEL=0 VLLM_GPU_MEMORY_UTILIZATION=0.3 VLLM_MAX_MODEL_LEN=1024
+  export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} CUDA_VISIBLE_DEVICES=
+  PLUGINS+=("$ROOT/examples/train/grpo/vllm_cpu_weights.py")
+  VLLM_EXTRA=(--vllm_enforce_eager true)
+fi
+# Several nodes: ms-swift's launcher hands these to torchrun (one launcher per node, the same values but NODE_RANK).
+NNODES=${NNODES:-1}
 [ "$DEEPSPEED" = none ] && DEEPSPEED=
 NPROCS=$NPROC_PER_NODE
 # Non-reentrant checkpointing: ms-swift runs its no-grad forwards (reference log-probabilities) in training mode,
@@ -91,8 +122,7 @@ CMD=("${SWIFT[@]}" rlhf
   --rlhf_type grpo
   --model "$MODEL"
   --dataset "$DATASET"
-  --use_vllm false
-  --external_plugins "$PLUGIN"
+  --external_plugins "${PLUGINS[@]}"
   --reward_funcs $REWARD_FUNCS
   --system "$SYSTEM_PROMPT"
   --tuner_type lora --lora_rank "$LORA_RANK" --lora_alpha "$((LORA_RANK * 2))" --target_modules all-linear
@@ -114,25 +144,71 @@ CMD=("${SWIFT[@]}" rlhf
   --output_dir "$OUTPUT_DIR/train")
 # ms-swift's template of a MoE family is the dense one's (qwen3_vl_moe -> qwen3_vl, qwen3_5_moe -> qwen3_5)
 TEMPLATE=${TEMPLATE:-${MODEL_TYPE%_moe}}
+case "$ROLLOUT" in
+  hf) CMD+=(--use_vllm false) ;;
+  vllm)
+    CMD+=(--use_vllm true --vllm_mode "$VLLM_MODE")
+    if [ "$VLLM_MODE" = server ]; then
+      CMD+=(--vllm_server_host "$VLLM_SERVER_HOST" --vllm_server_port "$VLLM_SERVER_PORT")
+    else
+      CMD+=(--sleep_level "$SLEEP_LEVEL" --vllm_gpu_memory_utilization "$VLLM_GPU_MEMORY_UTILIZATION"
+            --vllm_max_model_len "$VLLM_MAX_MODEL_LEN" "${VLLM_EXTRA[@]+"${VLLM_EXTRA[@]}"}")
+    fi ;;
+esac
 [ -n "$MODEL_TYPE" ] && CMD+=(--model_type "$MODEL_TYPE")
 [ -n "$TEMPLATE" ] && CMD+=(--template "$TEMPLATE")
 [ -n "$DEEPSPEED" ] && CMD+=(--deepspeed "$DEEPSPEED")
+# DeepSpeed's CPU accelerator has no fp16, which ms-swift turns on for float32 models
+[ -n "$DEEPSPEED" ] && [ "${DS_ACCELERATOR:-}" = cpu ] && CMD+=(--fp16 false --bf16 false)
 [ -n "$GRADIENT_CHECKPOINTING_KWARGS" ] && CMD+=(--gradient_checkpointing_kwargs "$GRADIENT_CHECKPOINTING_KWARGS")
 [ "$DEMO" = 1 ] && CMD+=(--check_model false --seed 1)
 CMD+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")
 
 ENV_SHOWN="NPROC_PER_NODE=${NPROC_PER_NODE:-1} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} MAX_PIXELS=$MAX_PIXELS"
+if [ "$NNODES" != 1 ]; then
+  ENV_SHOWN+=" NNODES=$NNODES NODE_RANK=${NODE_RANK:-} MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-}"
+  export NNODES NODE_RANK MASTER_ADDR MASTER_PORT
+elif [ -n "${MASTER_PORT:-}" ]; then
+  ENV_SHOWN+=" MASTER_PORT=$MASTER_PORT"
+fi
 echo "+ $ENV_SHOWN $(printf '%q ' "${CMD[@]}")"
 [ "$DRY_RUN" = 1 ] && exit 0
 
 # Prerequisites, each failure naming its fix, before anything starts.
 fail() { echo "run_grpo_with_ddapo.sh: $*" >&2; exit 2; }
-for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
-  if [ "${PASSTHROUGH[$i]}" = --use_vllm ] && [ "${PASSTHROUGH[$((i + 1))]:-}" != false ]; then
-    fail "--use_vllm ${PASSTHROUGH[$((i + 1))]:-} cannot run with ddapo_attention: the reward reads attention from its" \
-      "own forward of the policy model, and a vLLM rollout engine returns no attention to pair it with. Keep --use_vllm false."
-  fi
-done
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+case "$ROLLOUT" in
+  hf) ;;
+  vllm)
+    [ "$VLLM_MODE" = colocate ] || [ "$VLLM_MODE" = server ] || \
+      fail "VLLM_MODE=$VLLM_MODE: use colocate (vLLM on the training GPUs) or server (a \`swift rollout\` server)."
+    is_uint "$SLEEP_LEVEL" && [ "$SLEEP_LEVEL" -le 2 ] || fail "SLEEP_LEVEL=$SLEEP_LEVEL: use 0, 1 or 2."
+    is_uint "$VLLM_SERVER_PORT" || fail "VLLM_SERVER_PORT=$VLLM_SERVER_PORT is not a port number."
+    python3 -c 'import vllm' >/dev/null 2>&1 || \
+      fail "ROLLOUT=vllm needs the vllm package, which is not importable: pip install -e \".[vllm]\" (the vLLM versions" \
+        "this was tested with), or use Transformers rollouts: ROLLOUT=hf." ;;
+  *) fail "ROLLOUT=$ROLLOUT: use vllm (vLLM rollouts) or hf (Transformers generate)." ;;
+esac
+# Several nodes: NNODES and NODE_RANK, and MASTER_ADDR with MASTER_PORT (node 0's address and a free port).
+is_uint "$NNODES" && [ "$NNODES" -ge 1 ] || fail "NNODES=$NNODES must be a whole number of nodes, 1 or more."
+if [ "$NNODES" != 1 ]; then
+  [ -n "${MASTER_ADDR:-}" ] && [ -n "${MASTER_PORT:-}" ] || fail "NNODES=$NNODES needs both MASTER_ADDR and" \
+    "MASTER_PORT (node 0's address and a free port on it, the same on every node); got MASTER_ADDR='${MASTER_ADDR:-}'" \
+    "MASTER_PORT='${MASTER_PORT:-}'."
+  is_uint "$MASTER_PORT" || fail "MASTER_PORT=$MASTER_PORT is not a port number."
+  is_uint "${NODE_RANK:-}" && [ "$NODE_RANK" -lt "$NNODES" ] || \
+    fail "NNODES=$NNODES needs NODE_RANK, this node's rank: 0 to $((NNODES - 1)) (0 on the node at MASTER_ADDR); got '${NODE_RANK:-}'."
+elif [ -n "${NODE_RANK:-}" ] && [ "$NODE_RANK" != 0 ]; then
+  fail "NODE_RANK=$NODE_RANK without NNODES: set NNODES to the number of nodes (NODE_RANK counts from 0)."
+fi
+if [ -n "$DEEPSPEED" ] && [ "${DS_ACCELERATOR:-}" = cpu ] && { [ "$NPROCS" -gt 1 ] || [ "$NNODES" != 1 ]; }; then
+  # transformers builds accelerate's process state for a DeepSpeed run without a backend (it passes --ddp_backend
+  # only without DeepSpeed); with no GPU, accelerate then sees one process and DeepSpeed stops at its batch check
+  fail "DEEPSPEED=$DEEPSPEED with DS_ACCELERATOR=cpu and several processes cannot start: transformers sets up" \
+    "DeepSpeed's processes without a backend, and on CPU processes DeepSpeed then counts one and stops at its batch" \
+    "check ('train_batch_size ... 4 != 4 * 1 * 2'; --ddp_backend gloo is not passed for DeepSpeed runs). On CPU" \
+    "processes run without DeepSpeed (DEEPSPEED=none: plain data parallelism over gloo), or run DeepSpeed on GPUs."
+fi
 if [ -n "$DEEPSPEED" ] && ! python3 -c 'import deepspeed' >/dev/null 2>&1; then
   fail "DEEPSPEED=$DEEPSPEED needs the deepspeed package, which is not importable: pip install -e \".[deepspeed]\"" \
     "(or run without DeepSpeed: DEEPSPEED=none)."

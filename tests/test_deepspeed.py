@@ -1,11 +1,14 @@
-"""Real DeepSpeed ZeRO-3 and ZeRO-2 with two processes on CPU: `swift rlhf --deepspeed zero3|zero2`, DeepSpeed's CPU
-accelerator (DS_ACCELERATOR=cpu) and gloo, on image and text-only prompts, so the ranks have unequal scorable rows
-and unequal forwards, and one of them runs padding forwards.
+"""Real DeepSpeed ZeRO-3 and ZeRO-2 on CPU: `swift rlhf --deepspeed zero3|zero2` with two processes on one node, and
+ZeRO-3 on two nodes of one process each, with DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) and gloo, on image
+and text-only prompts, so the ranks have unequal scorable rows and unequal forwards, and one of them runs padding
+forwards.
 
 The only help DeepSpeed needs on CPU is `tests/cpu_distributed/sitecustomize.py` (put on PYTHONPATH): transformers
-builds accelerate's state for a DeepSpeed run without a backend, so without an accelerator accelerate counted one
-process and DeepSpeed stopped at its batch arithmetic (`train_batch_size ... 2 != 2 * 1 * 2`). ms-swift's fp16
-default is turned off (`--fp16 false`): DeepSpeed's CPU accelerator has no fp16.
+builds accelerate's state for a DeepSpeed run without a backend (it passes --ddp_backend only without DeepSpeed), so
+without an accelerator accelerate counted one process and DeepSpeed stopped at its batch arithmetic
+(`train_batch_size ... 2 != 2 * 1 * 2`; `--use_cpu true --ddp_backend gloo` gets past transformers, and DeepSpeed
+then counts one process itself). The launcher refuses that setup at start. ms-swift's fp16 default is turned off
+(`--fp16 false`): DeepSpeed's CPU accelerator has no fp16.
 """
 import json
 import os
@@ -77,7 +80,6 @@ class TestZero:
 
     @pytest.mark.parametrize('stage, port', [('zero3', 29541), ('zero2', 29543)])
     def test_run(self, stage, port, tiny_model_dir, alternating_dataset, tmp_path):
-        from ddapo_attention_reward import DDAPOAttentionORM
         model_dir = tiny_model_dir('qwen2_5_vl')
         dump = str(tmp_path / 'dump')
         process, log_path = launch(model_dir, alternating_dataset, str(tmp_path), stage, port,
@@ -99,19 +101,65 @@ class TestZero:
             assert any(a != b for a, b in forwards), f'the ranks always ran as many forwards: {forwards}'
         _, means = logged_means(str(tmp_path))
         assert means and all(0.0 <= m <= 1.0 for m in means), means
+        assert_rescored(model_dir, dump, str(tmp_path / 'one_process'))
 
-        policy = make_policy(model_dir, 'qwen2_5_vl', str(tmp_path / 'one_process'))
+
+def assert_rescored(model_dir, dump, output_dir):
+    """The first step's rewards of both ranks (taken before any update) equal what the same rows score in this
+    process (fp32, 1e-5); both kinds of rows occur (text-only: None)."""
+    from ddapo_attention_reward import DDAPOAttentionORM
+    policy = make_policy(model_dir, 'qwen2_5_vl', output_dir)
+    try:
+        for rank in (0, 1):
+            first_step = dumped_rows(dump, rank)[:2]  # 2 rows per rank and step
+            columns = {k: [row[k] for row in first_step] for k in ('messages', 'images', 'response_token_ids')}
+            columns['prompt_id'] = [f'p{i}' for i in range(len(first_step))]
+            expected = DDAPOAttentionORM()([''] * len(first_step), trainer=policy, **columns)
+            assert [row['reward'] for row in first_step] == pytest.approx(expected, abs=1e-5)
+    finally:
+        policy.template.remove_post_encode_hook()
+    scored = [row['reward'] for rank in (0, 1) for row in dumped_rows(dump, rank)]
+    assert None in scored and any(r is not None for r in scored)  # text-only and image rows
+
+
+class TestTwoNodes:
+    """Two nodes of one process each, on loopback: two `swift rlhf` processes with NNODES=2, NODE_RANK 0 and 1,
+    MASTER_ADDR=127.0.0.1 (ms-swift's launcher hands them to torchrun, as run_grpo_with_ddapo.sh exports them),
+    DeepSpeed ZeRO-3 over gloo, image and text-only prompts mixed. Both nodes finish, a rank runs padding forwards,
+    and the first step's rewards equal one-process re-scoring (1e-5)."""
+
+    def test_two_nodes(self, tiny_model_dir, alternating_dataset, tmp_path):
+        model_dir = tiny_model_dir('qwen2_5_vl')
+        dump = str(tmp_path / 'dump')
+        nodes, logs = [], []
+        for rank in (0, 1):
+            node_dir = tmp_path / f'node{rank}'
+            node_dir.mkdir()
+            cmd = swift_command(model_dir, alternating_dataset, str(node_dir), '--deepspeed', 'zero3', '--fp16',
+                                'false', '--bf16', 'false', '--per_device_train_batch_size', '2', '--max_steps', '3')
+            env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_') and k != 'NPROC_PER_NODE'}
+            env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', NNODES='2', NODE_RANK=str(rank),
+                       MASTER_ADDR='127.0.0.1', MASTER_PORT='29549', DS_ACCELERATOR='cpu',
+                       DDAPO_PACK_TOKENS=PACK_TOKENS, TEST_DDAPO_DUMP_DIR=dump,
+                       PYTHONPATH=os.pathsep.join([SHIM, env.get('PYTHONPATH', '')]))
+            logs.append(str(node_dir / 'run.log'))
+            nodes.append(subprocess.Popen(cmd, stdout=open(logs[-1], 'w'), stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True))
         try:
-            for rank in (0, 1):
-                first_step = dumped_rows(dump, rank)[:2]  # 2 rows per rank and step
-                columns = {k: [row[k] for row in first_step] for k in ('messages', 'images', 'response_token_ids')}
-                columns['prompt_id'] = [f'p{i}' for i in range(len(first_step))]
-                expected = DDAPOAttentionORM()([''] * len(first_step), trainer=policy, **columns)
-                assert [row['reward'] for row in first_step] == pytest.approx(expected, abs=1e-5)
+            for node in nodes:
+                node.wait(timeout=400)
         finally:
-            policy.template.remove_post_encode_hook()
-        scored = [row['reward'] for rank in (0, 1) for row in dumped_rows(dump, rank)]
-        assert None in scored and any(r is not None for r in scored)  # text-only and image rows
+            for node in nodes:
+                kill(node)
+        texts = [open(path).read() for path in logs]
+        for node, text in zip(nodes, texts):
+            assert node.returncode == 0, text[-5000:]
+        assert "'stage': 3" in texts[0] and '--nnodes 2' in texts[0] and '--node_rank 1' in texts[1], texts[1][:3000]
+        calls = {rank: dumped_rows(dump, rank) for rank in (0, 1)}  # global ranks 0 (node 0) and 1 (node 1)
+        assert sum(row['padding_forwards'] for rank in (0, 1) for row in calls[rank]) > 0
+        _, means = logged_means(str(tmp_path / 'node0'))
+        assert means and all(0.0 <= m <= 1.0 for m in means), means
+        assert_rescored(model_dir, dump, str(tmp_path / 'one_process'))
 
 
 class TestLockstepCanFail:

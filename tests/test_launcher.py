@@ -11,7 +11,9 @@ from conftest import ROOT
 SCRIPT = os.path.join(ROOT, 'run_grpo_with_ddapo.sh')
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
 OVERRIDABLE = ('MODEL', 'MODEL_TYPE', 'TEMPLATE', 'DATASET', 'OUTPUT_DIR', 'NPROC_PER_NODE', 'CUDA_VISIBLE_DEVICES',
-               'DEEPSPEED', 'BATCH_SIZE', 'NUM_GENERATIONS', 'REWARD_FUNCS', 'MAX_STEPS')
+               'DEEPSPEED', 'BATCH_SIZE', 'NUM_GENERATIONS', 'REWARD_FUNCS', 'MAX_STEPS', 'ROLLOUT', 'VLLM_MODE',
+               'SLEEP_LEVEL', 'VLLM_SERVER_HOST', 'VLLM_SERVER_PORT', 'NNODES', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT',
+               'DS_ACCELERATOR')
 
 
 def run_script(*args, timeout=60, **env):
@@ -24,8 +26,8 @@ def composed(result):
     """(environment shown, argv) from the script's `+ ...` line."""
     line = next(line for line in result.stdout.splitlines() if line.startswith('+ '))
     words = shlex.split(line[2:])
-    env = dict(w.split('=', 1) for w in words[:3])
-    return env, words[3:]
+    shown = next(i for i, w in enumerate(words) if '=' not in w)
+    return dict(w.split('=', 1) for w in words[:shown]), words[shown:]
 
 
 def flag(argv, name):
@@ -47,7 +49,10 @@ class TestDryRun:
         env, argv = composed(result)
         assert env == {'NPROC_PER_NODE': '2', 'CUDA_VISIBLE_DEVICES': '0,1', 'MAX_PIXELS': '401408'}
         assert argv[argv.index('rlhf') - 1] in ('swift', 'swift.cli.main')
-        assert flag(argv, '--rlhf_type') == ['grpo'] and flag(argv, '--use_vllm') == ['false']
+        assert flag(argv, '--rlhf_type') == ['grpo'] and flag(argv, '--use_vllm') == ['true']
+        # vLLM colocate, asleep (weights on the CPU, KV cache freed) while the policy trains and the reward forward runs
+        assert flag(argv, '--vllm_mode') == ['colocate'] and flag(argv, '--sleep_level') == ['1']
+        assert flag(argv, '--vllm_max_model_len') == ['2560']  # MAX_LENGTH + MAX_COMPLETION_LENGTH
         assert flag(argv, '--external_plugins') == [PLUGIN]
         assert flag(argv, '--reward_funcs') == ['ddapo_attention', 'format', 'answer_match']
         assert flag(argv, '--deepspeed') == ['zero2'] and flag(argv, '--tuner_type') == ['lora']
@@ -81,6 +86,23 @@ class TestDryRun:
         _, argv = composed(run_script('--dry-run', MODEL_TYPE='qwen3_5_moe', TEMPLATE='qwen3_8'))
         assert flag(argv, '--model_type') == ['qwen3_5_moe'] and flag(argv, '--template') == ['qwen3_8']
 
+    def test_hf_rollout(self):
+        _, argv = composed(run_script('--dry-run', ROLLOUT='hf'))
+        assert flag(argv, '--use_vllm') == ['false'] and '--vllm_mode' not in argv and '--sleep_level' not in argv
+
+    def test_vllm_server(self):
+        _, argv = composed(run_script('--dry-run', VLLM_MODE='server', VLLM_SERVER_HOST='10.0.0.5',
+                                      VLLM_SERVER_PORT='8001'))
+        assert flag(argv, '--use_vllm') == ['true'] and flag(argv, '--vllm_mode') == ['server']
+        assert flag(argv, '--vllm_server_host') == ['10.0.0.5'] and flag(argv, '--vllm_server_port') == ['8001']
+        assert '--sleep_level' not in argv  # colocate only
+
+    def test_two_nodes(self):
+        env, _ = composed(run_script('--dry-run', NNODES='2', NODE_RANK='1', MASTER_ADDR='10.0.0.1',
+                                     MASTER_PORT='29500'))
+        assert {k: env[k] for k in ('NNODES', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT')} == {
+            'NNODES': '2', 'NODE_RANK': '1', 'MASTER_ADDR': '10.0.0.1', 'MASTER_PORT': '29500'}
+
     def test_gpu_check_mode(self):
         result = run_script('--gpu-check', '--help')
         assert result.returncode == 0 and '--cpu' in result.stdout and 'Qwen2.5-VL-3B' in result.stdout
@@ -91,12 +113,24 @@ class TestDryRun:
         assert env['NPROC_PER_NODE'] == '1' and '--deepspeed' not in argv
         assert flag(argv, '--model') == [str(tmp_path / 'tiny-qwen2_5_vl-warm')]
         assert flag(argv, '--max_completion_length') == ['24']  # the warm start's longest completion: 22 tokens
-        assert flag(argv, '--check_model') == ['false'] and flag(argv, '--use_vllm') == ['false']
+        assert flag(argv, '--check_model') == ['false'] and flag(argv, '--use_vllm') == ['false']  # HF rollouts
         assert list(tmp_path.iterdir()) == []
+
+    def test_demo_vllm_on_cpu(self, tmp_path):
+        """ROLLOUT=vllm --demo on a machine without a GPU: the 32-wide-head build, vLLM's CPU settings (no sleep mode,
+        eager, a small model length) and the plugin that keeps the weights its CPU kernels repack."""
+        env, argv = composed(run_script('--demo', '--dry-run', ROLLOUT='vllm', OUTPUT_DIR=str(tmp_path)))
+        assert flag(argv, '--model') == [str(tmp_path / 'tiny-qwen2_5_vl-head32-warm')]
+        assert flag(argv, '--use_vllm') == ['true'] and flag(argv, '--vllm_mode') == ['colocate']
+        assert flag(argv, '--sleep_level') == ['0'] and flag(argv, '--vllm_enforce_eager') == ['true']
+        assert flag(argv, '--external_plugins') == [PLUGIN, os.path.join(ROOT, 'examples', 'train', 'grpo',
+                                                                          'vllm_cpu_weights.py')]
+        assert env['CUDA_VISIBLE_DEVICES'] == ''
 
 
 class TestPrerequisites:
-    """Checked before anything starts, each naming its fix (this machine has no GPU): --use_vllm true; deepspeed not
+    """Checked before anything starts, each naming its fix (this machine has no GPU): vllm not importable for
+    ROLLOUT=vllm; bad rollout and node settings; deepspeed not
     importable when DEEPSPEED asks for it (DEEPSPEED=none and an empty value run without it); a model or dataset
     that is neither a path nor a hub id; fewer visible GPUs than NPROC_PER_NODE."""
 
@@ -105,31 +139,59 @@ class TestPrerequisites:
         (tmp_path / 'sitecustomize.py').write_text("import sys\nsys.modules['deepspeed'] = None\n")
         return str(tmp_path)
 
-    def test_vllm(self):
-        result = run_script('--use_vllm', 'true')
-        assert result.returncode == 2 and 'Keep --use_vllm false' in result.stderr, result.stderr
+    def test_vllm_missing(self):
+        """ROLLOUT=vllm (the default) where vllm is not importable (this environment): the fix is named."""
+        result = run_script()
+        assert result.returncode == 2, result.stderr
+        assert 'ROLLOUT=vllm needs the vllm package' in result.stderr and 'pip install -e ".[vllm]"' in result.stderr
+        assert 'ROLLOUT=hf' in result.stderr
+
+    @pytest.mark.parametrize('env, message', [
+        ({'ROLLOUT': 'trl'}, 'ROLLOUT=trl: use vllm'), ({'ROLLOUT': 'vllm', 'VLLM_MODE': 'remote'}, 'VLLM_MODE=remote: use colocate'),
+        ({'ROLLOUT': 'vllm', 'SLEEP_LEVEL': '3'}, 'SLEEP_LEVEL=3: use 0, 1 or 2'),
+        ({'NNODES': '2', 'NODE_RANK': '0'}, 'NNODES=2 needs both MASTER_ADDR and MASTER_PORT'),
+        ({'NNODES': '2', 'NODE_RANK': '0', 'MASTER_ADDR': '10.0.0.1'}, 'NNODES=2 needs both MASTER_ADDR and'),
+        ({'NNODES': '2', 'MASTER_ADDR': '10.0.0.1', 'MASTER_PORT': '29500'}, 'NNODES=2 needs NODE_RANK'),
+        ({'NNODES': '2', 'NODE_RANK': '2', 'MASTER_ADDR': '10.0.0.1', 'MASTER_PORT': '29500'}, '0 to 1'),
+        ({'NNODES': 'two'}, 'NNODES=two must be a whole number'),
+        ({'NODE_RANK': '1'}, 'NODE_RANK=1 without NNODES')])
+    def test_bad_settings(self, env, message):
+        """Each stops the run before anything starts, naming the fix."""
+        result = run_script(**{'ROLLOUT': 'hf', **env})
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+    def test_cpu_deepspeed_processes(self, tmp_path):
+        """DeepSpeed on several CPU processes cannot start (transformers gives its process state no backend): refused
+        with the reason and the fix before anything is built; a single CPU process with DeepSpeed is composed."""
+        result = run_script('--demo', DS_ACCELERATOR='cpu', NPROC_PER_NODE='2', DEEPSPEED='zero3',
+                            OUTPUT_DIR=str(tmp_path))
+        assert result.returncode == 2 and 'DEEPSPEED=zero3 with DS_ACCELERATOR=cpu and several processes' in result.stderr
+        assert 'DEEPSPEED=none' in result.stderr and list(tmp_path.iterdir()) == []
+        _, argv = composed(run_script('--demo', '--dry-run', DS_ACCELERATOR='cpu', DEEPSPEED='zero3',
+                                      OUTPUT_DIR=str(tmp_path)))
+        assert flag(argv, '--deepspeed') == ['zero3'] and flag(argv, '--fp16') == ['false']
 
     def test_deepspeed_missing(self, no_deepspeed):
-        result = run_script(PYTHONPATH=no_deepspeed)
+        result = run_script(PYTHONPATH=no_deepspeed, ROLLOUT='hf')
         assert result.returncode == 2 and 'DEEPSPEED=zero2 needs the deepspeed package' in result.stderr
         assert 'pip install -e ".[deepspeed]"' in result.stderr and 'DEEPSPEED=none' in result.stderr
 
     @pytest.mark.parametrize('value', ['none', ''])
     def test_without_deepspeed(self, no_deepspeed, value):
-        result = run_script(PYTHONPATH=no_deepspeed, DEEPSPEED=value)
+        result = run_script(PYTHONPATH=no_deepspeed, DEEPSPEED=value, ROLLOUT='hf')
         assert '--deepspeed' not in composed(result)[1] and 'deepspeed' not in result.stderr
         assert 'visible GPUs' in result.stderr  # the next check: this machine has none
 
     @pytest.mark.parametrize('name, value', [('MODEL', '/no/such/model'), ('MODEL', 'not a hub id'),
                                              ('DATASET', './missing.jsonl'), ('DATASET', 'AI-ModelScope/x /nope')])
     def test_model_and_dataset(self, name, value):
-        result = run_script(**{name: value})
+        result = run_script(**{name: value, 'ROLLOUT': 'hf'})
         assert result.returncode == 2 and f'{name}=' in result.stderr and 'neither' in result.stderr, result.stderr
 
     def test_gpus(self, tmp_path):
         data = tmp_path / 'train.jsonl'
         data.write_text('{}\n')
-        result = run_script(MODEL=str(tmp_path), DATASET=f'{data}#100')
+        result = run_script(MODEL=str(tmp_path), DATASET=f'{data}#100', ROLLOUT='hf')
         assert result.returncode == 2
         assert 'NPROC_PER_NODE=2 needs 2 visible GPUs and 0 are visible' in result.stderr and '--demo' in result.stderr
 

@@ -166,9 +166,6 @@ class TestFailsClearly:
         with pytest.raises(RuntimeError, match='plugin.py'):
             DDAPOAttentionORM()(COMPLETIONS[:1], **columns)
 
-    def test_vllm_rollout(self):
-        with pytest.raises(ValueError, match='--use_vllm false'):
-            DDAPOAttentionORM(args=SimpleNamespace(use_vllm=True))
 
     def test_model_without_vision_tokens(self, policy):
         from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -16,7 +16,7 @@ from tiny_qwen_vl import FAMILIES
 
 pytestmark = pytest.mark.slow  # real swift rlhf runs
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
-# test-only shims for multi-process CPU runs (gloo): a clean process-group exit, DeepSpeed's backend
+# test-only shim for multi-process CPU runs (gloo): a clean process-group exit
 CPU_DISTRIBUTED = os.path.join(ROOT, 'tests', 'cpu_distributed')
 
 
@@ -37,7 +37,8 @@ def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', 
     env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
     if env.get('NPROC_PER_NODE', '1') != '1':
         env['PYTHONPATH'] = os.pathsep.join([CPU_DISTRIBUTED, env.get('PYTHONPATH', '')])
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    os.makedirs(output_dir, exist_ok=True)  # the run's working directory too: wandb/ and swanlog/ land there
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=output_dir)
 
 
 @pytest.fixture(scope='module')
@@ -62,8 +63,9 @@ RUNS = {
     'grpo': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {}),
     'stock': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS, {}),
     'unit': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS, {'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1,1'}),
-    'weighted': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS + ['--report_to', 'tensorboard'],
-                 {'DDAPO_TOKEN_WEIGHTS': '1'}),
+    'weighted': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS + ['--report_to', 'tensorboard', 'wandb', 'swanlab',
+                                                              '--swanlab_mode', 'local'],
+                 {'DDAPO_TOKEN_WEIGHTS': '1', 'WANDB_MODE': 'offline'}),
     'full_no_checkpointing_group_reward_late_layers': (
         'qwen2_5_vl', 'mixed', ['--max_steps', '2', '--tuner_type', 'full', '--gradient_checkpointing', 'false'],
         {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}),
@@ -71,7 +73,6 @@ RUNS = {
     'two_processes': ('qwen2_5_vl', 'mixed', ['--max_steps', '2'],
                       {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DDAPO_TOKEN_WEIGHTS': '1'}),
     **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES},
-    'refusal': ('qwen2_5_vl', 'shapes', ['--use_vllm', 'true', '--vllm_mode', 'colocate'], {}),
 }
 
 
@@ -80,8 +81,8 @@ def runs_of(item) -> list:
     name = item.cls.__name__ if getattr(item, 'cls', None) else ''
     params = getattr(getattr(item, 'callspec', None), 'params', {})
     return {'TestTrainingVariants': [params.get('variant')], 'TestModelFamilies': [f"family_{params.get('model_type')}"],
-            'TestSwiftRlhfGrpo': ['grpo'], 'TestRefusalsFirst': ['refusal'],
-            'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestDashboard': ['weighted']}.get(name, [])
+            'TestSwiftRlhfGrpo': ['grpo'],
+            'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted']}.get(name, [])
 
 
 class Runs:
@@ -151,6 +152,7 @@ class TestSwiftRlhfGrpo:
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-5000:]
         assert '[DDAPO] ms-swift GRPO reward-kwargs patch: applied' in log
+        assert '[DDAPO] completions from: Transformers generate (--use_vllm false)' in log
         assert '[DDAPO_DEBUG] layers captured: 4 of 4' in log
         assert 'reward is None (no_vision_keys)' in log
         assert 'All reward functions returned None' in log  # the all-None row path ran and did not crash
@@ -173,6 +175,7 @@ class TestSwiftRlhfGrpo:
         reports = glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
         assert len(reports) == 1, reports
         text = open(reports[0]).read()
+        assert text.startswith('# DDAPO report\n\n- completions from: Transformers generate'), text[:300]
         assert text.count('## step ') >= 2 and 'm^V per generated token:' in text
         assert glob.glob(os.path.join(os.path.dirname(reports[0]), '*_image0.png'))
 
@@ -199,10 +202,66 @@ class TestModelFamilies:
         assert all({'ddapo/early/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r) for r in records if 'ddapo/M_V/mean' in r)
 
 
-class TestDashboard:
-    """--report_to tensorboard: the report's pictures reach TensorBoard through the trainer's own TensorBoard callback,
-    on the logging steps, beside the ddapo/* scalars; the markdown report stays. (The run is TestTokenWeightsRun's
-    weighted one, which also reports to TensorBoard: one real run fewer in the suite.)"""
+PICTURE_TAGS = {'ddapo/train/sample0_image0', 'ddapo/train/sample0_tokens', 'ddapo/train/sample1_image0',
+                'ddapo/train/sample1_tokens'}
+
+
+def wandb_images(run_dir):
+    """``{tag: [(global step, media path)]}`` of the image-file entries in a wandb offline run's own record log
+    (``run-*.wandb``: wandb's LevelDB-style log, read with swanlab's reader of the same format; wandb's protobuf)."""
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+    from wandb.proto import wandb_internal_pb2
+
+    class WandbLog(DataStoreReader):
+        def _read_header(self):  # wandb's 7-byte header (':W&B', magic, version) in place of swanlab's
+            self._fp.read(7)
+            self._index += 7
+
+    reader = WandbLog()
+    reader.open(glob.glob(os.path.join(run_dir, 'run-*.wandb'))[0])
+    images = {}
+    for data in reader:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof('record_type') != 'history':
+            continue
+        fields = {}
+        for item in record.history.item:
+            keys = [item.key] if item.key else list(item.nested_key)
+            fields.setdefault(keys[0], {})[keys[1] if len(keys) > 1 else None] = json.loads(item.value_json)
+        step = fields.get('train/global_step', {}).get(None)
+        for tag, value in fields.items():
+            if tag.startswith('ddapo/') and value.get('_type') == 'image-file':
+                images.setdefault(tag, []).append((step, value['path']))
+    reader.close()
+    return images
+
+
+def swanlab_images(run_dir):
+    """``{tag: [(step, media file)]}`` of the image media records in a swanlab local run's own record log."""
+    from swanlab.proto.swanlab.record.v1 import record_pb2
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+    reader = DataStoreReader()
+    reader.open(glob.glob(os.path.join(run_dir, 'run-*.swanlab'))[0])
+    images = {}
+    for data in reader:
+        record = record_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof('record_type') == 'media' and record.media.key.startswith('ddapo/'):
+            assert record_pb2.Record.DESCRIPTOR.fields_by_name['media'].message_type.fields_by_name[
+                'type'].enum_type.values_by_number[record.media.type].name == 'COLUMN_TYPE_IMAGE', record
+            images.setdefault(record.media.key, []).extend(
+                (record.media.step, item.filename) for item in record.media.value.items)
+    reader.close()
+    return images
+
+
+class TestTrackers:
+    """--report_to tensorboard wandb swanlab, wandb offline (WANDB_MODE=offline) and swanlab local (--swanlab_mode
+    local): the report's pictures reach each tracker through its own image API, as images, under the same tags
+    (ddapo/train/sample<k>_{image0,tokens}) on the logging steps 1 and 2, beside the ddapo/* scalars, read back from
+    each tracker's own files; the markdown report stays. (The run is TestTokenWeightsRun's weighted one: one real run
+    fewer in the suite.)"""
 
     def test_tensorboard_images(self, runs):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -213,7 +272,7 @@ class TestDashboard:
         accumulator = EventAccumulator(os.path.dirname(events[0]), size_guidance={'images': 0})
         accumulator.Reload()
         images = accumulator.Tags()['images']
-        assert {'ddapo/train/sample0_image0', 'ddapo/train/sample0_tokens'} <= set(images), images
+        assert set(images) == PICTURE_TAGS, images
         steps = sorted({event.step for event in accumulator.Images('ddapo/train/sample0_image0')})
         assert steps == [1, 2], steps
         picture = accumulator.Images('ddapo/train/sample0_image0')[0]
@@ -221,18 +280,28 @@ class TestDashboard:
         assert any(tag.startswith('train/ddapo/') for tag in accumulator.Tags()['scalars'])
         assert glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
 
+    def test_wandb_images(self, runs):
+        output_dir, result = runs.result('weighted')
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        run_dirs = glob.glob(os.path.join(output_dir, 'wandb', 'offline-run-*'))
+        assert len(run_dirs) == 1, run_dirs
+        images = wandb_images(run_dirs[0])
+        assert set(images) == PICTURE_TAGS, images
+        for tag, entries in images.items():
+            assert sorted(step for step, _ in entries) == [1, 2], (tag, entries)
+            assert all(os.path.getsize(os.path.join(run_dirs[0], 'files', path)) > 1000 for _, path in entries)
 
-class TestRefusalsFirst:
-    """The real command line with --use_vllm true --vllm_mode colocate: the plugin refuses it, with the reward's own
-    message, when ms-swift imports it, before ms-swift builds a trainer or looks for vLLM. (Without --vllm_mode, or in
-    server mode without a host, ms-swift's own argument checks fail first: they run before it imports any plugin.)"""
-
-    def test_vllm_colocate(self, runs):
-        _, result = runs.result('refusal')
-        log = result.stdout + result.stderr
-        assert result.returncode != 0
-        assert 'ddapo_attention reads attention from its own forward' in log and '--use_vllm false' in log, log[-3000:]
-        assert 'vLLM is not available' not in log and 'pip install vllm' not in log
+    def test_swanlab_images(self, runs):
+        output_dir, result = runs.result('weighted')
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        run_dirs = glob.glob(os.path.join(output_dir, 'swanlog', 'run-*'))
+        assert len(run_dirs) == 1, run_dirs
+        images = swanlab_images(run_dirs[0])
+        assert set(images) == PICTURE_TAGS, images
+        for tag, entries in images.items():
+            assert sorted(step for step, _ in entries) == [1, 2], (tag, entries)
+            assert all(os.path.getsize(os.path.join(run_dirs[0], 'media', 'image', name)) > 1000
+                       for _, name in entries)
 
 
 def final_adapter(output_dir):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_qwen_vl import build_shapes_dataset, build_tiny_qwen_vl  # noqa: E402
+from tiny_qwen_vl import VLLM_SIZES, build_shapes_dataset, build_tiny_qwen_vl  # noqa: E402
 
 REWARD_PREFIX, REWARD_SUFFIX = 'rewards/', '/mean'
 DDAPO_COLUMN = 'rewards/DDAPOAttentionORM/mean'
@@ -139,17 +139,25 @@ def warm_start(base_dir: str, dataset: str, output_dir: str, system: Optional[st
     return output_dir
 
 
+def model_name(vllm: bool = False) -> str:
+    """The demo model's folder under the output dir; ``vllm``: the build vLLM's attention takes (32-wide heads)."""
+    return f'tiny-{MODEL_TYPE}-head32' if vllm else f'tiny-{MODEL_TYPE}'
+
+
 def prepare(output_dir: str, system: Optional[str] = None, recipe: WarmStart = WarmStart(),
-            dataset_only: bool = False) -> Dict[str, str]:
+            dataset_only: bool = False, vllm: bool = False) -> Dict[str, str]:
     """Build (once; reused when present) the shapes question set, the tiny Qwen2.5-VL and its warm start under
-    ``output_dir``; ``system`` is the system prompt the GRPO run will use. ``dataset_only``: the question set."""
+    ``output_dir``; ``system`` is the system prompt the GRPO run will use. ``dataset_only``: the question set.
+    ``vllm``: the 64-wide build with 32-wide heads (`VLLM_SIZES`) for vLLM rollouts, warm-started the same way."""
     dataset = os.path.join(output_dir, 'shapes', 'train.jsonl')
     if not os.path.exists(dataset):
         dataset = build_shapes_dataset(os.path.dirname(dataset), num_rows=32)
     if dataset_only:
         return {'DATASET': dataset}
-    base = build_tiny_qwen_vl(os.path.join(output_dir, f'tiny-{MODEL_TYPE}'), MODEL_TYPE)
-    model = warm_start(base, dataset, os.path.join(output_dir, f'tiny-{MODEL_TYPE}-warm'), system, recipe)
+    text, vision = VLLM_SIZES[MODEL_TYPE] if vllm else (None, None)
+    base = build_tiny_qwen_vl(os.path.join(output_dir, model_name(vllm)), MODEL_TYPE, text_size=text,
+                              vision_size=vision)
+    model = warm_start(base, dataset, os.path.join(output_dir, f'{model_name(vllm)}-warm'), system, recipe)
     return {'MODEL': model, 'DATASET': dataset}
 
 
@@ -183,9 +191,10 @@ def main() -> None:
     parser.add_argument('output_dir')
     parser.add_argument('--system', default=None, help='the GRPO run\'s system prompt (prepare)')
     parser.add_argument('--dataset-only', action='store_true', help='prepare the question set only')
+    parser.add_argument('--vllm', action='store_true', help='prepare the build with 32-wide heads, for vLLM rollouts')
     args = parser.parse_args()
     if args.command == 'prepare':
-        for key, value in prepare(args.output_dir, args.system, dataset_only=args.dataset_only).items():
+        for key, value in prepare(args.output_dir, args.system, dataset_only=args.dataset_only, vllm=args.vllm).items():
             print(f'{key}={value}')
     else:
         print(summary_table(read_log(os.path.join(args.output_dir, 'train'))))

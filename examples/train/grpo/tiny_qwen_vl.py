@@ -89,6 +89,18 @@ FAMILIES: Dict[str, Family] = {
                           drop_vision=('embed_dim', )),
 }
 MODEL_TYPES = tuple(FAMILIES)
+# `build_tiny_qwen_vl` sizes (text_size, vision_size) for vLLM, whose attention kernels take heads of 32 or more
+# (the CPU build refuses 16): 64-wide text with 2 heads and 1 KV head, and rotary sections that fit a 32-wide head.
+# Qwen3.5's Gated DeltaNet layers also keep the released models' 128-wide linear-attention heads (the CPU kernel takes
+# no other; it also wants bfloat16 weights).
+VLLM_SIZES: Dict[str, Tuple[Dict[str, Any], Optional[Dict[str, Any]]]] = {
+    'qwen2_5_vl': (dict(hidden_size=64, intermediate_size=128,
+                        rope_parameters={'rope_type': 'default', 'mrope_section': [4, 6, 6], 'rope_theta': 1e6}),
+                   dict(out_hidden_size=64)),
+    'qwen3_5': (dict(head_dim=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                     rope_parameters={'rope_type': 'default', 'mrope_section': [4, 2, 2], 'mrope_interleaved': True,
+                                      'rope_theta': 1e7, 'partial_rotary_factor': 0.5}), None),
+}
 
 
 def build_tokenizer(path: str, family: Family):

@@ -35,7 +35,7 @@ from ddapo_key_sets import build_key_sets
 from ddapo_scheduler import ForwardRun, ForwardScheduler, Output
 from ddapo_scorer import Scored, SharedOutput, WeightSettings, group_variant, score_output, token_weight_block
 from ddapo_step_log import StepLogger, debug_lines, layers_note
-from ddapo_swift import VLLM_REFUSAL, NotEncodable, SwiftTrainer, registered_reward
+from ddapo_swift import NotEncodable, SwiftTrainer, registered_reward, rollout_engine
 
 logger = get_logger()
 
@@ -63,8 +63,6 @@ class DDAPOAttentionORM(ORM):
 
     def __init__(self, args=None, config: Optional[DDAPOConfig] = None, **kwargs):
         super().__init__(args, **kwargs)
-        if args is not None and getattr(args, 'use_vllm', False):
-            raise ValueError(VLLM_REFUSAL)
         self.config = DDAPOConfig.from_env() if config is None else config
         logger.info(f'[DDAPO] ddapo_attention reward settings: {self.config.describe()}')
         self.gate = registered_reward(self.config.gate_reward, args) if self.config.reward == 'gated' else None
@@ -93,6 +91,8 @@ class DDAPOAttentionORM(ORM):
             self.swift.enable_token_weights()
         logger.info(f'[DDAPO] policy model {spec.model_type}: {spec.num_layers} decoder layers, {layers_note(spec)}; '
                     f'vision token ids {sorted(spec.vision_token_ids)}')
+        logger.info(f'[DDAPO] completions from: {self.swift.rollout}; the reward scores them with its own forward of '
+                    'the trainer model, after the rollout')
 
     def __call__(self, completions: List[str], **kwargs) -> List[Optional[float]]:
         trainer = kwargs.get('trainer')

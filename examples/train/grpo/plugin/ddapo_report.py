@@ -161,20 +161,25 @@ def _inline(text: str) -> str:
 class ReportWriter:
     """Appends one section per logging step to ``<directory>/report.md`` and writes its PNGs beside it."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, header: Sequence[str] = ()):
+        """``header``: lines written once, above the first step, when the report is created (the run's setup)."""
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, 'report.md')
+        if header and not os.path.exists(self.path):
+            with open(self.path, 'w', encoding='utf-8') as f:
+                f.write('\n'.join(['# DDAPO report', '', *header]) + '\n\n')
 
     def write_step(self, step: int, mode: str, metrics: Dict[str, float], samples: List[ReportSample],
-                   layers_note: str = '') -> List[str]:
-        """Returns the paths of the pictures written. ``layers_note``: which decoder layers the layer metrics read."""
+                   layers_note: str = '') -> Dict[str, str]:
+        """Returns the pictures written, ``{name: path}`` with names such as ``sample0_image0`` and ``sample0_tokens``.
+        ``layers_note``: which decoder layers the layer metrics read."""
         lines = [f'## step {step} ({mode})', '']
         if layers_note:
             lines += [layers_note, '']
         lines += ['| metric | value |', '| --- | --- |']
         lines += [f'| `{k}` | {v:.4g} |' for k, v in sorted(metrics.items())]
-        pictures = []
+        pictures = {}
         for k, sample in enumerate(samples):
             stem = f'step{step:07d}_{mode}_sample{k}'
             lines += ['', f'### {sample.title}: TDR = {sample.tdr:.4g}, R^bal = {sample.reward_balance:.4f}', '']
@@ -189,12 +194,13 @@ class ReportWriter:
                           token_line(sample.tokens, sample.token_weights), '']
             for j, (image, heat) in enumerate(zip(sample.images, sample.heatmaps)):
                 name = f'{stem}_image{j}.png'
-                pictures.append(render_heatmap(image, heat, os.path.join(self.directory, name),
-                                               f'{sample.title}, image {j}'))
+                pictures[f'sample{k}_image{j}'] = render_heatmap(image, heat, os.path.join(self.directory, name),
+                                                                 f'{sample.title}, image {j}')
                 lines.append(f'![attention per vision token, image {j}]({name})')
             name = f'{stem}_tokens.png'
-            pictures.append(render_token_plot(sample.tokens, sample.m_vis, os.path.join(self.directory, name),
-                                              sample.title, sample.vision_share))
+            pictures[f'sample{k}_tokens'] = render_token_plot(sample.tokens, sample.m_vis,
+                                                              os.path.join(self.directory, name), sample.title,
+                                                              sample.vision_share)
             lines.append(f'![m^V along the completion]({name})')
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write('\n'.join(lines) + '\n\n')

@@ -127,6 +127,9 @@ class StepLogger:
         if samples:
             self._last_report_step = swift.step
             # the rewards of step N are computed while global_step is still N - 1; logging.jsonl says N
-            pictures = ReportWriter(os.path.join(swift.output_dir, 'ddapo')).write_step(
+            header = [f'- completions from: {swift.rollout}; scored by the reward\'s own forward of the trainer '
+                      'model after the rollout']
+            pictures = ReportWriter(os.path.join(swift.output_dir, 'ddapo'), header).write_step(
                 swift.step + 1, mode, self.last_metrics, samples, layers_note(swift.spec))
-            swift.log_pictures(swift.step + 1, pictures, mode)  # the same pictures in TensorBoard / wandb / swanlab
+            # the same pictures in TensorBoard / wandb / swanlab, tagged ddapo/<mode>/<name>
+            swift.log_pictures(swift.step + 1, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()})

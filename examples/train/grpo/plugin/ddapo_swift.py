@@ -42,7 +42,7 @@ from ddapo_capture import EAGER_ATTENTION, attention_settings, language_attentio
 from ddapo_key_sets import inserted_span
 
 # The versions every name of `INTERNALS` was checked against (tests/test_swift_adapter.py checks them again).
-CHECKED_AGAINST = {'ms-swift': '4.6.0', 'transformers': '5.19.0', 'accelerate': '1.15.0', 'peft': '0.20.0'}
+CHECKED_AGAINST = {'ms-swift': '4.6.0', 'transformers': '5.19.0', 'accelerate': '1.16.0', 'peft': '0.20.0'}
 # (module, attribute path, what relies on it): private or undocumented names. Instance attributes (``_metrics``,
 # ``tb_writer``, ...) are checked in the class source that sets them (tests/test_swift_adapter.py).
 INTERNALS = (
@@ -71,6 +71,8 @@ INTERNALS = (
     ('swift.rl_core.grpo_algorithm', '_is_async_reward', 'swift_patches.grpo_reward_kwargs'),
     ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer._postprocess_batch', 'swift_patches.grpo_token_weights'),
     ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer.split_by_mini_batches', 'swift_patches.grpo_token_weights'),
+    ('swift.rlhf_trainers.rollout_mixin', 'RolloutTrainerMixin._move_model_to_vllm',
+     "tests/vllm_cpu/weight_probe.py: vLLM's weights around the colocate sync"),
     ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer._metrics',
      'SwiftTrainer.log_metrics, grpo_token_weights: the metrics store (instance attribute; tests/test_swift_rlhf_e2e)'),
     ('accelerate.state', 'AcceleratorState.deepspeed_plugin', '_forwards_are_collective: the ZeRO stage'),
@@ -86,12 +88,7 @@ INTERNALS = (
      'ddapo_capture: which decoder layer an attention call belongs to'),
     ('transformers.models.qwen2_5_vl.modeling_qwen2_5_vl', 'Qwen2_5_VLAttention.num_key_value_groups',
      'ddapo_capture.eager_rows: grouped-query heads'),
-    ('transformers.integrations', 'WandbCallback._initialized', 'log_pictures'),
-    ('transformers.integrations.integration_utils', 'SwanLabCallback._initialized', 'log_pictures'),
-    ('transformers.integrations', 'TensorBoardCallback.tb_writer', 'log_pictures (TestDashboard)'),
-    ('transformers.integrations', 'WandbCallback._wandb', 'log_pictures (untested: wandb not installed)'),
-    ('transformers.integrations.integration_utils', 'SwanLabCallback._swanlab',
-     'log_pictures (untested: swanlab not installed)'),
+    ('transformers.integrations', 'TensorBoardCallback.tb_writer', 'tracker_runs (TestDashboard)'),
 )
 
 TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swift/pipelines/train/rlhf.py)
@@ -139,40 +136,35 @@ def attention_layers(config) -> Tuple[int, ...]:
     return tuple(i for i, kind in enumerate(layer_types[:num_layers]) if kind in SOFTMAX_LAYER_TYPES)
 
 
-VLLM_REFUSAL = ('ddapo_attention reads attention from its own forward of the policy model, and a vLLM rollout engine '
-                'returns no attention to pair it with: run GRPO with --use_vllm false (the Transformers rollout).')
+def rollout_engine(args) -> str:
+    """Which engine made the completions the reward scores, for the start log and the report's header.
 
+    The reward never reads the rollout's attention: in every ms-swift GRPO mode it runs its own forward of the
+    trainer's model after the rollout has finished (vLLM asleep or on its own GPUs, offloaded weights reloaded).
 
-def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
-    """The last value of ``--name VALUE`` or ``--name=VALUE`` in a command line (later flags win, as in ms-swift)."""
-    value = None
-    for i, word in enumerate(argv):
-        if word == name and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif word.startswith(name + '='):
-            value = word.split('=', 1)[1]
-    return value
-
-
-def check_command_line(argv: Sequence[str]) -> None:
-    """Refuse, when ms-swift imports the plugin (before it builds a trainer or a rollout engine), a command line
-    that runs ``ddapo_attention`` with a vLLM rollout. Raises ValueError.
-
-    >>> check_command_line(['rlhf', '--reward_funcs', 'ddapo_attention', '--use_vllm', 'false'])
-    >>> check_command_line(['rlhf', '--use_vllm', 'true', '--reward_funcs', 'accuracy'])  # not this reward's run
+    >>> from types import SimpleNamespace as A
+    >>> rollout_engine(A(use_vllm=False))
+    'Transformers generate (--use_vllm false)'
+    >>> rollout_engine(A(use_vllm=True, vllm_mode='colocate', sleep_level=1, offload_model=False))
+    'vLLM, colocate mode (--sleep_level 1)'
+    >>> rollout_engine(A(use_vllm=True, vllm_mode='server', vllm_server_host=['10.0.0.2'], vllm_server_port=[8000],
+    ...                  async_generate=True))[:51]
+    'vLLM, server mode (10.0.0.2:8000), --async_generate'
     """
-    use_vllm = _flag_value(argv, '--use_vllm')
-    if use_vllm is None or use_vllm.lower() in ('false', '0', 'no'):
-        return
-    start = next((i for i, word in enumerate(argv) if word == '--reward_funcs'), None)
-    funcs = []
-    if start is not None:
-        for word in argv[start + 1:]:
-            if word.startswith('--'):
-                break
-            funcs.append(word)
-    if 'ddapo_attention' in funcs:
-        raise ValueError(f'--use_vllm {use_vllm}: {VLLM_REFUSAL}')
+    if not getattr(args, 'use_vllm', False):
+        return 'Transformers generate (--use_vllm false)'
+    if getattr(args, 'vllm_mode', None) == 'server':
+        urls = getattr(args, 'vllm_server_base_url', None) or [
+            f'{host}:{port}' for host, port in zip(getattr(args, 'vllm_server_host', None) or [],
+                                                   getattr(args, 'vllm_server_port', None) or [])]
+        text = f'vLLM, server mode ({", ".join(urls)})'
+        if getattr(args, 'async_generate', False):
+            text += (', --async_generate true: the completions scored at step t were sampled with the weights of '
+                     'step t-1, and the reward reads them with the weights of step t, the ones the loss uses')
+        return text
+    flags = [f'--sleep_level {getattr(args, "sleep_level", 0)}']
+    flags += [f'--{name} true' for name in ('offload_model', 'offload_optimizer') if getattr(args, name, False)]
+    return f'vLLM, colocate mode ({", ".join(flags)})'
 
 
 def unwrap_policy(trainer) -> torch.nn.Module:
@@ -424,31 +416,54 @@ def image_paths(row: Dict[str, Any]) -> List[str]:
     return paths
 
 
-def log_pictures(trainer, step: int, pictures: Sequence[str], mode: str = 'train') -> List[str]:
-    """Hand the report's pictures (PNG paths) to the trainer's trackers through their own callbacks and image APIs:
-    TensorBoard's ``SummaryWriter.add_image``, ``wandb.Image``, ``swanlab.Image`` (whichever ``--report_to`` set up).
-    Tags are ``ddapo/<mode>/<sample>_<picture>`` (e.g. ``ddapo/train/sample0_image0``). Returns the trackers used."""
+def tracker_runs(trainer) -> Dict[str, Any]:
+    """The trackers this run reports to, found the way each integration exposes its run: TensorBoard's
+    ``SummaryWriter`` on transformers' ``TensorBoardCallback`` (TensorBoard has no run of its own); ``wandb.run``, the
+    active run that wandb's integration started; ``swanlab.get_run()``, the active run that swanlab's own
+    ``SwanLabCallback`` (the one ms-swift registers) or transformers' started. A tracker whose package no integration
+    imported is not looked for (nothing is imported here)."""
+    import sys
+    runs = {}
+    callbacks = getattr(getattr(trainer, 'callback_handler', None), 'callbacks', [])
+    writers = [getattr(c, 'tb_writer', None) for c in callbacks if type(c).__name__ == 'TensorBoardCallback']
+    if any(w is not None for w in writers):
+        runs['tensorboard'] = next(w for w in writers if w is not None)
+    wandb = sys.modules.get('wandb')
+    if wandb is not None and getattr(wandb, 'run', None) is not None:
+        runs['wandb'] = wandb.run
+    swanlab = sys.modules.get('swanlab')
+    if swanlab is not None and hasattr(swanlab, 'get_run'):
+        try:
+            run = swanlab.get_run()
+        except RuntimeError:  # no active run
+            run = None
+        if run is not None:
+            runs['swanlab'] = run
+    return runs
+
+
+def log_pictures(trainer, step: int, pictures: Dict[str, str]) -> List[str]:
+    """Hand the report's pictures (``{tag: PNG path}``, tags such as ``ddapo/train/sample0_image0``) to every tracker
+    of `tracker_runs` through its own image API: ``SummaryWriter.add_image``, ``wandb.Image``, ``swanlab.Image``.
+    Returns the trackers used."""
+    import sys
+
     import numpy as np
     from PIL import Image
-    from transformers.integrations import TensorBoardCallback, WandbCallback
-    from transformers.integrations.integration_utils import SwanLabCallback
-    # step0000002_train_sample0_image0.png -> ddapo/train/sample0_image0
-    tagged = {f'ddapo/{mode}/' + os.path.splitext(os.path.basename(path))[0].split(f'_{mode}_', 1)[-1]: path
-              for path in pictures}
     used = []
-    for callback in getattr(getattr(trainer, 'callback_handler', None), 'callbacks', []):
-        if isinstance(callback, TensorBoardCallback) and getattr(callback, 'tb_writer', None) is not None:
-            for tag, path in tagged.items():
-                callback.tb_writer.add_image(tag, np.asarray(Image.open(path).convert('RGB')), step, dataformats='HWC')
-            callback.tb_writer.flush()
-            used.append('tensorboard')
-        elif isinstance(callback, WandbCallback) and getattr(callback, '_initialized', False):
-            callback._wandb.log({**{tag: callback._wandb.Image(path) for tag, path in tagged.items()},
-                                 'train/global_step': step})
-            used.append('wandb')
-        elif isinstance(callback, SwanLabCallback) and getattr(callback, '_initialized', False):
-            callback._swanlab.log({tag: callback._swanlab.Image(path) for tag, path in tagged.items()}, step=step)
-            used.append('swanlab')
+    for name, run in tracker_runs(trainer).items():
+        if name == 'tensorboard':
+            for tag, path in pictures.items():
+                run.add_image(tag, np.asarray(Image.open(path).convert('RGB')), step, dataformats='HWC')
+            run.flush()
+        elif name == 'wandb':
+            wandb = sys.modules['wandb']
+            # transformers' WandbCallback plots against train/global_step
+            run.log({**{tag: wandb.Image(path) for tag, path in pictures.items()}, 'train/global_step': step})
+        else:
+            swanlab = sys.modules['swanlab']
+            swanlab.log({tag: swanlab.Image(path) for tag, path in pictures.items()}, step=step)
+        used.append(name)
     return used
 
 
@@ -661,6 +676,11 @@ class SwiftTrainer:
     def output_dir(self) -> str:
         return self.trainer.args.output_dir
 
+    @property
+    def rollout(self) -> str:
+        """`rollout_engine` of the trainer's arguments."""
+        return rollout_engine(self.trainer.args)
+
     # ranks
     def gather(self, values: List[Any]) -> List[Any]:
         """Every rank's ``values``, concatenated in rank order (one collective; every rank must call it)."""
@@ -696,8 +716,8 @@ class SwiftTrainer:
     def merge_size(self) -> int:
         return image_merge_size(self.trainer)
 
-    def log_pictures(self, step: int, pictures: Sequence[str], mode: str) -> List[str]:
-        return log_pictures(self.trainer, step, pictures, mode)
+    def log_pictures(self, step: int, pictures: Dict[str, str]) -> List[str]:
+        return log_pictures(self.trainer, step, pictures)
 
     def log_metrics(self, mode: str, metrics: Dict[str, float]) -> None:
         """Append to the trainer's metrics store (``_metrics[mode][key]``, averaged at logging); a stand-in trainer

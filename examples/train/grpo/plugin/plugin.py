@@ -1,10 +1,9 @@
 """ms-swift plugin: the DDAPO attention-balance reward for GRPO.
 
-    swift rlhf --rlhf_type grpo --use_vllm false \\
+    swift rlhf --rlhf_type grpo [--use_vllm true --vllm_mode colocate|server ...] \\
         --external_plugins examples/train/grpo/plugin/plugin.py --reward_funcs ddapo_attention ...
 
-Importing this file refuses a command line that pairs ddapo_attention with --use_vllm true, and applies the
-ms-swift patches (runtime forms of swift_patches/*.diff): the trainer in the reward kwargs (swift_patches/grpo_reward_kwargs.py) and per-token advantage weights, which stay off unless
+Importing this file applies the ms-swift patches (runtime forms of swift_patches/*.diff): the trainer in the reward kwargs (swift_patches/grpo_reward_kwargs.py) and per-token advantage weights, which stay off unless
 DDAPO_TOKEN_WEIGHTS=1 (swift_patches/grpo_token_weights.py); and it registers
 ``orms['ddapo_attention'] = DDAPOAttentionORM`` and ``orms['answer_match'] = AnswerMatchORM`` (an
 accuracy reward for image question sets with a ``solution`` column).
@@ -23,12 +22,8 @@ from swift.utils import get_logger  # noqa: E402
 
 from answer_match_reward import AnswerMatchORM  # noqa: E402
 from ddapo_attention_reward import DDAPOAttentionORM  # noqa: E402
-from ddapo_swift import check_command_line  # noqa: E402
 from swift_patches import grpo_reward_kwargs, grpo_token_weights  # noqa: E402
 
-# ms-swift imports this file while it checks its arguments, before it builds the trainer or a rollout engine:
-# a run this reward cannot serve stops here, with the reward's own message.
-check_command_line(sys.argv)
 get_logger().info(f'[DDAPO] ms-swift GRPO reward-kwargs patch: {grpo_reward_kwargs.apply()}')
 get_logger().info(f'[DDAPO] ms-swift GRPO token-weights patch: {grpo_token_weights.apply()}')
 orms['ddapo_attention'] = DDAPOAttentionORM
