@@ -11,9 +11,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-import ddapo_swift
+from ddapo.ms_swift import adapter
 from conftest import make_policy
-from ddapo_attention_reward import DDAPOAttentionORM
+from ddapo.reward import DDAPOAttentionORM
 from test_reward import COMPLETIONS, reward_kwargs
 
 CASES = {  # call -> rank -> (number of completions, text-only rows)
@@ -32,7 +32,7 @@ def main(model_dir: str, output_dir: str) -> None:
         forwards.append(1)
 
     policy.model.register_forward_pre_hook(zero3_like_gather)
-    ddapo_swift._forwards_are_collective = lambda accelerator, template: True  # as under ZeRO-3
+    adapter._forwards_are_collective = lambda accelerator, template: True  # as under ZeRO-3
     orm = DDAPOAttentionORM()
     for case, plan in CASES.items():
         count, text_only = plan[rank]

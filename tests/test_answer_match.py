@@ -1,7 +1,7 @@
 """answer_match: the accuracy reward the launcher pairs with ddapo_attention."""
 import pytest
 
-from answer_match_reward import AnswerMatchORM, answers_match, extract_answer
+from ddapo.answer_match import AnswerMatchORM, answers_match, extract_answer
 
 
 class TestExtractAnswer:

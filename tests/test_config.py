@@ -1,7 +1,7 @@
 """DDAPOConfig: the reward's validated DDAPO_* settings."""
 import pytest
 
-from ddapo_config import DDAPOConfig
+from ddapo.core.config import DDAPOConfig
 
 
 class TestDDAPOConfig:

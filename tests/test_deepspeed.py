@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -38,7 +37,7 @@ def alternating_dataset(tmp_path_factory):
 
 def launch(model_dir, dataset, output_dir, stage, port, env_extra):
     cmd = swift_command(model_dir, dataset, output_dir, '--deepspeed', stage, '--fp16', 'false', '--bf16', 'false',
-                        '--per_device_train_batch_size', '2', '--max_steps', '3')
+                        '--per_device_train_batch_size', '2', '--max_steps', '3', hooks=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
     env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', NPROC_PER_NODE='2', MASTER_PORT=str(port),
                DS_ACCELERATOR='cpu', DDAPO_PACK_TOKENS=PACK_TOKENS,
@@ -107,7 +106,7 @@ class TestZero:
 def assert_rescored(model_dir, dump, output_dir):
     """The first step's rewards of both ranks (taken before any update) equal what the same rows score in this
     process (fp32, 1e-5); both kinds of rows occur (text-only: None)."""
-    from ddapo_attention_reward import DDAPOAttentionORM
+    from ddapo.reward import DDAPOAttentionORM
     policy = make_policy(model_dir, 'qwen2_5_vl', output_dir)
     try:
         for rank in (0, 1):
@@ -136,7 +135,8 @@ class TestTwoNodes:
             node_dir = tmp_path / f'node{rank}'
             node_dir.mkdir()
             cmd = swift_command(model_dir, alternating_dataset, str(node_dir), '--deepspeed', 'zero3', '--fp16',
-                                'false', '--bf16', 'false', '--per_device_train_batch_size', '2', '--max_steps', '3')
+                                'false', '--bf16', 'false', '--per_device_train_batch_size', '2', '--max_steps', '3',
+                                hooks=True)
             env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_') and k != 'NPROC_PER_NODE'}
             env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', NNODES='2', NODE_RANK=str(rank),
                        MASTER_ADDR='127.0.0.1', MASTER_PORT='29549', DS_ACCELERATOR='cpu',
@@ -163,7 +163,7 @@ class TestTwoNodes:
 
 
 class TestLockstepCanFail:
-    """The same ZeRO-3 run with the padding forwards skipped (test-only switch TEST_DDAPO_SKIP_PADDING=1) hangs: the
+    """The same ZeRO-3 run with the padding forwards skipped (TEST_DDAPO_SKIP_PADDING=1 of tests/plugins) hangs: the
     rank with fewer forwards waits in a collective the other never joins. Detected within a bounded time: after the
     first skipped padding forward the run has not finished and its log has not grown for 20 s (a running step
     writes its progress every few seconds; a whole normal run takes 40 to 55 s here), and it is killed."""

@@ -1,4 +1,4 @@
-"""ddapo/* step metrics (ddapo_diagnostics) and the report (ddapo_report) on synthetic cases with known answers."""
+"""ddapo/* step metrics (ddapo.core.diagnostics) and the report (ddapo.core.report) on synthetic cases with known answers."""
 import math
 import os
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, segments, step_metrics, weight_stats
-from ddapo_formulas import head_average, layer_key_attention, sequence_scores
-from ddapo_report import ReportSample, ReportWriter, image_heatmaps, token_line
+from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, segments, step_metrics, weight_stats
+from ddapo.core.formulas import head_average, layer_key_attention, sequence_scores
+from ddapo.core.report import ReportSample, ReportWriter, image_heatmaps, token_line
 
 
 def scored(m_text, num_text=10, num_vision=30, segment=None):
@@ -148,7 +148,7 @@ class TestReportWriter:
     def test_heatmap_scale_is_fixed(self, tmp_path):
         """Two uniform heat maps of 1 and 2 fair shares get different colours (an auto scale would give both the same)."""
         from PIL import Image
-        from ddapo_report import render_heatmap
+        from ddapo.core.report import render_heatmap
         image = Image.new('RGB', (56, 56), (255, 255, 255))
         colours = []
         for value in (1.0, 2.0):

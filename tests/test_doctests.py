@@ -5,8 +5,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize('name', ['ddapo_formulas', 'ddapo_diagnostics', 'ddapo_key_sets', 'ddapo_report',
-                                  'ddapo_scorer', 'ddapo_swift', 'ddapo_demo', 'swift_patches.grpo_token_weights'])
+@pytest.mark.parametrize('name', ['ddapo.core.formulas', 'ddapo.core.diagnostics', 'ddapo.core.key_sets', 'ddapo.core.report',
+                                  'ddapo.core.scorer', 'ddapo.ms_swift.encoding',
+                                  'ddapo.ms_swift.trainer_io', 'ddapo_demo', 'swift_patches.grpo_token_weights'])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0

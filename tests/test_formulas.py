@@ -1,10 +1,10 @@
-"""Eq. (1)-(10) on synthetic attention with hand-computed answers (ddapo_formulas)."""
+"""Eq. (1)-(10) on synthetic attention with hand-computed answers (ddapo.core.formulas)."""
 import math
 
 import pytest
 import torch
 
-from ddapo_formulas import (TDR_BOUND, NotApplicable, balance_reward, check_applicable, gated_rewards, gaussian_smooth,
+from ddapo.core.formulas import (TDR_BOUND, NotApplicable, balance_reward, check_applicable, gated_rewards, gaussian_smooth,
                             group_robust_rewards, head_average, layer_key_attention, layer_modality_masses, layer_set,
                             log_tdr, mean_one_clip, sequence_scores, token_tdr, token_text_mass, token_weights)
 

@@ -1,5 +1,5 @@
 """examples/train/grpo/gpu_check.py: its logic on the CPU (--cpu smoke: two real swift rlhf runs and the table), the
-GPU run's command and model size, and its verdicts. The GPU figures themselves need a GPU (README, "Running at scale")."""
+GPU run's command and model size, and its verdicts. The GPU figures themselves need a GPU (docs/benchmark.md)."""
 import argparse
 import math
 import os

@@ -1,4 +1,4 @@
-"""Key sets T and V (ddapo_key_sets) on synthetic ids, and on real template encodings of every supported family:
+"""Key sets T and V (ddapo.core.key_sets) on synthetic ids, and on real template encodings of every supported family:
 the system turn found from the template (a system message, none, the template's default), thinking on and off."""
 from types import SimpleNamespace
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import MODEL_TYPES, image, make_policy
-from ddapo_key_sets import build_key_sets, inserted_span
-from ddapo_swift import SystemTurns, encode_completion, model_spec, policy_forward
+from ddapo.core.key_sets import build_key_sets, inserted_span
+from ddapo.ms_swift.encoding import SystemTurns, encode_completion
+from ddapo.ms_swift.model_spec import model_spec
+from ddapo.ms_swift.forward_env import policy_forward
 
 # Word ids for the synthetic examples.
 S, E, SYSTEM, USER, ASSISTANT, NL, HI, WHAT, RED, IMG, VID, BOS = 100, 101, 5, 6, 7, 8, 9, 10, 11, 50, 51, 99
@@ -185,7 +187,7 @@ class TestSystemTurnCheck:
             SystemTurns(self._template(policy, ids, ids)).check()
 
     def test_row_without_its_system_turn(self, policy):
-        from ddapo_attention_reward import DDAPOAttentionORM
+        from ddapo.reward import DDAPOAttentionORM
         from test_reward import reward_kwargs
         columns = reward_kwargs(policy, ['red'])
         columns['messages'][0].insert(0, {'role': 'system', 'content': 'Be brief.'})

@@ -42,7 +42,7 @@ class TestLockstep:
         empty = by_case['one_rank_empty']
         assert empty[0]['forwards'] == empty[1]['forwards'] == 2 and empty[1]['rewards'] == []
         # DDAPO_REWARD=group over a prompt whose outputs are split across the ranks: Eq. (8) on all four
-        from ddapo_formulas import group_robust_rewards
+        from ddapo.core.formulas import group_robust_rewards
         balance = by_case['split_balance'][0]['rewards'] + by_case['split_balance'][1]['rewards']
         logs = [math.log((1 - r) / r) for r in balance]
         expected = group_robust_rewards(logs, ['shared'] * 4)

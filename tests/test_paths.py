@@ -6,11 +6,11 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from conftest import image
-from ddapo_attention_reward import DDAPOAttentionORM
-from ddapo_capture import eager_rows
-from ddapo_config import DDAPOConfig
-from ddapo_packing import Member, pack_shared_prompt, shared_prompt_units, shares_prompt, tree_mask
-from ddapo_swift import model_spec
+from ddapo.reward import DDAPOAttentionORM
+from ddapo.engine.capture import eager_rows
+from ddapo.core.config import DDAPOConfig
+from ddapo.core.packing import Member, pack_shared_prompt, shared_prompt_units, shares_prompt, tree_mask
+from ddapo.ms_swift.model_spec import model_spec
 from test_reward import naive_reward, reward_kwargs, rows_of
 
 
@@ -49,7 +49,7 @@ class TestEagerRows:
         _, reference = eager_attention_forward(module, q, k, k, additive, scaling=0.3)
         mask = {'none': None, 'bool': boolean, 'float': additive}[mask_kind]
         rows = slice(2, 6)
-        got = eager_rows(module, q, k, mask, batch_index=1, rows=rows, scaling=0.3)
+        got = eager_rows(q, k, mask, batch_index=1, rows=rows, scaling=0.3, groups=module.num_key_value_groups)
         assert got.dtype == dtype
         expected = reference[1, :, rows]
         width = got.shape[-1]  # without a mask, keys after the last row (masked for all rows) are left out
@@ -60,7 +60,7 @@ class TestEagerRows:
 
     def test_mask_is_applied(self):
         q, k, module = self._qkv()
-        got = eager_rows(module, q, k, None, batch_index=0, rows=slice(0, 4), scaling=1.0)
+        got = eager_rows(q, k, None, batch_index=0, rows=slice(0, 4), scaling=1.0, groups=module.num_key_value_groups)
         assert got.shape[-1] == 4  # keys 4.. are after every row
         assert got[0, 0, 1:].abs().max() == 0 and got[0, 0, 0] == 1 and got[:, 2, 3:].abs().max() == 0
 

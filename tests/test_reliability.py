@@ -1,16 +1,15 @@
 """Reliability on real tiny models: bad samples give None with a counted reason (and still their forward),
 DDAPO_STRICT raises, an out-of-memory forward is survived, videos work, and a reward call leaves no trace."""
-import os
 from unittest import mock
 
 import pytest
 import torch
 
-import ddapo_attention_reward
+from ddapo import reward as reward_module
 from conftest import image, make_policy
-from ddapo_attention_reward import DDAPOAttentionORM
-from ddapo_config import DDAPOConfig
-from ddapo_swift import encode_completion
+from ddapo.reward import DDAPOAttentionORM
+from ddapo.core.config import DDAPOConfig
+from ddapo.ms_swift.encoding import encode_completion
 from test_reward import COMPLETIONS, naive_reward, reward_kwargs, rows_of
 
 
@@ -39,7 +38,7 @@ class TestBadSamples:
         orm = DDAPOAttentionORM()
         calls, handle = count_forwards(q25)
         try:
-            with mock.patch.object(ddapo_attention_reward.logger, 'warning') as warning:
+            with mock.patch.object(reward_module.logger, 'warning') as warning:
                 rewards = orm(['The answer is red', '', 'x', 'red', 'blue'], **columns)
                 orm(['', ''], **{k: v[1:3] if isinstance(v, list) else v for k, v in columns.items()})
         finally:

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import MODEL_TYPES, image, make_policy
-from ddapo_attention_reward import DDAPOAttentionORM
-from ddapo_config import DDAPOConfig
-from ddapo_formulas import layer_set
-from ddapo_key_sets import build_key_sets
-from ddapo_swift import TEMPLATE_MODE, SystemTurns, encode_completion, model_spec, policy_forward
+from ddapo.reward import DDAPOAttentionORM
+from ddapo.core.config import DDAPOConfig
+from ddapo.core.formulas import layer_set
+from ddapo.core.key_sets import build_key_sets
+from ddapo.ms_swift.encoding import TEMPLATE_MODE, SystemTurns, encode_completion
+from ddapo.ms_swift.model_spec import model_spec
+from ddapo.ms_swift.forward_env import policy_forward
 
 COMPLETIONS = ['The answer is red', 'It is a square, I think', 'blue', 'Think step by step. The shape is yellow']
 
@@ -177,9 +179,9 @@ class TestFailsClearly:
             DDAPOAttentionORM().on_trainer_init(trainer)
 
     def test_unsupported_family(self, policy, monkeypatch):
-        import ddapo_swift
-        assert ddapo_swift.SUPPORTED_MODEL_TYPES == tuple(MODEL_TYPES)
-        monkeypatch.setattr(ddapo_swift, 'SUPPORTED_MODEL_TYPES', ('gemma3', 'glm4v'))
+        from ddapo.ms_swift import compat, model_spec
+        assert compat.SUPPORTED_MODEL_TYPES == tuple(MODEL_TYPES)
+        monkeypatch.setattr(model_spec, 'SUPPORTED_MODEL_TYPES', ('gemma3', 'glm4v'))
         with pytest.raises(ValueError, match=f"supports the model families gemma3, glm4v; .*model_type='{policy.model_type}'"):
             DDAPOAttentionORM().on_trainer_init(policy)
 
@@ -216,8 +218,8 @@ class TestVariants:
 
         from swift.rewards import orms
 
-        from answer_match_reward import AnswerMatchORM
-        from ddapo_formulas import gated_rewards, group_robust_rewards
+        from ddapo.answer_match import AnswerMatchORM
+        from ddapo.core.formulas import gated_rewards, group_robust_rewards
         monkeypatch.setitem(orms, 'answer_match', AnswerMatchORM)  # as plugin.py does, without applying its patch
         completions = ['<answer>red</answer>', 'blue', '<answer>red</answer> sure', 'red?', 'no']
         columns = reward_kwargs(policy, completions, text_only_rows=(4,))
@@ -273,8 +275,8 @@ class TestTokenWeights:
     rows without request_id."""
 
     def test_weights_handed_over(self, policy, token_weights_on, monkeypatch, tmp_path):
-        from ddapo_formulas import token_weights
-        from ddapo_swift import token_weight_store
+        from ddapo.core.formulas import token_weights
+        from ddapo.ms_swift.trainer_io import token_weight_store
         monkeypatch.setattr(policy.args, 'output_dir', str(tmp_path))
         columns = weighted_kwargs(policy, COMPLETIONS[:3], text_only_rows=(1,))
         orm = DDAPOAttentionORM()
@@ -299,7 +301,7 @@ class TestTokenWeights:
 
     def test_unmatched_tokens(self, policy, token_weights_on):
         """A two-turn completion keeps its reward and gets no token weights, counted once in ``unweighted``."""
-        from ddapo_swift import token_weight_store
+        from ddapo.ms_swift.trainer_io import token_weight_store
         columns = reward_kwargs(policy, COMPLETIONS[:2])
         columns['request_id'] = ['one-turn', 'two-turns']
         columns['response_token_ids'][1] = [[5, 6]] + columns['response_token_ids'][1]
@@ -345,10 +347,10 @@ class TestReport:
         columns = reward_kwargs(policy, COMPLETIONS[:2])
         columns['prompt_id'] = ['prompt-one', 'prompt-one']
         columns['solution'] = ['red', 'red']
-        import ddapo_step_log
+        from ddapo import step_log
         written = []
-        original = ddapo_step_log.ReportWriter.write_step
-        monkeypatch.setattr(ddapo_step_log.ReportWriter, 'write_step',
+        original = step_log.ReportWriter.write_step
+        monkeypatch.setattr(step_log.ReportWriter, 'write_step',
                             lambda self, step, mode, metrics, samples, note='': written.extend(samples) or
                             original(self, step, mode, metrics, samples, note))
         DDAPOAttentionORM()(COMPLETIONS[:2], **columns)

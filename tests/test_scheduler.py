@@ -1,13 +1,13 @@
-"""The forward scheduler (ddapo_scheduler) with a stand-in forward and gather: which outputs share a forward, and how
+"""The forward scheduler (ddapo.engine.scheduler) with a stand-in forward and gather: which outputs share a forward, and how
 many padding forwards keep the ranks in step. The real capture runs in test_reward and test_paths."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ddapo_config import DDAPOConfig
-from ddapo_key_sets import KeySets
-from ddapo_scheduler import ForwardScheduler, Output
+from ddapo.core.config import DDAPOConfig
+from ddapo.core.key_sets import KeySets
+from ddapo.engine.scheduler import ForwardScheduler, Output
 
 
 def output(position, prompt, generated=(5,)):
@@ -74,5 +74,5 @@ class TestRun:
             raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
 
         _, runs, _ = self.run([output(0, [1, 2]), output(1, [1, 2])], None, 'shared', out_of_memory)
-        assert len(runs) == 1 and runs[0].captures is None and runs[0].complete
+        assert len(runs) == 1 and runs[0].captures is None and runs[0].out_of_memory and not runs[0].complete
         assert 'ran out of memory' in runs[0].detail and 'DDAPO_PACK_TOKENS' in runs[0].detail

@@ -1,12 +1,13 @@
-"""The pure per-output scorer and the group variants (ddapo_scorer), without a model: one class per function."""
+"""The pure per-output scorer and the group variants (ddapo.core.scorer), without a model: one class per function."""
 import math
 
 import pytest
 import torch
 
-from ddapo_diagnostics import SampleDiagnostics
-from ddapo_formulas import sequence_scores
-from ddapo_scorer import SharedOutput, WeightSettings, group_variant, score_output, token_weight_block
+from ddapo.core.diagnostics import SampleDiagnostics
+from ddapo.core.formulas import sequence_scores
+from ddapo.core.scorer import (SharedOutput, Unweighted, WeightSettings, group_variant, score_output,
+                               token_weight_block)
 
 
 def masses(*per_layer):
@@ -43,10 +44,10 @@ class TestScoreOutput:
         scored = score_output(m, [0], 4, 4, weights=weights)
         assert scored.token_weights == pytest.approx([1.0, 1.5, 0.5])  # token_weights' worked example
         assert scored.diagnostics.token_weights.count == 3 and scored.unweighted is None
-        blocked = score_output(m, [0], 4, 4, weights=weights, weight_block=('multi_turn_completion', 'detail'))
-        assert blocked.token_weights is None and blocked.unweighted[0] == 'multi_turn_completion'
+        blocked = score_output(m, [0], 4, 4, weights=weights, weight_block=Unweighted('multi_turn_completion', 'detail'))
+        assert blocked.token_weights is None and blocked.unweighted.reason == 'multi_turn_completion'
         assert blocked.reward == scored.reward
-        off = score_output(m, [0], 4, 4, weight_block=('multi_turn_completion', 'detail'))
+        off = score_output(m, [0], 4, 4, weight_block=Unweighted('multi_turn_completion', 'detail'))
         assert off.token_weights is None and off.unweighted is None  # weights off: nothing is left out
 
 
@@ -57,8 +58,8 @@ class TestTokenWeightBlock:
         assert token_weight_block([[1, 2]], True) is None
         assert token_weight_block([1, 2], True) is None  # one flat turn
         assert token_weight_block(None, True) is None
-        assert token_weight_block([[1], [2]], True)[0] == 'multi_turn_completion'
-        assert token_weight_block([[1]], False)[0] == 'unlabelled_generated_tokens'
+        assert token_weight_block([[1], [2]], True).reason == 'multi_turn_completion'
+        assert token_weight_block([[1]], False).reason == 'unlabelled_generated_tokens'
 
 
 def shared(rank, position, tdr, prompt='q', correct=True):

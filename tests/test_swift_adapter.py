@@ -1,7 +1,8 @@
-"""The ms-swift adapter (ddapo_swift): every private name it lists resolves in the installed packages (whatever their
-versions: the reward warns at start when they differ from CHECKED_AGAINST), the reward modules outside it import no
-ms-swift, rows come back as ms-swift batched them, and which runs need lockstep."""
+"""The ms-swift side (ddapo.ms_swift): every private name it lists resolves in the installed packages (whatever their
+versions: the reward warns at start when they differ from CHECKED_AGAINST), the layers below it import no ms-swift,
+transformers or accelerate (import analysis), rows come back as ms-swift batched them, and which runs need lockstep."""
 import ast
+import glob
 import importlib
 import inspect
 import os
@@ -11,9 +12,11 @@ from types import SimpleNamespace
 import pytest
 from accelerate.utils import DistributedType
 
-import ddapo_swift
 from conftest import PLUGIN_DIR
-from ddapo_swift import INTERNALS, _forwards_are_collective, reward_rows, version_drift
+from ddapo.ms_swift import compat
+from ddapo.ms_swift.compat import INTERNALS, version_drift
+from ddapo.ms_swift.forward_env import _forwards_are_collective
+from ddapo.ms_swift.encoding import reward_rows
 
 
 def resolve(module: str, path: str):
@@ -51,34 +54,75 @@ class TestInternals:
     def test_version_drift(self, monkeypatch):
         from importlib.metadata import version
         installed = {'ms-swift': version('ms-swift'), 'transformers': version('transformers')}
-        monkeypatch.setattr(ddapo_swift, 'CHECKED_AGAINST', installed)
+        monkeypatch.setattr(compat, 'CHECKED_AGAINST', installed)
         assert version_drift() == {}
-        monkeypatch.setattr(ddapo_swift, 'CHECKED_AGAINST', {**installed, 'transformers': '0.0.1', 'no-such-pkg': '1'})
+        monkeypatch.setattr(compat, 'CHECKED_AGAINST', {**installed, 'transformers': '0.0.1', 'no-such-pkg': '1'})
         assert version_drift() == {'transformers': ('0.0.1', installed['transformers']),
                                    'no-such-pkg': ('1', 'not installed')}
 
 
-class TestOnlyTheAdapterImportsSwift:
-    """The reward's modules other than ddapo_swift, the registry (plugin.py) and the ORM module import no ms-swift."""
+def imports(path):
+    """``(module, name)`` of every import in a source file (``name`` None for ``import module``); relative imports are
+    resolved against the ``ddapo`` package."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.module or '', a.name) for a in node.names]
+    return found
 
-    ALLOWED = {'ddapo_swift.py', 'plugin.py', 'ddapo_attention_reward.py', 'answer_match_reward.py'}
 
-    def test_imports(self):
-        offenders = []
-        for name in sorted(os.listdir(PLUGIN_DIR)):
-            if not name.endswith('.py') or name in self.ALLOWED:
-                continue
-            tree = ast.parse(open(os.path.join(PLUGIN_DIR, name)).read())
-            for node in ast.walk(tree):
-                modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                           [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
-                offenders += [f'{name}: {m}' for m in modules if m.split('.')[0] in ('swift', 'ddapo_swift')]
-        assert offenders == []
+def package_modules(folder):
+    base = os.path.join(PLUGIN_DIR, 'ddapo')
+    return sorted(glob.glob(os.path.join(base, folder, '*.py')))
 
-    def test_reward_class_reaches_trainer_only_through_adapter(self):
-        source = inspect.getsource(importlib.import_module('ddapo_attention_reward'))
-        for attribute in ('.template', '.accelerator', '.args', '.state', '._metrics', 'gather_object', 'orms'):
-            assert attribute not in source, attribute
+
+THIRD_PARTY = ('swift', 'transformers', 'accelerate', 'peft', 'deepspeed', 'trl')
+
+
+class TestLayers:
+    """By import analysis of the package's source: the core imports nothing above it and no ms-swift, transformers or
+    accelerate; the engine imports the core and torch only; outside ``ms_swift/`` only the ORM module imports
+    ms-swift, and only its public plugin API; nothing outside ``ms_swift/`` imports a private name. Edge case: a
+    module added to a layer folder is checked too."""
+
+    def offenders(self, paths, allowed_swift=()):
+        found = []
+        for path in paths:
+            for module, name in imports(path):
+                top = module.split('.')[0]
+                if top in THIRD_PARTY and (module, name) not in allowed_swift:
+                    found.append(f'{os.path.relpath(path, PLUGIN_DIR)}: {module}.{name}')
+                if name is not None and name.startswith('_') and top in THIRD_PARTY + ('ddapo',):
+                    found.append(f'{os.path.relpath(path, PLUGIN_DIR)}: private {module}.{name}')
+        return found
+
+    def test_core(self):
+        paths = package_modules('core')
+        assert len(paths) >= 7 and self.offenders(paths) == []
+        above = [f'{p}: {m}' for p in paths for m, _ in imports(p) if m.startswith(('ddapo.engine', 'ddapo.ms_swift',
+                                                                                    'ddapo.reward', 'ddapo.step_log'))]
+        assert above == []
+
+    def test_engine(self):
+        paths = package_modules('engine')
+        assert len(paths) >= 2 and self.offenders(paths) == []
+        above = [f'{p}: {m}' for p in paths for m, _ in imports(p) if m.startswith(('ddapo.ms_swift', 'ddapo.reward',
+                                                                                    'ddapo.step_log'))]
+        assert above == []
+
+    def test_outside_the_ms_swift_side(self):
+        paths = package_modules('.') + [os.path.join(PLUGIN_DIR, 'plugin.py')]
+        public = (('swift.rewards', 'ORM'), ('swift.utils', 'get_logger'), ('swift.rewards', 'orms'))
+        assert self.offenders(paths, allowed_swift=public) == []
+
+    def test_the_check_fails_on_an_offender(self, tmp_path):
+        bad = tmp_path / 'bad.py'
+        bad.write_text('from transformers.integrations.sdpa_attention import sdpa_attention_forward\n'
+                       'from ddapo.engine.capture import _ACTIVE\n')
+        found = self.offenders([str(bad)])
+        assert len(found) == 2 and 'private ddapo.engine.capture._ACTIVE' in found[1], found
 
 
 class TestRewardRows:
@@ -116,10 +160,3 @@ class TestForwardsAreCollective:
     def test_cases(self, processes, kind, stage, parallel, expected):
         template = SimpleNamespace(sequence_parallel_size=parallel)
         assert _forwards_are_collective(accelerator(processes, kind, stage), template) is expected
-
-
-def test_adapter_module_docstring_names_its_parts():
-    """The data-flow diagram of ddapo_swift names what the module defines."""
-    for name in ('SwiftTrainer', 'model_spec', 'SystemTurns', 'reward_rows', 'encode_completion', 'policy_forward',
-                 'token_weight_store'):
-        assert name in ddapo_swift.__doc__ and hasattr(ddapo_swift, name)

@@ -63,11 +63,33 @@ def check_trainer_kwargs(expected_apply: str) -> None:
     assert Validating.calls == [owner]
 
 
-class TestRuntimePatch:
-    """Edge cases: sync and async reward functions, all-None rows, idempotence, on_trainer_init."""
+@pytest.fixture
+def unpatched(monkeypatch):
+    """ms-swift's GRPO methods as shipped, whatever earlier tests applied in this process (each runtime wrapper keeps
+    the original as ``__wrapped__``); monkeypatch puts the state before the test back afterwards."""
+    from swift.rlhf_trainers import grpo_trainer
 
-    def test_runtime_patch(self):
+    from swift_patches import grpo_reward_kwargs
+    for owner, name in ((grpo_trainer.GRPOTrainer, '_compute_rewards_per_func'),
+                        (grpo_trainer.GRPOTrainer, '_prepare_rewards'), (grpo_trainer, 'score_completions')):
+        current = getattr(owner, name)
+        monkeypatch.setattr(owner, name, current)  # restored to this after the test
+        if getattr(current, grpo_reward_kwargs.PATCH_FLAG, False):
+            monkeypatch.setattr(owner, name, current.__wrapped__)
+    assert not grpo_reward_kwargs.is_applied()
+
+
+class TestRuntimePatch:
+    """Edge cases: sync and async reward functions, all-None rows, idempotence, on_trainer_init; the first apply in
+    a process whatever ran before (the `unpatched` fixture)."""
+
+    def test_runtime_patch(self, unpatched):
         check_trainer_kwargs(expected_apply='applied')
+
+    def test_after_another_apply(self, unpatched):
+        from swift_patches import grpo_reward_kwargs
+        assert grpo_reward_kwargs.apply() == 'applied'
+        check_trainer_kwargs(expected_apply='already applied')
 
     def test_refuses_unexpected_method(self, monkeypatch):
         from swift.rlhf_trainers import grpo_trainer

@@ -20,11 +20,16 @@ PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
 CPU_DISTRIBUTED = os.path.join(ROOT, 'tests', 'cpu_distributed')
 
 
-def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl'):
+# test-only hooks (dump rows and rewards for re-scoring; skip padding forwards), loaded after the plugin
+TEST_HOOKS = os.path.join(ROOT, 'tests', 'plugins', 'ddapo_test_hooks.py')
+
+
+def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', hooks=False):
+    plugins = [PLUGIN, TEST_HOOKS] if hooks else [PLUGIN]
     return [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
            '--model_type', model_type, '--template', FAMILIES[model_type].template, '--check_model', 'false',
            '--use_vllm', 'false',
-           '--external_plugins', PLUGIN, '--reward_funcs', 'ddapo_attention', '--dataset', dataset,
+           '--external_plugins', *plugins, '--reward_funcs', 'ddapo_attention', '--dataset', dataset,
            '--tuner_type', 'lora', '--torch_dtype', 'float32', '--num_generations', '2',
            '--per_device_train_batch_size', '4', '--max_completion_length', '8', '--logging_steps', '1',
            '--output_dir', output_dir, '--report_to', 'none', '--dataloader_num_workers', '0', '--save_strategy', 'no',

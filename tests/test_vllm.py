@@ -6,8 +6,8 @@ with the reason, when that environment is absent; under ``CI=true`` they fail in
 
 The runs load two test plugins beside the reward's: ``tests/vllm_cpu/keep_cpu_weights.py`` (vLLM's CPU build drops the
 weights the colocate sync loads into, see its docstring) and ``tests/vllm_cpu/weight_probe.py`` (vLLM's weights
-before and after each sync, against the trainer's). The rows and rewards of each call are dumped (TEST_DDAPO_DUMP_DIR)
-and re-scored here, in one process, with the same model and no vLLM.
+before and after each sync, against the trainer's), and ``tests/plugins/ddapo_test_hooks.py``, which dumps the rows
+and rewards of each call (TEST_DDAPO_DUMP_DIR) to re-score them here, in one process, with the same model and no vLLM.
 """
 import glob
 import json
@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, make_policy
-from test_swift_rlhf_e2e import PLUGIN, logged_means
+from test_swift_rlhf_e2e import PLUGIN, TEST_HOOKS, logged_means
 
 pytestmark = pytest.mark.slow  # real swift rlhf runs
 VENV = os.environ.get('VLLM_TEST_VENV', os.path.join(ROOT, '.venv-vllm'))
@@ -51,7 +51,7 @@ def vllm_command(model_dir, model_type, dataset, output_dir, extra):
             '--use_vllm', 'true', '--vllm_mode', 'colocate', '--vllm_enforce_eager', 'true',
             '--vllm_max_model_len', '1024', '--vllm_gpu_memory_utilization', '0.3',
             '--external_plugins', PLUGIN, os.path.join(ROOT, 'examples', 'train', 'grpo', 'vllm_cpu_weights.py'),
-            os.path.join(VLLM_CPU, 'weight_probe.py'),
+            os.path.join(VLLM_CPU, 'weight_probe.py'), TEST_HOOKS,
             '--reward_funcs', 'ddapo_attention', 'format', 'answer_match', '--dataset', dataset,
             '--torch_dtype', 'float32', '--num_generations', '2', '--per_device_train_batch_size', '4',
             '--max_completion_length', '8', '--max_steps', '2', '--logging_steps', '1', '--output_dir', output_dir,
@@ -147,7 +147,7 @@ class TestColocate:
     def test_rewards_equal_one_process(self, name, vllm_runs, tmp_path):
         """The first step's rewards (before any update) equal what the same rows score in this process, on the same
         model without vLLM (fp32, 1e-5)."""
-        from ddapo_attention_reward import DDAPOAttentionORM
+        from ddapo.reward import DDAPOAttentionORM
         models, runs = vllm_runs
         model = models['qwen2_5_vl']
         output_dir, result = runs[name]

@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'plugin'))
 
-from ddapo_capture import EAGER_ATTENTION, ROWS_ATTENTION, captured_forward, language_attention  # noqa: E402
-from ddapo_formulas import layer_set, sequence_scores, token_text_mass  # noqa: E402
-from ddapo_key_sets import build_key_sets  # noqa: E402
-from ddapo_packing import Member, shared_prompt_units  # noqa: E402
+from ddapo.engine.capture import EAGER_ATTENTION, ROWS_ATTENTION, captured_forward  # noqa: E402
+from ddapo.ms_swift.attention import language_attention  # noqa: E402
+from ddapo.core.formulas import layer_set, sequence_scores, token_text_mass  # noqa: E402
+from ddapo.core.key_sets import build_key_sets  # noqa: E402
+from ddapo.core.packing import Member, shared_prompt_units  # noqa: E402
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 IM_START, IM_END = 151644, 151645
@@ -176,9 +177,9 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
                 units = [[i] for i in range(len(batch))]
             captures = []
             for unit in units:
-                _, forward_capture, _ = captured_forward(forward, [Member(*batch[i][:3]) for i in unit],
+                forward_capture = captured_forward(forward, [Member(*batch[i][:3]) for i in unit],
                                                          [batch[i][3] for i in unit], attention, pack=len(unit) > 1)
-                captures += forward_capture.finish()
+                captures += forward_capture.capture.finish()
         return rewards_from_captures(captures, batch, layers)
 
     one, result = members[:1], {}

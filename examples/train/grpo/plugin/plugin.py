@@ -20,8 +20,8 @@ for _path in (_HERE, _ROOT):
 from swift.rewards import orms  # noqa: E402
 from swift.utils import get_logger  # noqa: E402
 
-from answer_match_reward import AnswerMatchORM  # noqa: E402
-from ddapo_attention_reward import DDAPOAttentionORM  # noqa: E402
+from ddapo.answer_match import AnswerMatchORM  # noqa: E402
+from ddapo.reward import DDAPOAttentionORM  # noqa: E402
 from swift_patches import grpo_reward_kwargs, grpo_token_weights  # noqa: E402
 
 get_logger().info(f'[DDAPO] ms-swift GRPO reward-kwargs patch: {grpo_reward_kwargs.apply()}')

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ddapo_formulas import DDAPOScores, layer_set, token_text_mass
+from ddapo.core.formulas import DDAPOScores, layer_set, token_text_mass
 
 THIRDS = ('early', 'middle', 'late')
 
@@ -88,7 +88,7 @@ def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
     (``M^V = 0``), which ``ddapo/tdr/median`` keeps. Example: two outputs with TDR 1 and 3 (``m^T = 0.25`` and
     ``0.5``, ``|T| = 10``, ``|V| = 30``) and one output of a text-only prompt:
 
-    >>> from ddapo_formulas import sequence_scores
+    >>> from ddapo.core.formulas import sequence_scores
     >>> outputs = [SampleDiagnostics(scores=sequence_scores(torch.tensor([m]), 10, 30)) for m in (0.25, 0.5)]
     >>> metrics = step_metrics(outputs + [SampleDiagnostics(reason='no_vision_keys')])
     >>> [round(metrics[k], 4) for k in ('ddapo/tdr/mean', 'ddapo/tdr/median', 'ddapo/not_applicable_frac')]

@@ -1,38 +1,36 @@
-"""Attention capture inside the language model's attention computation.
+"""Attention capture inside the language model's attention computation: the per-output records of the Eq. (1) sums,
+and the eager formula evaluated for the captured query rows only. Pure torch: the attention functions that
+transformers calls live on the ms-swift side (`ddapo.ms_swift.attention`) and hand each layer's probabilities here.
 
 ms-swift's template pre-forward hook rebuilds the forward kwargs from a fixed key list, so
-``output_attentions=True`` never reaches the model. Instead, this module registers two attention
-implementations with transformers' ``AttentionInterface``; both hand the Eq. (1) sums of the generated
-rows to the active `LayerCapture` as soon as a layer has computed them, so no map outlives its layer:
+``output_attentions=True`` never reaches the model. Instead two attention implementations are registered with
+transformers; both hand the Eq. (1) sums of the generated rows to the active `LayerCapture` as soon as a layer has
+computed them, so no map outlives its layer:
 
 - ``ddapo_eager`` (``DDAPO_ATTENTION=eager``, the reference): the modeling file's own
-  ``eager_attention_forward``, the whole ``[H, S, S]`` map of each layer, bit for bit.
+  ``eager_attention_forward``, the whole ``[H, S, S]`` map of each layer, bit for bit (`record_probabilities`).
 - ``ddapo_rows`` (``rows`` and ``shared``): the layer's output from transformers' sdpa kernel, and the
   eager formula (``softmax(q k^T * scaling + mask)`` in float32, cast to the model dtype) evaluated for
-  the captured query rows only, in chunks of at most `ROW_CHUNK_ELEMENTS` scores: the probabilities the
-  reward reads are the eager implementation's numbers for those rows, at a fraction of the memory.
+  the captured query rows only, in chunks of at most `ROW_CHUNK_ELEMENTS` scores (`record_rows`, `eager_rows`): the
+  probabilities the reward reads are the eager implementation's numbers for those rows, at a fraction of the memory.
 
-transformers reads ``text_config._attn_implementation`` at every forward, and the vision tower reads
-its own ``vision_config``: switching the text config switches the language model alone, so only
-its layers are captured. In hybrid models (Qwen3.5) only the softmax-attention layers ``L_att`` call an
-attention function; their linear-attention (Gated DeltaNet) layers never do, and have nothing to capture.
+In hybrid models (Qwen3.5) only the softmax-attention layers ``L_att`` call an attention function; their
+linear-attention (Gated DeltaNet) layers never do, and have nothing to capture.
 """
-import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from contextvars import ContextVar
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ddapo_formulas import head_average, key_attention_sum, layer_modality_masses
-from ddapo_key_sets import KeySets
-from ddapo_packing import PackMember, pack_shared_prompt
+from ddapo.core.formulas import head_average, key_attention_sum, layer_modality_masses
+from ddapo.core.key_sets import KeySets
+from ddapo.core.packing import PackMember, pack_shared_prompt
 
-EAGER_ATTENTION = 'ddapo_eager'
+EAGER_ATTENTION = 'ddapo_eager'  # the names the ms-swift side registers the two attention functions under
 ROWS_ATTENTION = 'ddapo_rows'
+
 ROW_CHUNK_ELEMENTS = 1 << 24  # scores per chunk of rows (heads x rows x keys): ~200 MiB of temporaries at most
 
 
@@ -104,42 +102,48 @@ class ForwardCapture:
 
 
 _ACTIVE: ContextVar[Optional[ForwardCapture]] = ContextVar('ddapo_active_capture', default=None)
-_EAGER_BY_MODULE: Dict[str, Any] = {}
 
 
-def _eager_attention_of(module: torch.nn.Module):
-    """The ``eager_attention_forward`` of the modeling file that defines ``module``."""
-    name = type(module).__module__
-    if name not in _EAGER_BY_MODULE:
-        eager = getattr(sys.modules[name], 'eager_attention_forward', None)
-        if eager is None:
-            raise RuntimeError(f'{name} defines no eager_attention_forward; DDAPO cannot read its attention')
-        _EAGER_BY_MODULE[name] = eager
-    return _EAGER_BY_MODULE[name]
-
-
-def _seen(active: ForwardCapture, module: torch.nn.Module) -> bool:
-    """Note that ``module``'s layer ran through a DDAPO attention; whether it is one of ``L_att`` to capture (a layer
-    outside it is noted, so the completeness check fails instead of reading it)."""
-    active.layers_seen.append(module.layer_idx)
-    return module.layer_idx in active.captures[0].slot if active.captures else False
-
-
-def ddapo_eager_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: Optional[torch.Tensor], **kwargs):
-    """Eager attention that also hands the captured rows of the layer's probabilities to the active captures."""
-    attn_output, attn_weights = _eager_attention_of(module)(module, query, key, value, attention_mask, **kwargs)
+def _active_for(layer_idx: int) -> Optional['ForwardCapture']:
+    """The active capture if decoder layer ``layer_idx`` is one of ``L_att`` to capture. Every layer that runs through
+    a DDAPO attention is noted, so a layer outside ``L_att`` fails the completeness check instead of being read."""
     active = _ACTIVE.get()
-    if active is not None and _seen(active, module):
-        offset = key.shape[2] - query.shape[2]
-        for capture in active.captures:
-            rows = slice(capture.rows.start - offset, capture.rows.stop - offset)
-            capture.record(module.layer_idx, head_average(attn_weights[capture.batch_index, :, rows]))
-    return attn_output, attn_weights
+    if active is None:
+        return None
+    active.layers_seen.append(layer_idx)
+    return active if active.captures and layer_idx in active.captures[0].slot else None
 
 
-def eager_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
-               batch_index: int, rows: slice, scaling: float) -> torch.Tensor:
+def record_probabilities(layer_idx: int, attn_weights: torch.Tensor, key_len: int, query_len: int) -> None:
+    """Hand a layer's whole eager map ``attn_weights [B, H, S_q, S_k]`` to the active captures (the reference path)."""
+    active = _active_for(layer_idx)
+    if active is None:
+        return
+    offset = key_len - query_len
+    for capture in active.captures:
+        rows = slice(capture.rows.start - offset, capture.rows.stop - offset)
+        capture.record(layer_idx, head_average(attn_weights[capture.batch_index, :, rows]))
+
+
+def record_rows(layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                scaling: float, groups: int = 1) -> None:
+    """Evaluate the eager formula for the captured rows of the active captures (`eager_rows`), chunked, and hand
+    them over; ``groups``: query heads per key/value head."""
+    active = _active_for(layer_idx)
+    if active is None:
+        return
+    offset = key.shape[2] - query.shape[2]
+    chunk = max(1, ROW_CHUNK_ELEMENTS // (query.shape[1] * key.shape[2]))
+    for capture in active.captures:
+        for first in range(0, len(capture.rows), chunk):
+            positions = capture.rows[first:first + chunk]
+            rows = slice(positions.start - offset, positions.stop - offset)
+            probabilities = eager_rows(query, key, attention_mask, capture.batch_index, rows, scaling, groups)
+            capture.record(layer_idx, head_average(probabilities), first)
+
+
+def eager_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], batch_index: int,
+               rows: slice, scaling: float, groups: int = 1) -> torch.Tensor:
     """``eager_attention_forward``'s probabilities for the query rows ``rows`` of one batch element: ``[H, c, S']``.
 
     The same operations as eager (``q k^T * scaling``, the mask, softmax accumulated in float32 and
@@ -148,13 +152,12 @@ def eager_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     plain causal sequence: then keys after the chunk's last row, masked for every row, are left out
     (``S'`` is the last row's position + 1) and the causal mask is applied to the chunk's own diagonal block.
     """
-    groups = getattr(module, 'num_key_value_groups', 1)
     keys = key[batch_index]  # [H_kv, S_k, D]
     first, last = rows.start, rows.stop - 1  # query indices
     if attention_mask is None:
         offset = key.shape[2] - query.shape[2]  # queries are the last positions (a cache holds the first ones)
         keys = keys[:, :last + offset + 1]
-    keys = repeat_kv(keys.unsqueeze(0), groups)[0]  # [H, S', D]
+    keys = keys.repeat_interleave(groups, dim=0)  # [H, S', D]: each key/value head serves `groups` query heads
     scores = torch.matmul(query[batch_index, :, rows], keys.transpose(1, 2)).mul_(scaling)  # [H, c, S']
     if attention_mask is None:
         # keys up to the first row's position are open to every row; only the block after it is causal
@@ -171,32 +174,6 @@ def eager_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return torch.softmax(scores, dim=-1)
 
 
-def ddapo_rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: Optional[torch.Tensor], **kwargs):
-    """sdpa for the layer's output; `eager_rows` for the captured rows, chunked, handed to the active captures."""
-    attn_output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    active = _ACTIVE.get()
-    if active is not None and _seen(active, module):
-        scaling = kwargs.get('scaling') or query.shape[-1] ** -0.5
-        offset = key.shape[2] - query.shape[2]
-        chunk = max(1, ROW_CHUNK_ELEMENTS // (query.shape[1] * key.shape[2]))
-        for capture in active.captures:
-            for first in range(0, len(capture.rows), chunk):
-                positions = capture.rows[first:first + chunk]
-                rows = slice(positions.start - offset, positions.stop - offset)
-                probabilities = eager_rows(module, query, key, attention_mask, capture.batch_index, rows, scaling)
-                capture.record(module.layer_idx, head_average(probabilities), first)
-    return attn_output, None
-
-
-def register_attention() -> None:
-    """Register ``ddapo_eager`` (with the eager mask) and ``ddapo_rows`` (with the sdpa mask); idempotent."""
-    AttentionInterface.register(EAGER_ATTENTION, ddapo_eager_attention)
-    AttentionMaskInterface.register(EAGER_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS['eager'])
-    AttentionInterface.register(ROWS_ATTENTION, ddapo_rows_attention)
-    AttentionMaskInterface.register(ROWS_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS['sdpa'])
-
-
 @contextmanager
 def capturing(capture: ForwardCapture) -> Iterator[ForwardCapture]:
     """Route the DDAPO attention layers of forwards run inside this block to ``capture``."""
@@ -207,50 +184,22 @@ def capturing(capture: ForwardCapture) -> Iterator[ForwardCapture]:
         _ACTIVE.reset(token)
 
 
-def language_config(config) -> Any:
-    """The config the language model's attention reads: ``text_config`` when there is one."""
-    return getattr(config, 'text_config', None) or config
-
-
-def attention_settings(config, keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """The attention-implementation keys present on ``config`` and its ``text_config`` (for logs)."""
-    found = {}
-    for label, cfg in (('config', config), ('text_config', getattr(config, 'text_config', None))):
-        if cfg is not None:
-            found[label] = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
-    return found
-
-
-@contextmanager
-def language_attention(config, keys: Sequence[str], implementation: str = EAGER_ATTENTION) -> Iterator[None]:
-    """Switch the language model's attention to ``implementation`` for the block.
-
-    Every key of ``keys`` present on ``config`` and ``text_config`` is saved and restored on exit,
-    exceptions included; only the language config's ``_attn_implementation`` is switched (setting it
-    on the top-level config would cascade into the vision tower).
-    """
-    configs = [c for c in (config, getattr(config, 'text_config', None)) if c is not None]
-    saved = [(cfg, k, getattr(cfg, k)) for cfg in configs for k in keys if hasattr(cfg, k)]
-    register_attention()
-    try:
-        language_config(config)._attn_implementation = implementation
-        yield
-    finally:
-        # Only what changed is written back, top-level config first: its `_attn_implementation` setter
-        # cascades into every sub-config (the vision tower's too), so an unneeded write would not be harmless.
-        for cfg, key, value in saved:
-            if getattr(cfg, key) != value:
-                setattr(cfg, key, value)
+@dataclass
+class CapturedForward:
+    """One forward's model outputs, its `ForwardCapture` (``finish()`` gives the per-output `LayerCapture`) and the
+    length of the sequence it ran."""
+    model_outputs: Any
+    capture: ForwardCapture
+    length: int
 
 
 def captured_forward(forward, members: Sequence[PackMember], key_sets: Sequence[KeySets],
                      attention_layers: Sequence[int], pack: bool,
-                     key_attention: Optional[Sequence[bool]] = None) -> Tuple[Any, ForwardCapture, int]:
+                     key_attention: Optional[Sequence[bool]] = None) -> CapturedForward:
     """One forward for one or several outputs (``members[g]``'s sequence ``[q ; o_g]``, with key sets ``key_sets[g]``).
 
     ``pack``: the outputs share their prompt and run as ``[q ; o_1 ; ... ; o_G]`` (`pack_shared_prompt`);
-    otherwise there is exactly one output, run on its own sequence. Returns the model outputs, the
-    `ForwardCapture` (call ``finish()`` for the per-output `LayerCapture`) and the sequence length.
+    otherwise there is exactly one output, run on its own sequence.
     ``key_attention``: per output, whether to keep `LayerCapture.key_attention` (default: for none).
     """
     if pack:
@@ -266,4 +215,4 @@ def captured_forward(forward, members: Sequence[PackMember], key_sets: Sequence[
                                for m, k, r, want in zip(members, key_sets, rows, keep)], attention_layers)
     with capturing(captures):
         outputs = forward(**kwargs)
-    return outputs, captures, int(kwargs['input_ids'].shape[-1])
+    return CapturedForward(outputs, captures, int(kwargs['input_ids'].shape[-1]))

@@ -1,22 +1,22 @@
 """What a reward call leaves besides its rewards: the step's ``ddapo/*`` metrics in the trainer's log, the report
 under ``<output_dir>/ddapo/`` on logging steps, and the one-time ``[DDAPO_DEBUG]`` lines. It reaches the trainer
-only through the adapter (``ddapo_swift.SwiftTrainer``).
+only through the adapter (``ddapo.ms_swift.adapter.SwiftTrainer``).
 
-    every rank's SampleDiagnostics --step_metrics (ddapo_diagnostics)--> ddapo/* into the trainer's metrics store
+    every rank's SampleDiagnostics --step_metrics (ddapo.core.diagnostics)--> ddapo/* into the trainer's metrics store
     the report's outputs (`StepLogger.choose`) --report_sample-------> ReportSample: tokens, m^V_{i,t}, heat maps
-                                               --ddapo_report.ReportWriter--> report.md + PNGs, then the trackers
+                                               --ddapo.core.report.ReportWriter--> report.md + PNGs, then the trackers
     the first output's forward --debug_lines--> seed 001's [DDAPO_DEBUG] report
 """
 import os
 from typing import Dict, List, Optional, Sequence
 
-from ddapo_capture import LayerCapture
-from ddapo_config import DDAPOConfig
-from ddapo_diagnostics import SampleDiagnostics, segments, step_metrics
-from ddapo_formulas import layer_set
-from ddapo_report import ReportSample, ReportWriter, fair_shares, image_heatmaps
-from ddapo_scheduler import ForwardRun, Output
-from ddapo_scorer import Scored
+from ddapo.engine.capture import LayerCapture
+from ddapo.core.config import DDAPOConfig
+from ddapo.core.diagnostics import SampleDiagnostics, segments, step_metrics
+from ddapo.core.formulas import layer_set
+from ddapo.core.report import ReportSample, ReportWriter, fair_shares, image_heatmaps
+from ddapo.engine.scheduler import ForwardRun, Output
+from ddapo.core.scorer import Scored
 
 PATHS = {
     'shared': "one forward per prompt: [q ; o_1 ; ... ; o_G] with a tree mask, up to DDAPO_PACK_TOKENS={pack} tokens; "
@@ -45,7 +45,7 @@ def sample_title(outputs: Sequence[Output], output: Output, k: int) -> str:
 
 def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: ForwardRun, layers: List[int],
                 scored: Optional[Scored]) -> List[str]:
-    """Seed 001's one-time report of the first reward forward (``report``: ``ddapo_swift.ForwardReport``)."""
+    """Seed 001's one-time report of the first reward forward (``report``: ``ddapo.ms_swift.forward_env.ForwardReport``)."""
     output = run.unit[0]
     kwargs = output.encoded.forward_kwargs
     attentions = getattr(run.model_outputs, 'attentions', None)

@@ -2,37 +2,30 @@
 forward and gather come in as callables.
 
     Outputs --units---> one forward per output (DDAPO_ATTENTION=eager, rows; a hybrid model under shared), or per
-                        prompt (shared: the outputs sharing a prompt, up to DDAPO_PACK_TOKENS, ddapo_packing)
+                        prompt (shared: the outputs sharing a prompt, up to DDAPO_PACK_TOKENS, ddapo.core.packing)
             --lockstep-> padding forwards, agreed before the first forward, where a forward is a collective of all
                          ranks (ZeRO-3, FSDP: SwiftTrainer.forwards_are_collective)
-            --run-------> a `ForwardRun` per unit: one forward with attention captured (ddapo_capture), its
+            --run-------> a `ForwardRun` per unit: one forward with attention captured (ddapo.engine.capture), its
                           per-output `LayerCapture`, or why there is none (out of memory)
 """
 import gc
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ddapo_capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture, captured_forward
-from ddapo_config import DDAPOConfig
-from ddapo_key_sets import KeySets
-from ddapo_packing import PackMember, shared_prompt_units
-
-# Test-only switch (outside the validated DDAPO_* settings): skip the padding forwards, to show that a ZeRO-3 run
-# without them hangs.
-TEST_SKIP_PADDING = 'TEST_DDAPO_SKIP_PADDING'
-
+from ddapo.engine.capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture, captured_forward
+from ddapo.core.config import DDAPOConfig
+from ddapo.core.key_sets import KeySets
+from ddapo.core.packing import Encoded, PackMember, shared_prompt_units
 
 @dataclass
 class Output:
     """One completion of the reward call, encoded: ``position`` in the call's completions, its row, the template's
-    encoding ``[q ; o_i]`` (``ddapo_swift.EncodedCompletion``) and its key sets."""
+    encoding ``[q ; o_i]`` (``ddapo.ms_swift.encoding.EncodedCompletion``) and its key sets."""
     position: int
     row: Dict[str, Any] = field(repr=False)
-    encoded: PackMember = field(repr=False)
+    encoded: Encoded = field(repr=False)
     key_sets: KeySets = field(repr=False)
     report_title: Optional[str] = None  # set when the output is shown in this step's report
 
@@ -44,18 +37,20 @@ class Output:
 
 @dataclass
 class ForwardRun:
-    """One forward of a unit of outputs, and its captures in the unit's order (``None`` when it ran out of memory:
-    ``detail`` says so)."""
+    """One forward of a unit of outputs, and its captures in the unit's order. ``out_of_memory``: the forward ran out
+    of memory (``captures`` None, ``detail`` says so); otherwise ``complete`` says whether exactly the attention
+    layers ``L_att`` were captured (``captures`` None when not)."""
     unit: List[Output]
     captures: Optional[List[LayerCapture]]
     capture: Optional[ForwardCapture] = None
     model_outputs: Any = None
     length: int = 0
     detail: str = ''
+    out_of_memory: bool = False
 
     @property
     def complete(self) -> bool:
-        return self.capture is None or self.capture.complete
+        return not self.out_of_memory and self.capture is not None and self.capture.complete
 
 
 class ForwardScheduler:
@@ -99,11 +94,6 @@ class ForwardScheduler:
         self.last_forwards, self.last_padding = len(units), 0
         for unit in units:
             yield self._run_unit(forward, unit)
-        if padding and os.environ.get(TEST_SKIP_PADDING) == '1':
-            # print, not the logger: ms-swift's logger is quiet on ranks other than 0, which may be this one
-            print(f'[DDAPO] {TEST_SKIP_PADDING}=1: skipping {padding} padding forward(s) (test only)',
-                  file=sys.stderr, flush=True)
-            padding = 0
         if padding:
             on_padding(padding, len(units))
             self.padding_forwards += padding
@@ -115,7 +105,7 @@ class ForwardScheduler:
     def _run_unit(self, forward, unit: List[Output]) -> ForwardRun:
         try:
             # shared: a lone output keeps its plain causal sequence (sdpa's fastest kernel)
-            model_outputs, capture, length = captured_forward(
+            captured = captured_forward(
                 forward, [o.encoded for o in unit], [o.key_sets for o in unit], self.attention_layers,
                 pack=len(unit) > 1, key_attention=[o.report_title is not None for o in unit])
         except torch.OutOfMemoryError as error:
@@ -126,9 +116,10 @@ class ForwardScheduler:
             detail = f'the reward forward of a {length}-token sequence ran out of memory ({str(error).splitlines()[0][:200]})'
             if self.config.attention == 'shared':
                 detail += '; a lower DDAPO_PACK_TOKENS packs fewer outputs per forward'
-            return ForwardRun(unit, None, length=length, detail=detail)
+            return ForwardRun(unit, None, length=length, detail=detail, out_of_memory=True)
+        capture = captured.capture
         captures = capture.finish() if capture.complete else None
-        return ForwardRun(unit, captures, capture, model_outputs, length)
+        return ForwardRun(unit, captures, capture, captured.model_outputs, captured.length)
 
     def incomplete_message(self, run: ForwardRun) -> str:
         """The error of a forward whose attention layers did not all run through the DDAPO attention function."""

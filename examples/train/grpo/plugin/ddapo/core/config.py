@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
-from ddapo_formulas import layer_set
+from ddapo.core.formulas import layer_set
 
 _TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
 REWARDS = ('balance', 'group', 'gated')
@@ -121,7 +121,7 @@ class DDAPOConfig:
                               'eager rows) or eager (one eager forward per output, the reference)')
     pack_tokens: int = _setting(8192, _parse_tokens, 'most tokens in one shared-prompt forward')
     token_weights: bool = _setting(False, _parse_bool,
-                                   'multiply the per-token advantages by the Eq. (10) token weights')
+                                   'multiply the per-token advantages by the Eq. (11) token weights')
     token_weight_clip: Tuple[float, float] = _setting((0.2, 3.0), _parse_clip, 'LOW,HIGH bounds of the token weights')
     token_weight_sigma: float = _setting(0.0, _parse_nonnegative,
                                          'std (in tokens) of the Gaussian smoothing of the token weights; 0: none')

@@ -2,7 +2,7 @@
 
     LayerCapture.masses [|L_att|, |o_i|, 2] --score_output--> m^T_{i,t} over Lambda (Eq. 4), rho_text, rho_vis,
                                                              TDR_i, R^bal_i (Eq. 2-7), M^V_i per segment, and
-                                                             with token weights on, w_{i,t} (Eq. 10): a `Scored`
+                                                             with token weights on, w_{i,t} (Eq. 11): a `Scored`
     every rank's `SharedOutput` --group_variant-------------> R^grp_i (Eq. 8) or R^gate_i (Eq. 9), by position
 
 `score_output` is verl's per-sample score: one output's numbers in, its result out; the reward class does the
@@ -13,14 +13,14 @@ from typing import Collection, List, Optional, Sequence, Tuple
 
 import torch
 
-from ddapo_diagnostics import SampleDiagnostics, segment_vision_mass, weight_stats
-from ddapo_formulas import (NotApplicable, gated_rewards, group_robust_rewards, log_tdr, sequence_scores,
+from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, weight_stats
+from ddapo.core.formulas import (NotApplicable, gated_rewards, group_robust_rewards, log_tdr, sequence_scores,
                             token_text_mass, token_weights)
 
 
 @dataclass(frozen=True)
 class WeightSettings:
-    """``DDAPO_TOKEN_WEIGHT_CLIP`` and ``DDAPO_TOKEN_WEIGHT_SIGMA`` of Eq. (10)."""
+    """``DDAPO_TOKEN_WEIGHT_CLIP`` and ``DDAPO_TOKEN_WEIGHT_SIGMA`` of Eq. (11)."""
     clip: Tuple[float, float]
     sigma: float
 
@@ -32,35 +32,43 @@ class Scored:
     diagnostics: SampleDiagnostics
     detail: str = ''
     m_text: Optional[torch.Tensor] = None  # m^T_{i,t} over Lambda (Eq. 4)
-    token_weights: Optional[List[float]] = None  # w_{i,t} (Eq. 10)
-    unweighted: Optional[Tuple[str, str]] = None  # (reason, detail): token weights on, but left out for this output
+    token_weights: Optional[List[float]] = None  # w_{i,t} (Eq. 11)
+    unweighted: Optional['Unweighted'] = None  # token weights on, but left out for this output
 
     @classmethod
     def not_applicable(cls, reason: str, detail: str) -> 'Scored':
         return cls(None, SampleDiagnostics(reason=reason), detail)
 
 
-def token_weight_block(response_token_ids: Sequence, labelled: bool) -> Optional[Tuple[str, str]]:
+@dataclass(frozen=True)
+class Unweighted:
+    """Why an output keeps advantage weight 1 although token weights are on: ``reason`` (counted) and ``detail``
+    (for the warning)."""
+    reason: str
+    detail: str
+
+
+def token_weight_block(response_token_ids: Sequence, labelled: bool) -> Optional[Unweighted]:
     """Why an output's ``w_{i,t}`` could not be matched to its completion tokens in the GRPO loss, or None.
 
     >>> token_weight_block([[5, 6]], labelled=True) is None
     True
-    >>> token_weight_block([[5], [6]], labelled=True)[0], token_weight_block([[5]], labelled=False)[0]
+    >>> token_weight_block([[5], [6]], labelled=True).reason, token_weight_block([[5]], labelled=False).reason
     ('multi_turn_completion', 'unlabelled_generated_tokens')
     """
     turns = response_token_ids or []
     if len(turns) > 1 and isinstance(turns[0], (list, tuple)):
-        return 'multi_turn_completion', 'has several generated turns, and the reward reads the last'
+        return Unweighted('multi_turn_completion', 'has several generated turns, and the reward reads the last')
     if not labelled:
-        return 'unlabelled_generated_tokens', 'has generated tokens without a label (--loss_scale?)'
+        return Unweighted('unlabelled_generated_tokens', 'has generated tokens without a label (--loss_scale?)')
     return None
 
 
 def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int, num_vision_keys: int,
                  generated: Sequence[int] = (), special_ids: Collection[int] = (),
                  weights: Optional[WeightSettings] = None,
-                 weight_block: Optional[Tuple[str, str]] = None) -> Scored:
-    """Eq. (4)-(7) (and Eq. 10 with ``weights``) of one output from its Eq. (1) sums ``masses [|L_att|, |o_i|, 2]``
+                 weight_block: Optional[Unweighted] = None) -> Scored:
+    """Eq. (4)-(7) (and Eq. 10, 11 with ``weights``) of one output from its Eq. (1) sums ``masses [|L_att|, |o_i|, 2]``
     (``(text, vision)`` per layer and generated token), read at the positions ``layers`` of ``L_att`` (Lambda).
 
     Not applicable (notation section 4) where ``masses`` holds inf or NaN, where the completion is only special
@@ -119,7 +127,7 @@ def group_variant(shared: Sequence[SharedOutput], rank: int, count: int, sigma: 
 
     Example: one prompt's three outputs on two ranks, TDR ``1, e, e^2`` (log TDR ``0, 1, 2``):
 
-    >>> from ddapo_formulas import sequence_scores
+    >>> from ddapo.core.formulas import sequence_scores
     >>> def out(rank, position, m_text):  # |T| = |V| = 1: TDR = m^T / (1 - m^T)
     ...     scores = sequence_scores(torch.tensor([m_text]), 1, 1)
     ...     return SharedOutput(rank, position, SampleDiagnostics(scores=scores), prompt_id='q')

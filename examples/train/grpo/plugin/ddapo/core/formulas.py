@@ -7,7 +7,7 @@ Pure tensor functions: no ms-swift, no model. The data flow is
     m^T_{i,t}, |T|, |V|                --sequence_scores-------->  M^T_i, rho_text_i, rho_vis_i, TDR_i,
                                                                    eta^X_i, R^bal_i (Eq. 2, 3, 5, 6, 7)
     TDR_i of a prompt's outputs        --group_robust_rewards--->  R^grp_i (Eq. 8), --gated_rewards--> R^gate_i (Eq. 9)
-    m^T_{i,t}, |T|, |V|                --token_weights---------->  TDR_{i,t} (Eq. 10), token weights w_{i,t}
+    m^T_{i,t}, |T|, |V|                --token_weights---------->  TDR_{i,t} (Eq. 10), token weights w_{i,t} (Eq. 11)
 
 Cases where a value is undefined (notation, section 4) raise `NotApplicable` with a short reason
 code; the caller turns that into `None` for GRPO and counts the reason.
@@ -359,8 +359,8 @@ def mean_one_clip(values: torch.Tensor, low: float, high: float) -> torch.Tensor
 
 def token_weights(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int,
                   clip: Tuple[float, float] = (0.2, 3.0), sigma: float = 0.0) -> torch.Tensor:
-    """Weights ``w_{i,t}`` of the log-probabilities of one output's generated tokens, from Eq. (10): a token chosen
-    while the model leaned on the image weighs more. Returns ``[|o_i|]`` float64.
+    """Eq. (11) weights ``w_{i,t}`` of the log-probabilities of one output's generated tokens, from the ratio of
+    Eq. (10): a token chosen while the model leaned on the image weighs more. Returns ``[|o_i|]`` float64.
 
     ``o_{i,t}`` is chosen by the query row before it, so its weight comes from that row's ratio ``TDR_{i,t-1}``
     (`token_tdr`); ``o_{i,1}`` is chosen by the prompt's last row, which the reward does not read, and gets

@@ -2,46 +2,42 @@
 
 One reward call, file by file:
 
-    reward kwargs --ddapo_swift.SwiftTrainer.rows--> one row per completion (position i)
+    reward kwargs --ms_swift.adapter.SwiftTrainer.rows--> one row per completion (position i)
     row i --SwiftTrainer.encode--> [q ; o_i] with the trainer's template, exact generated ids, P
-          --ddapo_key_sets.build_key_sets--> T (text_keys), V (vision_keys): an `Output`
-    Outputs --ddapo_scheduler.ForwardScheduler--> one forward per prompt (DDAPO_ATTENTION=shared, ddapo_packing)
+          --ddapo.core.key_sets.build_key_sets--> T (text_keys), V (vision_keys): an `Output`
+    Outputs --ddapo.engine.scheduler.ForwardScheduler--> one forward per prompt (DDAPO_ATTENTION=shared, ddapo.core.packing)
                                                   or per output, padded to the busiest rank where forwards are
-                                                  collective (ZeRO-3); ddapo_capture: the Eq. (1) sums of every
+                                                  collective (ZeRO-3); ddapo.engine.capture: the Eq. (1) sums of every
                                                   attention layer of L_att, per output
-    sums --ddapo_scorer.score_output--> m^T_{i,t} over Lambda (DDAPO_LAYERS), rho_text, rho_vis, TDR_i,
-                                        R^bal_i = 1 / (1 + TDR_i); with DDAPO_TOKEN_WEIGHTS=1 also w_{i,t} (Eq. 10),
+    sums --ddapo.core.scorer.score_output--> m^T_{i,t} over Lambda (DDAPO_LAYERS), rho_text, rho_vis, TDR_i,
+                                        R^bal_i = 1 / (1 + TDR_i); with DDAPO_TOKEN_WEIGHTS=1 also w_{i,t} (Eq. 11),
                                         handed to the trainer by request_id (SwiftTrainer.hand_over_token_weights)
     every output's SharedOutput --SwiftTrainer.gather (one per call)--> all ranks' outputs
-          --ddapo_scorer.group_variant--> R^grp (Eq. 8) / R^gate (Eq. 9) with DDAPO_REWARD=group / gated
-          --ddapo_step_log.StepLogger--> the step's ddapo/* metrics; on logging steps the report under
+          --ddapo.core.scorer.group_variant--> R^grp (Eq. 8) / R^gate (Eq. 9) with DDAPO_REWARD=group / gated
+          --ddapo.step_log.StepLogger--> the step's ddapo/* metrics; on logging steps the report under
                                          <output_dir>/ddapo/ (no extra forward)
     --> List[Optional[float]], by position
 
 Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch in ``swift_patches/`` provides
 (and, for token weights, the second patch there); ``plugin.py`` applies both.
 """
-import json
-import os
 from collections import Counter
 from typing import Any, Dict, List, Optional
 
 from swift.rewards import ORM
 from swift.utils import get_logger
 
-from ddapo_config import DDAPOConfig
-from ddapo_formulas import layer_set
-from ddapo_key_sets import build_key_sets
-from ddapo_scheduler import ForwardRun, ForwardScheduler, Output
-from ddapo_scorer import Scored, SharedOutput, WeightSettings, group_variant, score_output, token_weight_block
-from ddapo_step_log import StepLogger, debug_lines, layers_note
-from ddapo_swift import NotEncodable, SwiftTrainer, registered_reward, rollout_engine
+from ddapo.core.config import DDAPOConfig
+from ddapo.core.formulas import layer_set
+from ddapo.core.key_sets import build_key_sets
+from ddapo.engine.scheduler import ForwardRun, ForwardScheduler, Output
+from ddapo.core.scorer import Scored, SharedOutput, WeightSettings, group_variant, score_output, token_weight_block
+from ddapo.step_log import StepLogger, debug_lines, layers_note
+from ddapo.ms_swift.encoding import NotEncodable
+from ddapo.ms_swift.adapter import SwiftTrainer
+from ddapo.ms_swift.trainer_io import registered_reward
 
 logger = get_logger()
-
-# Test-only switch (outside the validated DDAPO_* settings): write each call's rows and rewards as JSON lines, to
-# re-score them in one process.
-TEST_DUMP_DIR = 'TEST_DDAPO_DUMP_DIR'
 
 MISSING_TRAINER = (
     "ddapo_attention needs the GRPO trainer in the reward kwargs ('trainer'), and it is missing: the ms-swift "
@@ -111,7 +107,7 @@ class DDAPOAttentionORM(ORM):
             self.step_log.choose(swift, outputs)
             for run in scheduler.run(forward, outputs, swift.gather if swift.forwards_are_collective else None,
                                      swift.padding_encoding, self._note_padding):
-                if not run.complete:
+                if not run.out_of_memory and not run.complete:
                     self._debug(report, run, layers, None)
                     raise RuntimeError(scheduler.incomplete_message(run))
                 for k, output in enumerate(run.unit):
@@ -121,10 +117,7 @@ class DDAPOAttentionORM(ORM):
                                                                                results[output.position])
         if self.config.token_weights:
             swift.hand_over_token_weights(rows, [r.token_weights for r in results])
-        rewards = self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)])
-        if os.environ.get(TEST_DUMP_DIR):
-            self._dump(os.environ[TEST_DUMP_DIR], rows, rewards)
-        return rewards
+        return self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)])
 
     def _output(self, position: int, row: Dict[str, Any], results: List[Optional[Scored]]) -> Optional[Output]:
         """Row ``position`` encoded with its key sets; ``None`` (its result set to not applicable) when it cannot be."""
@@ -140,7 +133,7 @@ class DDAPOAttentionORM(ORM):
 
     def _score(self, output: Output, run: ForwardRun, k: int, layers: List[int], report) -> Scored:
         """`score_output` of the ``k``-th output of ``run``; counts what is not applicable or left unweighted."""
-        if run.captures is None:
+        if run.out_of_memory:
             return self._not_applicable(Scored.not_applicable('out_of_memory', run.detail))
         config, key_sets = self.config, output.key_sets
         weights = (WeightSettings(config.token_weight_clip, config.token_weight_sigma) if config.token_weights
@@ -152,7 +145,7 @@ class DDAPOAttentionORM(ORM):
         if scored.reward is None:
             return self._not_applicable(scored)
         if scored.unweighted is not None:
-            reason, detail = scored.unweighted
+            reason, detail = scored.unweighted.reason, scored.unweighted.detail
             if reason not in self.unweighted:
                 logger.warning(f'[DDAPO] token weights left out (advantage weight 1) for an output that {detail}: '
                                f'the weights could not be matched to its completion tokens ({reason}). Counted in '
@@ -195,19 +188,8 @@ class DDAPOAttentionORM(ORM):
 
     def _debug(self, report, run: ForwardRun, layers: List[int], scored: Optional[Scored]) -> None:
         """Seed 001's one-time report, on the first output of the run (and before the error of an incomplete one)."""
-        if self._debug_pending or not run.complete:
+        if self._debug_pending or (not run.out_of_memory and not run.complete):
             self._debug_pending = False
             for line in debug_lines(self.config, self.swift.spec, self.scheduler.implementation, report, run, layers,
                                     scored):
                 logger.info(f'[DDAPO_DEBUG] {line}')
-
-    def _dump(self, directory: str, rows: List[Dict[str, Any]], rewards: List[Optional[float]]) -> None:
-        """Test only (`TEST_DUMP_DIR`): append this call's rows (messages, image paths, generated ids), rewards, and
-        the call's forwards and padding forwards."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, f'rank{self.swift.rank}.jsonl'), 'a') as f:
-            for row, reward in zip(rows, rewards):
-                f.write(json.dumps({'messages': row.get('messages'), 'images': self.swift.image_paths(row),
-                                    'reward': reward, 'response_token_ids': row.get('response_token_ids'),
-                                    'forwards': self.scheduler.last_forwards,
-                                    'padding_forwards': self.scheduler.last_padding}) + '\n')

@@ -27,6 +27,14 @@ class PackMember(Protocol):
     num_generated: int
 
 
+class Encoded(PackMember, Protocol):
+    """An output's encoding as the reward reads it: the ids of ``[q ; o_i]``, whether every generated token carries
+    a label, and the system turn's positions (``ddapo.ms_swift.encoding.EncodedCompletion`` is one)."""
+    input_ids: List[int]
+    labelled: bool
+    system_turn: range
+
+
 @dataclass(frozen=True)
 class Member:
     """A `PackMember` by value (tests, the benchmark)."""

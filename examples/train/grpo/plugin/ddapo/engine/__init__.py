@@ -1,0 +1,1 @@
+"""The engine: the forward scheduler and the attention capture (pure torch)."""

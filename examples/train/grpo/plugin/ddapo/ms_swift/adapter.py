@@ -1,0 +1,125 @@
+"""``SwiftTrainer``: the GRPO trainer as the reward sees it, built once at start. It gathers what the reward class needs
+from the modules of the ms-swift side (model spec, encoding, forward environment, trainer I/O)."""
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from swift.utils import get_logger
+
+from ddapo.ms_swift.compat import version_drift
+from ddapo.ms_swift.encoding import EncodedCompletion, SystemTurns, encode_completion, padding_row, reward_rows
+from ddapo.ms_swift.forward_env import _forwards_are_collective, policy_forward
+from ddapo.ms_swift.model_spec import model_spec
+from ddapo.ms_swift.trainer_io import (enable_token_weights, image_merge_size, image_paths, last_user_turn,
+                                       log_pictures, processed_images, rollout_engine, token_weight_store)
+
+class SwiftTrainer:
+    """The GRPO trainer as the reward sees it; built once, at start (``on_trainer_init``), which validates the
+    policy model (`model_spec`) and locates the template's system turn (`SystemTurns.check`)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.spec = model_spec(trainer)
+        self.system_turns = SystemTurns(trainer.template)
+        self.system_turns.check()
+        self.forwards_are_collective = _forwards_are_collective(trainer.accelerator, trainer.template)
+        drift = version_drift()
+        if drift:
+            get_logger().warning(
+                '[DDAPO] ddapo.ms_swift.compat.INTERNALS (the private ms-swift / transformers names the reward relies on) were '
+                'checked against other versions: ' + ', '.join(f'{p} {c} (installed {i})' for p, (c, i) in
+                                                              drift.items()) +
+                '; python -m pytest tests/test_swift_adapter.py checks them on this install.')
+
+    # where and when
+    @property
+    def rank(self) -> int:
+        return self.trainer.accelerator.process_index
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    @property
+    def mode(self) -> str:
+        """``train`` or ``eval``, the key of the trainer's metrics store."""
+        return 'train' if self.trainer.model.training else 'eval'
+
+    @property
+    def step(self) -> int:
+        """``global_step``: the rewards of step N are computed while it is still N - 1."""
+        return int(getattr(getattr(self.trainer, 'state', None), 'global_step', 0) or 0)
+
+    @property
+    def logging_steps(self) -> int:
+        return max(1, int(getattr(self.trainer.args, 'logging_steps', 1) or 1))
+
+    @property
+    def output_dir(self) -> str:
+        return self.trainer.args.output_dir
+
+    @property
+    def rollout(self) -> str:
+        """`rollout_engine` of the trainer's arguments."""
+        return rollout_engine(self.trainer.args)
+
+    # ranks
+    def gather(self, values: List[Any]) -> List[Any]:
+        """Every rank's ``values``, concatenated in rank order (one collective; every rank must call it)."""
+        from accelerate.utils import gather_object
+        return gather_object(values)
+
+    # encoding and forwards
+    def rows(self, kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, Any]]:
+        return reward_rows(kwargs, num_completions)
+
+    def encode(self, row: Dict[str, Any]) -> EncodedCompletion:
+        """`encode_completion` with the system turn located; raises `NotEncodable`."""
+        return encode_completion(self.trainer, row, self.system_turns)
+
+    def padding_encoding(self) -> EncodedCompletion:
+        return encode_completion(self.trainer, padding_row(self.trainer))
+
+    def policy_forward(self, implementation: str):
+        """`policy_forward`: yields ``(forward, report)``."""
+        return policy_forward(self.trainer, implementation)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.trainer.template.tokenizer.decode(list(ids))
+
+    # the report
+    def images(self, row: Dict[str, Any], image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
+        return processed_images(self.trainer, row, image_grid_thw)
+
+    question = staticmethod(last_user_turn)
+    image_paths = staticmethod(image_paths)
+
+    @property
+    def merge_size(self) -> int:
+        return image_merge_size(self.trainer)
+
+    def log_pictures(self, step: int, pictures: Dict[str, str]) -> List[str]:
+        return log_pictures(self.trainer, step, pictures)
+
+    def log_metrics(self, mode: str, metrics: Dict[str, float]) -> None:
+        """Append to the trainer's metrics store (``_metrics[mode][key]``, averaged at logging); a stand-in trainer
+        without one (tests) logs nothing."""
+        store = getattr(self.trainer, '_metrics', None)
+        if store is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):  # the trainer averages lists at logging: a NaN would poison the mean
+                    store[mode][key].append(value)
+
+    # token weights (Eq. 11)
+    def enable_token_weights(self) -> None:
+        enable_token_weights(self.trainer)
+
+    def hand_over_token_weights(self, rows: Sequence[Dict[str, Any]], weights: Sequence[Optional[List[float]]]) -> None:
+        """Put each output's ``w_{i,t}`` where the patched GRPO trainer reads them: by ``request_id``."""
+        if any(row.get('request_id') in (None, '') for row in rows):
+            raise RuntimeError('DDAPO_TOKEN_WEIGHTS=1 hands token weights to the trainer by request_id, and the '
+                               'reward kwargs have rows without one; run it under ms-swift GRPO.')
+        store = token_weight_store(self.trainer)
+        for row, output_weights in zip(rows, weights):
+            if output_weights is not None:
+                store[row['request_id']] = output_weights

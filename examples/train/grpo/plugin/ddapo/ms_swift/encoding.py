@@ -1,0 +1,214 @@
+"""Rows and their encoding: the per-output rows ms-swift batched into the reward kwargs, and ``[q ; o_i]`` encoded
+with the trainer's template (exact generated ids, the prompt length ``P``, the system turn's positions)."""
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from swift.rl_core.data import GRPOSample
+from swift.rlhf_trainers.utils import encode_sample
+
+from ddapo.core.key_sets import inserted_span
+from ddapo.ms_swift.compat import CHECKED_AGAINST, SUPPORTED_MODEL_TYPES
+
+TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swift/pipelines/train/rlhf.py)
+# Reward kwargs that are not columns of rows: ms-swift's trainer_state (and trajectory_inputs, a dict, in server
+# multi-turn), the patch's trainer.
+NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state', 'trajectory_inputs'})
+
+
+def reward_rows(kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, Any]]:
+    """The rows ms-swift batched into the reward kwargs (``RowPreprocessor.rows_to_batched`` of every sample's
+    ``to_reward_row()``), back as rows: every kwarg but `NOT_ROW_KWARGS` is a column with one value per output.
+    Raises RuntimeError when one is not (an ms-swift that batches its kwargs differently).
+
+    >>> reward_rows({'trainer_state': None, 'prompt_id': ['a', 'b'], 'images': [None, ['x.png']]}, 2)
+    [{'prompt_id': 'a', 'images': None}, {'prompt_id': 'b', 'images': ['x.png']}]
+    """
+    from swift.dataset import RowPreprocessor
+    columns = {k: v for k, v in kwargs.items() if k not in NOT_ROW_KWARGS}
+    odd = sorted(k for k, v in columns.items() if not isinstance(v, (list, tuple)) or len(v) != num_completions)
+    if odd:
+        raise RuntimeError(f'ddapo_attention reads one row per completion from the reward kwargs, and {odd} are not '
+                           f'columns of {num_completions} values: this ms-swift batches reward kwargs differently '
+                           f'from the one it was checked against ({CHECKED_AGAINST["ms-swift"]}).')
+    return RowPreprocessor.batched_to_rows(columns) if columns else [{} for _ in range(num_completions)]
+
+
+def generated_ids(response_token_ids: Sequence) -> List[int]:
+    """The ids of the final generated turn (ms-swift stores a list per turn, or one flat list)."""
+    if response_token_ids and isinstance(response_token_ids[0], (list, tuple)):
+        return list(response_token_ids[-1])
+    return list(response_token_ids or [])
+
+
+@dataclass
+class EncodedCompletion:
+    """``x_i = [q ; o_i]`` as the template encodes it, and where ``o_i`` sits in it."""
+    input_ids: List[int]
+    prompt_len: int  # P
+    num_generated: int  # |o_i|
+    forward_kwargs: Dict[str, Any] = field(repr=False)
+    labelled: bool = True  # every generated token carries a label, so it is a completion token of the GRPO loss
+    system_turn: range = range(0)  # positions of the system turn (SystemTurns), empty without one
+
+
+class NotEncodable(ValueError):
+    """A row whose encoding the reward cannot use; ``reason`` is its not-applicable reason."""
+    reason = 'not_encodable'
+
+
+class GeneratedIdsMismatch(NotEncodable):
+    """The template's encoding does not hold the generated ids right after the prompt."""
+    reason = 'generated_ids_mismatch'
+
+
+class SystemTurnNotFound(NotEncodable):
+    """The template's encoding of a row does not hold its system turn where the template renders it."""
+    reason = 'system_turn_not_found'
+
+
+PROBE_TEXT = 'DDAPO probe'
+
+
+@contextmanager
+def _without_system(template, drop: bool = True) -> Iterator[None]:
+    """The template renders no system turn inside the block (``drop``): an instance attribute shadows its
+    ``_get_system`` for this rendering only, and is removed on exit."""
+    if not drop:
+        yield
+        return
+    template._get_system = lambda inputs: None
+    try:
+        yield
+    finally:
+        del template._get_system
+
+
+class SystemTurns:
+    """Where the trainer's template renders the system turn, found the way the template builds it.
+
+    ms-swift's template renders the system message (the row's, or the default system it inserts, with tools and
+    model-specific instructions folded in) from ``Template._get_system``; with ``None`` there it renders no system
+    turn. Two renderings of a probe conversation, as is and with ``_get_system`` returning ``None``, differ by
+    exactly the system turn (`inserted_span`), whatever the chat format. The block is cached per distinct system
+    setting and checked token for token in every row's encoding: a row where it is not found gives None
+    (``system_turn_not_found``), never a system turn counted as text. `check` refuses, at start, a chat format
+    whose system turn cannot be located this way.
+    """
+
+    def __init__(self, template):
+        self.template = template
+        self._blocks: Dict[str, Tuple[int, Tuple[int, ...]]] = {}
+
+    def _render(self, system: Optional[str], extra: Dict[str, Any], drop_system: bool) -> List[int]:
+        messages = [{'role': 'system', 'content': system}] if system is not None else []
+        messages += [{'role': 'user', 'content': PROBE_TEXT}, {'role': 'assistant', 'content': PROBE_TEXT}]
+        with _without_system(self.template, drop_system):
+            return list(self.template.encode({'messages': messages, **extra})['input_ids'])
+
+    def block(self, system: Optional[str], extra: Optional[Dict[str, Any]] = None) -> Tuple[int, Tuple[int, ...]]:
+        """``(offset, ids)`` of the system turn the template renders for ``system`` (``None``: the template's
+        default) and the row settings ``extra`` (``tools``, ``chat_template_kwargs``); ``ids`` is empty without one.
+        Raises `SystemTurnNotFound` when the two renderings do not differ by one block."""
+        extra = {k: v for k, v in (extra or {}).items() if v}
+        key = json.dumps([system, extra], sort_keys=True, default=str)
+        if key not in self._blocks:
+            with_system, without = self._render(system, extra, False), self._render(system, extra, True)
+            decode = self.template.tokenizer.decode
+            blank = {t for t in set(with_system) if not decode([t]).strip()}
+            span = inserted_span(with_system, without, blank)
+            if span is None:
+                raise SystemTurnNotFound(
+                    f'the template {self.template.template_meta.template_type!r} renders the system message '
+                    'somewhere other than one block of the conversation, so its positions cannot be told from the '
+                    'text keys T')
+            self._blocks[key] = (span.start, tuple(with_system[span.start:span.stop]))
+        return self._blocks[key]
+
+    def span(self, row: Dict[str, Any], input_ids: Sequence[int]) -> range:
+        """The system turn's positions in ``input_ids``, the template's encoding of ``row``."""
+        messages = row.get('messages') or []
+        system = messages[0].get('content') if messages and messages[0].get('role') == 'system' else None
+        offset, ids = self.block(system, {'tools': row.get('tools'),
+                                          'chat_template_kwargs': row.get('chat_template_kwargs')})
+        if not ids:
+            return range(0)
+        if tuple(input_ids[offset:offset + len(ids)]) != ids:
+            raise SystemTurnNotFound(f'the encoding does not hold the {len(ids)}-token system turn the template '
+                                     f'renders at position {offset}')
+        return range(offset, offset + len(ids))
+
+    def check(self) -> None:
+        """At start: the system turn of an explicit system message, and of the template's default, can be located,
+        and the explicit one holds the system text. Raises ValueError naming the fix."""
+        meta = self.template.template_meta
+        probe = f'{PROBE_TEXT} system message.'
+        try:
+            with template_state(self.template):
+                self.block(None)  # the template's default system (or none)
+                if not getattr(meta, 'support_system', True):
+                    return
+                offset, ids = self.block(probe)
+        except SystemTurnNotFound as error:
+            raise ValueError(f'ddapo_attention cannot locate the system turn: {error}. The text keys T must leave '
+                             'the system turn out (docs/notation.md); use a model family whose template renders '
+                             f'it as one block ({", ".join(SUPPORTED_MODEL_TYPES)}).') from None
+        if probe not in self.template.tokenizer.decode(list(ids)):
+            raise ValueError(f'ddapo_attention cannot locate the system turn of template {meta.template_type!r}: '
+                             'rendering it without the system message does not remove the system text (a jinja '
+                             'chat template, --template_backend jinja?). The text keys T must leave the system '
+                             "turn out (docs/notation.md); use ms-swift's own template backend (the default).")
+
+
+def encode_completion(trainer, row: Dict[str, Any], system_turns: Optional[SystemTurns] = None) -> EncodedCompletion:
+    """Encode the prompt with the trainer's template followed by exactly ``response_token_ids``.
+
+    ms-swift's own `encode_sample` does what the training forward does (response ids injected, never
+    re-tokenised text); the template then appends ``<|im_end|>\\n``, so ``o_i`` is the ``|o_i|``
+    positions right after the prompt, the first labelled position. A thinking template's response prefix
+    (``<think>`` and a newline, or an empty think block with thinking off) was prompt context during rollout:
+    `encode_sample` puts it before the generated ids without a label, so it is part of ``q``. An empty
+    completion encodes the prompt with an empty answer (``|o_i| = 0``). The batch stays on the CPU until its
+    forward. ``system_turns`` locates the system turn (raises `SystemTurnNotFound`).
+    """
+    template = trainer.template
+    sample = GRPOSample.from_row(row)
+    ids = generated_ids(sample.response_token_ids)
+    sample.response_token_ids = [ids] if ids else []  # the last turn alone, as it was generated
+    if not ids and sample.messages and sample.messages[-1].get('role') == 'assistant':
+        sample.messages[-1] = {**sample.messages[-1], 'content': ''}
+    encoded = encode_sample(sample, template)
+    encoded.pop('_extra_kwargs', None)
+    input_ids, labels = list(encoded['input_ids']), list(encoded['labels'])
+    prompt_len = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+    if input_ids[prompt_len:prompt_len + len(ids)] != ids:
+        raise GeneratedIdsMismatch(f'encoded sequence does not hold the {len(ids)} generated ids at position '
+                                   f'{prompt_len} (sequence length {len(input_ids)})')
+    batch = template.data_collator([encoded])
+    batch.pop('labels', None)
+    batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
+    labelled = all(label != -100 for label in labels[prompt_len:prompt_len + len(ids)])
+    system_turn = system_turns.span(row, input_ids[:prompt_len]) if system_turns is not None else range(0)
+    return EncodedCompletion(input_ids, prompt_len, len(ids), batch, labelled, system_turn)
+
+
+def padding_row(trainer) -> Dict[str, Any]:
+    """A minimal row whose forward keeps a rank in step with the others (ZeRO-3 gathers in every forward;
+    ms-swift runs the vision tower on a dummy image for text-only rows, so the same modules run)."""
+    eos = trainer.template.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    return {'messages': [{'role': 'user', 'content': '.'}, {'role': 'assistant', 'content': ''}],
+            'response_token_ids': [[eos]]}
+
+
+@contextmanager
+def template_state(template) -> Iterator[None]:
+    saved = (template.mode, template.max_length, template.padding_free)
+    template.set_mode(TEMPLATE_MODE)
+    template.max_length = None  # as the trainer's own encoding for the policy forward
+    template.padding_free = False  # one sequence, batch size 1: nothing to pack
+    try:
+        yield
+    finally:
+        template.set_mode(saved[0])
+        template.max_length, template.padding_free = saved[1:]

@@ -1,0 +1,56 @@
+"""Test plugin: one more ``--external_plugins`` file, after ``plugin.py``, for the suite's real runs. Nothing here
+is part of the product; each hook is switched on by its environment variable.
+
+- ``TEST_DDAPO_DUMP_DIR=DIR``: after every ``ddapo_attention`` call, append one JSON line per completion to
+  ``DIR/rank<r>.jsonl`` (global rank): the row's messages, image paths and generated ids, its reward, and the call's
+  forwards and padding forwards, so a test can re-score the rows in one process.
+- ``TEST_DDAPO_SKIP_PADDING=1``: this rank runs no padding forward. The forward-count gather still runs (every rank
+  joins it); the scheduler then sees only this rank's count. Under ZeRO-3 a rank with fewer forwards then waits in a
+  collective that the busier rank never joins: the hang the padding forwards prevent.
+"""
+import json
+import os
+import sys
+
+from swift.rewards import orms
+
+from ddapo.engine import scheduler
+
+DUMP_DIR = os.environ.get('TEST_DDAPO_DUMP_DIR')
+SKIP_PADDING = os.environ.get('TEST_DDAPO_SKIP_PADDING') == '1'
+
+
+def _dump_after_call(call):
+    def dumped(self, completions, **kwargs):
+        rewards = call(self, completions, **kwargs)
+        swift, scheduler = self.swift, self.scheduler
+        os.makedirs(DUMP_DIR, exist_ok=True)
+        with open(os.path.join(DUMP_DIR, f'rank{swift.rank}.jsonl'), 'a') as f:
+            for row, reward in zip(swift.rows(kwargs, len(completions)), rewards):
+                f.write(json.dumps({'messages': row.get('messages'), 'images': swift.image_paths(row), 'reward': reward,
+                                    'response_token_ids': row.get('response_token_ids'),
+                                    'forwards': scheduler.last_forwards,
+                                    'padding_forwards': scheduler.last_padding}) + '\n')
+        return rewards
+    return dumped
+
+
+def _run_without_padding(run):
+    def unpadded(self, forward, outputs, gather, filler, on_padding):
+        if gather is not None:
+            def own_count(values):
+                counts = gather(values)  # the collective every rank joins
+                if max(counts) > values[0]:
+                    # print, not the logger: ms-swift's logger is quiet on ranks other than 0
+                    print(f'[DDAPO] TEST_DDAPO_SKIP_PADDING=1: skipping {max(counts) - values[0]} padding forward(s) '
+                          '(test only)', file=sys.stderr, flush=True)
+                return list(values)
+            return run(self, forward, outputs, own_count, filler, on_padding)
+        return run(self, forward, outputs, gather, filler, on_padding)
+    return unpadded
+
+
+if DUMP_DIR:
+    orms['ddapo_attention'].__call__ = _dump_after_call(orms['ddapo_attention'].__call__)
+if SKIP_PADDING:
+    scheduler.ForwardScheduler.run = _run_without_padding(scheduler.ForwardScheduler.run)
