@@ -15,7 +15,7 @@ it wraps is not what it expects.
 """
 import functools
 import inspect
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -58,6 +58,20 @@ def scale_token_advantages(advantages: torch.Tensor, completion_mask: torch.Tens
 
 def _expect(condition: bool, what: str) -> None:
     require(condition, 'grpo_token_weights', what)
+
+
+def open_channel(trainer) -> Dict[str, List[float]]:
+    """The token-weight channel of ``trainer``, opened if needed: ``{request_id: w_{i,t}}``, which a reward fills and
+    the patched ``_postprocess_batch`` reads and empties per rollout batch. It lives in the trainer attribute the
+    diff declares on ``GRPOTrainer`` (`STORE`); only this module touches it."""
+    if getattr(trainer, STORE, None) is None:
+        setattr(trainer, STORE, {})
+    return getattr(trainer, STORE)
+
+
+def channel(trainer) -> Optional[Dict[str, List[float]]]:
+    """``trainer``'s token-weight channel, or None when none was opened."""
+    return getattr(trainer, STORE, None)
 
 
 def is_applied() -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import MODEL_TYPES, image, make_policy
+from ddapo.core.row import Row
 from ddapo.core.key_sets import build_key_sets, inserted_span
 from ddapo.ms_swift.encoding import SystemTurns, encode_completion
 from ddapo.ms_swift.model_spec import model_spec
@@ -77,7 +78,7 @@ def key_sets_of(policy, row_, system_turns=None):
     spec = model_spec(policy)
     system_turns = system_turns or SystemTurns(policy.template)
     with policy_forward(policy):
-        encoded = encode_completion(policy, row_, system_turns)
+        encoded = encode_completion(policy, Row(row_), system_turns)
     ks = build_key_sets(encoded.input_ids, encoded.prompt_len, spec.vision_token_ids, spec.special_ids,
                         encoded.system_turn)
     return encoded, ks, spec

@@ -161,7 +161,7 @@ class TestRewardPaths:
         assert hybrid == policy.model_type.startswith('qwen3_5')
         assert (eager_calls, rows_calls, shared_calls) == (9, 9, 9 if hybrid else 2)
         assert eager[4] is None and rows[4] is None and shared[4] is None
-        naive = [naive_reward(policy, row) if row['response_token_ids'][0] else None for row in rows_of(columns)]
+        naive = [naive_reward(policy, row) if row.response_token_ids[0] else None for row in rows_of(columns)]
         for rewards in (rows, shared):
             assert rewards == pytest.approx(eager, abs=1e-5)
         assert eager == pytest.approx(naive, abs=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import MODEL_TYPES, image, make_policy
+from ddapo.core.row import Row
 from ddapo.reward import DDAPOAttentionORM
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.formulas import layer_set
@@ -72,7 +73,7 @@ def naive_token_text_mass(policy, row, num_layers_read=8, layers=None):
 
 def rows_of(columns):
     n = len(columns['messages'])
-    return [{k: v[i] for k, v in columns.items() if k != 'trainer'} for i in range(n)]
+    return [Row({k: v[i] for k, v in columns.items() if k != 'trainer'}) for i in range(n)]
 
 
 class TestRewardEqualsNaiveComputation:

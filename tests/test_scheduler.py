@@ -7,6 +7,7 @@ import torch
 
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.key_sets import KeySets
+from ddapo.core.row import Row
 from ddapo.engine.scheduler import ForwardScheduler, Output
 
 
@@ -17,7 +18,7 @@ def output(position, prompt, generated=(5,)):
                               forward_kwargs={'input_ids': torch.tensor([ids]),
                                               'attention_mask': torch.ones(1, len(ids), dtype=torch.long)})
     keys = KeySets(text_keys=torch.ones(len(ids), dtype=torch.bool), vision_keys=torch.zeros(len(ids), dtype=torch.bool))
-    return Output(position, {}, encoded, keys)
+    return Output(position, Row({}), encoded, keys)
 
 
 class TestUnits:
@@ -40,15 +41,22 @@ class TestUnits:
 class TestRun:
     """Edge cases: without a gather (forwards not collective) no padding; with one, as many padding forwards as the
     busiest rank has more, on the first output's encoding or the filler when this rank has none; a stand-in forward
-    that captures nothing is reported incomplete; out of memory gives a run without captures."""
+    that captures nothing is reported incomplete; out of memory gives a run that says so."""
 
     def run(self, outputs, gather, attention='rows', forward=None):
+        """``gather``: the stand-in for every rank's counts (``None``: forwards are not collective)."""
         calls = []
         scheduler = ForwardScheduler(DDAPOConfig(attention=attention), (0, 1), hybrid=False)
         filler = output(9, [8, 8])
-        runs = list(scheduler.run(forward or (lambda **kwargs: calls.append(kwargs['input_ids'])), outputs, gather,
-                                  lambda: filler.encoded, lambda padding, forwards: calls.append(('padding', padding))))
-        return scheduler, runs, calls
+
+        def gathered(values):
+            calls.append(('gather', values[0]))
+            return gather(values)
+        env = SimpleNamespace(forward=forward or (lambda **kwargs: calls.append(kwargs['input_ids'])),
+                              gather=gathered, padding_encoding=lambda: filler.encoded, collective=gather is not None)
+        call = scheduler.run(outputs, env)
+        assert call.padding == scheduler.last_padding
+        return scheduler, call.runs, calls
 
     def test_no_gather(self):
         scheduler, runs, calls = self.run([output(0, [1, 2])], None)
@@ -58,17 +66,22 @@ class TestRun:
         counts = []
         scheduler, runs, calls = self.run([output(0, [1, 2])], lambda mine: counts.append(mine) or [3, mine[0]])
         assert counts == [[1]] and len(runs) == 1
-        assert calls[1] == ('padding', 2) and len(calls) == 4  # its forward, the note, two padding forwards
-        assert torch.equal(calls[2], calls[0]) and scheduler.last_padding == scheduler.padding_forwards == 2
+        assert calls[0] == ('gather', 1) and len(calls) == 4  # the agreement, its forward, two padding forwards
+        assert torch.equal(calls[2], calls[1]) and torch.equal(calls[3], calls[1])
+        assert scheduler.last_padding == scheduler.padding_forwards == 2
 
     def test_filler_without_outputs(self):
         _, runs, calls = self.run([], lambda mine: [2, 0])
-        assert runs == [] and calls[0] == ('padding', 2) and calls[1].tolist() == [[8, 8, 5]]
+        assert runs == [] and calls[0] == ('gather', 0) and len(calls) == 3
+        assert calls[1].tolist() == calls[2].tolist() == [[8, 8, 5]]
 
     def test_incomplete_and_oom(self):
         scheduler, runs, _ = self.run([output(0, [1, 2])], None)
-        assert not runs[0].complete and runs[0].captures is None
+        assert not runs[0].complete and runs[0].captures is None and not runs[0].out_of_memory
         assert 'captured 0 of 2 attention layers' in scheduler.incomplete_message(runs[0])
+        # every forward and padding forward still runs, so that the ranks stay in step until the reward stops the run
+        scheduler, runs, calls = self.run([output(0, [1, 2]), output(1, [3, 4])], lambda mine: [5, mine[0]])
+        assert len(runs) == 2 and not any(r.complete for r in runs) and len(calls) == 6 and scheduler.last_padding == 3
 
         def out_of_memory(**kwargs):
             raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')

@@ -131,7 +131,8 @@ class TestRewardRows:
     def test_rows(self):
         rows = reward_rows({'trainer': object(), 'trainer_state': None, 'trajectory_inputs': {},
                             'messages': [['a'], ['b']], 'solution': ['x', None]}, 2)
-        assert rows == [{'messages': ['a'], 'solution': 'x'}, {'messages': ['b'], 'solution': None}]
+        assert [dict(row.columns) for row in rows] == [{'messages': ['a'], 'solution': 'x'}, {'messages': ['b'], 'solution': None}]
+        assert [row.solution for row in rows] == ['x', None]
 
     def test_not_a_column(self):
         with pytest.raises(RuntimeError, match=r"\['extra'\] are not columns of 2 values"):

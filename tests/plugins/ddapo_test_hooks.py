@@ -8,6 +8,7 @@ is part of the product; each hook is switched on by its environment variable.
   joins it); the scheduler then sees only this rank's count. Under ZeRO-3 a rank with fewer forwards then waits in a
   collective that the busier rank never joins: the hang the padding forwards prevent.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -27,8 +28,8 @@ def _dump_after_call(call):
         os.makedirs(DUMP_DIR, exist_ok=True)
         with open(os.path.join(DUMP_DIR, f'rank{swift.rank}.jsonl'), 'a') as f:
             for row, reward in zip(swift.rows(kwargs, len(completions)), rewards):
-                f.write(json.dumps({'messages': row.get('messages'), 'images': swift.image_paths(row), 'reward': reward,
-                                    'response_token_ids': row.get('response_token_ids'),
+                f.write(json.dumps({'messages': row.messages, 'images': swift.image_paths(row), 'reward': reward,
+                                    'response_token_ids': row.response_token_ids,
                                     'forwards': scheduler.last_forwards,
                                     'padding_forwards': scheduler.last_padding}) + '\n')
         return rewards
@@ -36,17 +37,17 @@ def _dump_after_call(call):
 
 
 def _run_without_padding(run):
-    def unpadded(self, forward, outputs, gather, filler, on_padding):
-        if gather is not None:
-            def own_count(values):
-                counts = gather(values)  # the collective every rank joins
-                if max(counts) > values[0]:
-                    # print, not the logger: ms-swift's logger is quiet on ranks other than 0
-                    print(f'[DDAPO] TEST_DDAPO_SKIP_PADDING=1: skipping {max(counts) - values[0]} padding forward(s) '
-                          '(test only)', file=sys.stderr, flush=True)
-                return list(values)
-            return run(self, forward, outputs, own_count, filler, on_padding)
-        return run(self, forward, outputs, gather, filler, on_padding)
+    def unpadded(self, outputs, env, report=()):
+        gather = env.gather
+
+        def own_count(values):
+            counts = gather(values)  # the collective every rank joins
+            if max(counts) > values[0]:
+                # print, not the logger: ms-swift's logger is quiet on ranks other than 0
+                print(f'[DDAPO] TEST_DDAPO_SKIP_PADDING=1: skipping {max(counts) - values[0]} padding forward(s) '
+                      '(test only)', file=sys.stderr, flush=True)
+            return list(values)
+        return run(self, outputs, dataclasses.replace(env, gather=own_count), report)
     return unpadded
 
 

@@ -30,6 +30,7 @@ from swift.utils import get_logger
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.formulas import layer_set
 from ddapo.core.key_sets import build_key_sets
+from ddapo.core.row import Row
 from ddapo.engine.scheduler import ForwardRun, ForwardScheduler, Output
 from ddapo.core.scorer import Scored, SharedOutput, WeightSettings, group_variant, score_output, token_weight_block
 from ddapo.step_log import StepLogger, debug_lines, layers_note
@@ -100,26 +101,32 @@ class DDAPOAttentionORM(ORM):
         rows = swift.rows(kwargs, len(completions))
         layers = layer_set(len(swift.spec.attention_layers), self.config.layers)  # positions in L_att
         results: List[Optional[Scored]] = [None] * len(rows)
-        samples = {}  # the report's outputs, by position
-        with swift.policy_forward(scheduler.implementation) as (forward, report):
+        # ms-swift side: rows encoded with their key sets; engine: every forward of the call, in the forward context
+        with swift.policy_forward(scheduler.implementation) as (env, report):
             outputs = [output for output in (self._output(position, row, results)
                                              for position, row in enumerate(rows)) if output is not None]
-            self.step_log.choose(swift, outputs)
-            for run in scheduler.run(forward, outputs, swift.gather if swift.forwards_are_collective else None,
-                                     swift.padding_encoding, self._note_padding):
-                if not run.out_of_memory and not run.complete:
-                    self._debug(report, run, layers, None)
-                    raise RuntimeError(scheduler.incomplete_message(run))
-                for k, output in enumerate(run.unit):
-                    results[output.position] = self._score(output, run, k, layers, report)
-                    if output.report_title is not None and results[output.position].reward is not None:
-                        samples[output.position] = self.step_log.report_sample(swift, output, run.captures[k], layers,
-                                                                               results[output.position])
+            titles = self.step_log.choose(swift, outputs)  # {position: title} of the report's samples
+            call = scheduler.run(outputs, env, report=titles)
+        incomplete = next((run for run in call.runs if not run.out_of_memory and not run.complete), None)
+        if incomplete is not None:
+            self._debug(report, incomplete, layers, None)
+            raise RuntimeError(scheduler.incomplete_message(incomplete))
+        self._note_padding(call.padding, len(call.runs))
+        # core: each output's reward from its captured sums
+        samples = {}  # the report's outputs, by position
+        for run in call.runs:
+            for k, output in enumerate(run.unit):
+                results[output.position] = self._score(output, run, k, layers, report)
+                if output.position in titles and results[output.position].reward is not None:
+                    samples[output.position] = self.step_log.report_sample(swift, output, run.captures[k], layers,
+                                                                           results[output.position],
+                                                                           titles[output.position])
+        # ms-swift side: token weights, the one gather, the step's metrics and report
         if self.config.token_weights:
             swift.hand_over_token_weights(rows, [r.token_weights for r in results])
         return self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)])
 
-    def _output(self, position: int, row: Dict[str, Any], results: List[Optional[Scored]]) -> Optional[Output]:
+    def _output(self, position: int, row: Row, results: List[Optional[Scored]]) -> Optional[Output]:
         """Row ``position`` encoded with its key sets; ``None`` (its result set to not applicable) when it cannot be."""
         spec = self.swift.spec
         try:
@@ -140,7 +147,7 @@ class DDAPOAttentionORM(ORM):
                    else None)
         scored = score_output(run.captures[k].masses, layers, key_sets.num_text_keys, key_sets.num_vision_keys,
                               output.generated, self.swift.spec.special_ids, weights,
-                              token_weight_block(output.row.get('response_token_ids'), output.encoded.labelled))
+                              token_weight_block(output.row.response_token_ids, output.encoded.labelled))
         self._debug(report, run, layers, scored)
         if scored.reward is None:
             return self._not_applicable(scored)
@@ -164,17 +171,17 @@ class DDAPOAttentionORM(ORM):
         self.not_applicable[reason] += 1
         return scored
 
-    def _share(self, completions: List[str], kwargs: Dict[str, Any], rows: List[Dict[str, Any]],
+    def _share(self, completions: List[str], kwargs: Dict[str, Any], rows: List[Row],
                results: List[Scored], mode: str, samples) -> List[Optional[float]]:
         """The one gather of the call (every rank's outputs, for the metrics and Eq. 8 / 9), then the step's log."""
         grouped = self.config.reward != 'balance'
-        if grouped and any(row.get('prompt_id') in (None, '') for row in rows):
+        if grouped and any(row.prompt_id is None for row in rows):
             raise RuntimeError(f'DDAPO_REWARD={self.config.reward} groups outputs by prompt_id, and the reward kwargs '
                                'have rows without one; run it under ms-swift GRPO, which sets prompt_id on every row.')
         verdicts = self.gate(completions, **kwargs) if self.gate is not None else [1.0] * len(rows)
         rank = self.swift.rank
         shared = self.swift.gather([
-            SharedOutput(rank, i, r.diagnostics, None if row.get('prompt_id') is None else str(row['prompt_id']),
+            SharedOutput(rank, i, r.diagnostics, row.prompt_id,
                          v is not None and v >= 1.0) for i, (row, r, v) in enumerate(zip(rows, results, verdicts))])
         self.step_log.log(self.swift, mode, [s.diagnostics for s in shared], samples)
         if not grouped:
@@ -182,7 +189,7 @@ class DDAPOAttentionORM(ORM):
         return group_variant(shared, rank, len(rows), self.config.sigma, gated=self.gate is not None)
 
     def _note_padding(self, padding: int, forwards: int) -> None:
-        if not self.scheduler.padding_forwards:
+        if padding and self.scheduler.padding_forwards == padding:  # this rank's first padding forwards of the run
             logger.info(f'[DDAPO] rank {self.swift.rank} runs {padding} padding forward(s) after its {forwards}, as '
                         'many as the busiest rank (ZeRO-3 gathers parameters in every forward); logged once per run')
 

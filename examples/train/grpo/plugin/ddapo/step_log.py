@@ -36,8 +36,8 @@ def layers_note(spec) -> str:
 
 def sample_title(outputs: Sequence[Output], output: Output, k: int) -> str:
     """``sample k: prompt <id>, output g of G`` (G: the outputs of that prompt in this call)."""
-    prompt = output.row.get('prompt_id')
-    group = [o for o in outputs if o.row.get('prompt_id') == prompt]
+    prompt = output.row.prompt_id
+    group = [o for o in outputs if o.row.prompt_id == prompt]
     place = next(i for i, o in enumerate(group) if o.position == output.position)
     label = str(prompt)[:8] if prompt not in (None, '') else '?'
     return f'sample {k + 1}: prompt {label}, output {place + 1} of {len(group)}'
@@ -81,19 +81,20 @@ class StepLogger:
         self.last_metrics: Dict[str, float] = {}
         self._last_report_step: Optional[int] = None
 
-    def choose(self, swift, outputs: List[Output]) -> None:
-        """Mark the outputs this call shows in the report (their ``report_title``): the first
-        ``DDAPO_REPORT_SAMPLES`` on the main process, once per ``logging_steps`` steps."""
+    def choose(self, swift, outputs: List[Output]) -> Dict[int, str]:
+        """The outputs this call shows in the report, ``{position: title}``: the first ``DDAPO_REPORT_SAMPLES`` on the
+        main process, once per ``logging_steps`` steps; empty otherwise."""
         config = self.config
         if not config.report or not config.report_samples or not swift.is_main_process:
-            return
+            return {}
         if self._last_report_step is not None and swift.step - self._last_report_step < swift.logging_steps:
-            return
-        for k, output in enumerate(outputs[:config.report_samples]):
-            output.report_title = sample_title(outputs, output, k)
+            return {}
+        return {output.position: sample_title(outputs, output, k)
+                for k, output in enumerate(outputs[:config.report_samples])}
 
     @staticmethod
-    def report_sample(swift, output: Output, capture: LayerCapture, layers: List[int], scored: Scored) -> ReportSample:
+    def report_sample(swift, output: Output, capture: LayerCapture, layers: List[int], scored: Scored,
+                      title: str) -> ReportSample:
         """The report's view of one scored output (``scored.reward`` defined)."""
         encoded, scores, row = output.encoded, scored.diagnostics.scores, output.row
         generated = output.generated
@@ -106,7 +107,7 @@ class StepLogger:
             heatmaps = [fair_shares(heat, scores.num_text_keys, scores.num_vision_keys) for heat in
                         image_heatmaps(key_attention[image_positions], grid.tolist(), swift.merge_size)]
         return ReportSample(
-            title=output.report_title,
+            title=title,
             tokens=[swift.decode([token]) for token in generated],
             m_vis=[1.0 - float(v) for v in scored.m_text],
             tdr=scores.tdr,
@@ -116,7 +117,7 @@ class StepLogger:
             token_weights=scored.token_weights,
             question=swift.question(row),
             image_paths=swift.image_paths(row),
-            solution=None if row.get('solution') is None else str(row['solution']),
+            solution=row.solution,
             completion=swift.decode(generated),
             vision_share=scores.num_vision_keys / (scores.num_text_keys + scores.num_vision_keys))
 

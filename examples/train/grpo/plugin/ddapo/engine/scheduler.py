@@ -1,16 +1,17 @@
-"""The reward's forwards: which outputs run together, and every rank running as many. No ms-swift: the adapter's
-forward and gather come in as callables.
+"""The reward's forwards: which outputs run together, and every rank running as many. One call,
+`ForwardScheduler.run(outputs, env)`; no ms-swift: the trainer comes in as a `ForwardEnvironment` (forward, gather,
+padding encoding, whether forwards are collective), which the ms-swift side's `PolicyForwards` implements.
 
     Outputs --units---> one forward per output (DDAPO_ATTENTION=eager, rows; a hybrid model under shared), or per
                         prompt (shared: the outputs sharing a prompt, up to DDAPO_PACK_TOKENS, ddapo.core.packing)
             --lockstep-> padding forwards, agreed before the first forward, where a forward is a collective of all
-                         ranks (ZeRO-3, FSDP: SwiftTrainer.forwards_are_collective)
+                         ranks (ZeRO-3, FSDP: ForwardEnvironment.collective)
             --run-------> a `ForwardRun` per unit: one forward with attention captured (ddapo.engine.capture), its
                           per-output `LayerCapture`, or why there is none (out of memory)
 """
 import gc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Collection, List, Optional, Protocol
 
 import torch
 
@@ -18,16 +19,16 @@ from ddapo.engine.capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.key_sets import KeySets
 from ddapo.core.packing import Encoded, PackMember, shared_prompt_units
+from ddapo.core.row import Row
 
 @dataclass
 class Output:
     """One completion of the reward call, encoded: ``position`` in the call's completions, its row, the template's
     encoding ``[q ; o_i]`` (``ddapo.ms_swift.encoding.EncodedCompletion``) and its key sets."""
     position: int
-    row: Dict[str, Any] = field(repr=False)
+    row: Row = field(repr=False)
     encoded: Encoded = field(repr=False)
     key_sets: KeySets = field(repr=False)
-    report_title: Optional[str] = None  # set when the output is shown in this step's report
 
     @property
     def generated(self) -> List[int]:
@@ -51,6 +52,27 @@ class ForwardRun:
     @property
     def complete(self) -> bool:
         return not self.out_of_memory and self.capture is not None and self.capture.complete
+
+
+class ForwardEnvironment(Protocol):
+    """What the engine needs of the trainer for one call's forwards (the ms-swift side's `PolicyForwards` is one)."""
+    collective: bool  # a forward is a collective of all ranks (ZeRO-3, FSDP, sequence parallelism)
+
+    def forward(self, **kwargs) -> Any:
+        """One no-grad forward of the policy on collated forward kwargs."""
+
+    def gather(self, values: List[Any]) -> List[Any]:
+        """Every rank's ``values``, concatenated in rank order (a collective)."""
+
+    def padding_encoding(self) -> PackMember:
+        """A minimal encoding to run a padding forward on."""
+
+
+@dataclass
+class ForwardCall:
+    """The forwards of one reward call: a `ForwardRun` per unit, and the padding forwards this rank ran."""
+    runs: List[ForwardRun]
+    padding: int = 0
 
 
 class ForwardScheduler:
@@ -79,35 +101,36 @@ class ForwardScheduler:
         return [[outputs[i] for i in unit]
                 for unit in shared_prompt_units([o.encoded for o in outputs], self.config.pack_tokens)]
 
-    def run(self, forward: Callable[..., Any], outputs: List[Output], gather: Optional[Callable[[list], list]],
-            filler: Callable[[], PackMember], on_padding: Callable[[int, int], None]) -> Iterator[ForwardRun]:
-        """Run the forwards of ``outputs`` (``forward(**kwargs)``), yielding one `ForwardRun` per unit; then the
-        padding forwards on ``filler()``'s encoding.
+    def run(self, outputs: List[Output], env: ForwardEnvironment, report: Collection[int] = ()) -> ForwardCall:
+        """Run the forwards of ``outputs`` in ``env``, one `ForwardRun` per unit, then the padding forwards; a run that
+        did not capture exactly ``L_att`` is returned as incomplete (the caller stops the run after the call, when
+        every rank has run as many forwards). ``report``: positions whose per-key attention the report shows.
 
-        ``gather`` (where forwards are collective, else ``None``): the count of forwards is agreed with it before
-        the first forward, since under ZeRO-3 a rank that ran fewer forwards than the others (fewer rows, rows
-        that could not be encoded) would hang them all, and the gather itself must not meet another rank's
-        forward. ``on_padding(padding, forwards)`` is told before the padding forwards run.
+        Where forwards are collective (``env.collective``) the count of forwards is agreed with ``env.gather`` before
+        the first forward, since under ZeRO-3 a rank that ran fewer forwards than the others (fewer rows, rows that
+        could not be encoded) would hang them all, and the gather itself must not meet another rank's forward. A
+        rank with fewer forwards than the busiest runs that many padding forwards, on its first output's encoding
+        (``env.padding_encoding()`` when it has none).
         """
         units = self.units(outputs)
-        padding = 0 if gather is None else max(gather([len(units)])) - len(units)
-        self.last_forwards, self.last_padding = len(units), 0
+        padding = max(env.gather([len(units)])) - len(units) if env.collective else 0
+        runs = []
         for unit in units:
-            yield self._run_unit(forward, unit)
+            runs.append(self._run_unit(env.forward, unit, report))
         if padding:
-            on_padding(padding, len(units))
-            self.padding_forwards += padding
-            self.last_padding = padding
-            kwargs = (outputs[0].encoded if outputs else filler()).forward_kwargs
+            kwargs = (outputs[0].encoded if outputs else env.padding_encoding()).forward_kwargs
             for _ in range(padding):
-                forward(**kwargs)
+                env.forward(**kwargs)
+        self.padding_forwards += padding
+        self.last_forwards, self.last_padding = len(units), padding
+        return ForwardCall(runs, padding)
 
-    def _run_unit(self, forward, unit: List[Output]) -> ForwardRun:
+    def _run_unit(self, forward, unit: List[Output], report: Collection[int]) -> ForwardRun:
         try:
             # shared: a lone output keeps its plain causal sequence (sdpa's fastest kernel)
             captured = captured_forward(
                 forward, [o.encoded for o in unit], [o.key_sets for o in unit], self.attention_layers,
-                pack=len(unit) > 1, key_attention=[o.report_title is not None for o in unit])
+                pack=len(unit) > 1, key_attention=[o.position in report for o in unit])
         except torch.OutOfMemoryError as error:
             gc.collect()
             if torch.cuda.is_available():

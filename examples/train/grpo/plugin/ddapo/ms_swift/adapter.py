@@ -1,14 +1,16 @@
 """``SwiftTrainer``: the GRPO trainer as the reward sees it, built once at start. It gathers what the reward class needs
 from the modules of the ms-swift side (model spec, encoding, forward environment, trainer I/O)."""
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from swift.utils import get_logger
 
+from ddapo.core.row import Row
 from ddapo.ms_swift.compat import version_drift
 from ddapo.ms_swift.encoding import EncodedCompletion, SystemTurns, encode_completion, padding_row, reward_rows
-from ddapo.ms_swift.forward_env import _forwards_are_collective, policy_forward
+from ddapo.ms_swift.forward_env import PolicyForwards, _forwards_are_collective, policy_forward
 from ddapo.ms_swift.model_spec import model_spec
 from ddapo.ms_swift.trainer_io import (enable_token_weights, image_merge_size, image_paths, last_user_turn,
                                        log_pictures, processed_images, rollout_engine, token_weight_store)
@@ -70,25 +72,27 @@ class SwiftTrainer:
         return gather_object(values)
 
     # encoding and forwards
-    def rows(self, kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, Any]]:
+    def rows(self, kwargs: Dict[str, Any], num_completions: int) -> List[Row]:
         return reward_rows(kwargs, num_completions)
 
-    def encode(self, row: Dict[str, Any]) -> EncodedCompletion:
+    def encode(self, row: Row) -> EncodedCompletion:
         """`encode_completion` with the system turn located; raises `NotEncodable`."""
         return encode_completion(self.trainer, row, self.system_turns)
 
     def padding_encoding(self) -> EncodedCompletion:
         return encode_completion(self.trainer, padding_row(self.trainer))
 
-    def policy_forward(self, implementation: str):
-        """`policy_forward`: yields ``(forward, report)``."""
-        return policy_forward(self.trainer, implementation)
+    @contextmanager
+    def policy_forward(self, implementation: str) -> Iterator[Tuple[PolicyForwards, Any]]:
+        """`policy_forward` as the engine's environment: yields ``(PolicyForwards, report)``."""
+        with policy_forward(self.trainer, implementation) as (forward, report):
+            yield PolicyForwards(forward, self.gather, self.padding_encoding, self.forwards_are_collective), report
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.trainer.template.tokenizer.decode(list(ids))
 
     # the report
-    def images(self, row: Dict[str, Any], image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
+    def images(self, row: Row, image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
         return processed_images(self.trainer, row, image_grid_thw)
 
     question = staticmethod(last_user_turn)
@@ -114,12 +118,12 @@ class SwiftTrainer:
     def enable_token_weights(self) -> None:
         enable_token_weights(self.trainer)
 
-    def hand_over_token_weights(self, rows: Sequence[Dict[str, Any]], weights: Sequence[Optional[List[float]]]) -> None:
+    def hand_over_token_weights(self, rows: Sequence[Row], weights: Sequence[Optional[List[float]]]) -> None:
         """Put each output's ``w_{i,t}`` where the patched GRPO trainer reads them: by ``request_id``."""
-        if any(row.get('request_id') in (None, '') for row in rows):
+        if any(row.request_id is None for row in rows):
             raise RuntimeError('DDAPO_TOKEN_WEIGHTS=1 hands token weights to the trainer by request_id, and the '
                                'reward kwargs have rows without one; run it under ms-swift GRPO.')
         store = token_weight_store(self.trainer)
         for row, output_weights in zip(rows, weights):
             if output_weights is not None:
-                store[row['request_id']] = output_weights
+                store[row.request_id] = output_weights

@@ -50,7 +50,7 @@ INTERNALS = (
      'ddapo.ms_swift.attention: which decoder layer an attention call belongs to'),
     ('transformers.models.qwen2_5_vl.modeling_qwen2_5_vl', 'Qwen2_5_VLAttention.num_key_value_groups',
      'ddapo.ms_swift.attention.ddapo_rows_attention: grouped-query heads'),
-    ('transformers.integrations', 'TensorBoardCallback.tb_writer', 'tracker_runs (TestDashboard)'),
+    ('transformers.integrations', 'TensorBoardCallback.tb_writer', 'tracker_runs (tests: TestTrackers)'),
 )
 
 # HF config model_type, which is also ms-swift's model_type for these.

@@ -9,6 +9,7 @@ from swift.rl_core.data import GRPOSample
 from swift.rlhf_trainers.utils import encode_sample
 
 from ddapo.core.key_sets import inserted_span
+from ddapo.core.row import Row
 from ddapo.ms_swift.compat import CHECKED_AGAINST, SUPPORTED_MODEL_TYPES
 
 TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swift/pipelines/train/rlhf.py)
@@ -17,13 +18,14 @@ TEMPLATE_MODE = 'train'  # the mode ms-swift's GRPO encodes and forwards in (swi
 NOT_ROW_KWARGS = frozenset({'trainer', 'trainer_state', 'trajectory_inputs'})
 
 
-def reward_rows(kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, Any]]:
+def reward_rows(kwargs: Dict[str, Any], num_completions: int) -> List[Row]:
     """The rows ms-swift batched into the reward kwargs (``RowPreprocessor.rows_to_batched`` of every sample's
     ``to_reward_row()``), back as rows: every kwarg but `NOT_ROW_KWARGS` is a column with one value per output.
     Raises RuntimeError when one is not (an ms-swift that batches its kwargs differently).
 
-    >>> reward_rows({'trainer_state': None, 'prompt_id': ['a', 'b'], 'images': [None, ['x.png']]}, 2)
-    [{'prompt_id': 'a', 'images': None}, {'prompt_id': 'b', 'images': ['x.png']}]
+    >>> rows = reward_rows({'trainer_state': None, 'prompt_id': ['a', 'b'], 'images': [None, ['x.png']]}, 2)
+    >>> [(row.prompt_id, row.images) for row in rows]
+    [('a', []), ('b', ['x.png'])]
     """
     from swift.dataset import RowPreprocessor
     columns = {k: v for k, v in kwargs.items() if k not in NOT_ROW_KWARGS}
@@ -32,7 +34,8 @@ def reward_rows(kwargs: Dict[str, Any], num_completions: int) -> List[Dict[str, 
         raise RuntimeError(f'ddapo_attention reads one row per completion from the reward kwargs, and {odd} are not '
                            f'columns of {num_completions} values: this ms-swift batches reward kwargs differently '
                            f'from the one it was checked against ({CHECKED_AGAINST["ms-swift"]}).')
-    return RowPreprocessor.batched_to_rows(columns) if columns else [{} for _ in range(num_completions)]
+    return [Row(row) for row in (RowPreprocessor.batched_to_rows(columns) if columns else
+                                 [{} for _ in range(num_completions)])]
 
 
 def generated_ids(response_token_ids: Sequence) -> List[int]:
@@ -126,12 +129,12 @@ class SystemTurns:
             self._blocks[key] = (span.start, tuple(with_system[span.start:span.stop]))
         return self._blocks[key]
 
-    def span(self, row: Dict[str, Any], input_ids: Sequence[int]) -> range:
+    def span(self, row: Row, input_ids: Sequence[int]) -> range:
         """The system turn's positions in ``input_ids``, the template's encoding of ``row``."""
-        messages = row.get('messages') or []
+        messages = row.messages
         system = messages[0].get('content') if messages and messages[0].get('role') == 'system' else None
-        offset, ids = self.block(system, {'tools': row.get('tools'),
-                                          'chat_template_kwargs': row.get('chat_template_kwargs')})
+        offset, ids = self.block(system, {'tools': row.columns.get('tools'),
+                                          'chat_template_kwargs': row.columns.get('chat_template_kwargs')})
         if not ids:
             return range(0)
         if tuple(input_ids[offset:offset + len(ids)]) != ids:
@@ -161,7 +164,7 @@ class SystemTurns:
                              "turn out (docs/notation.md); use ms-swift's own template backend (the default).")
 
 
-def encode_completion(trainer, row: Dict[str, Any], system_turns: Optional[SystemTurns] = None) -> EncodedCompletion:
+def encode_completion(trainer, row: Row, system_turns: Optional[SystemTurns] = None) -> EncodedCompletion:
     """Encode the prompt with the trainer's template followed by exactly ``response_token_ids``.
 
     ms-swift's own `encode_sample` does what the training forward does (response ids injected, never
@@ -173,7 +176,7 @@ def encode_completion(trainer, row: Dict[str, Any], system_turns: Optional[Syste
     forward. ``system_turns`` locates the system turn (raises `SystemTurnNotFound`).
     """
     template = trainer.template
-    sample = GRPOSample.from_row(row)
+    sample = GRPOSample.from_row(dict(row.columns))
     ids = generated_ids(sample.response_token_ids)
     sample.response_token_ids = [ids] if ids else []  # the last turn alone, as it was generated
     if not ids and sample.messages and sample.messages[-1].get('role') == 'assistant':
@@ -193,12 +196,12 @@ def encode_completion(trainer, row: Dict[str, Any], system_turns: Optional[Syste
     return EncodedCompletion(input_ids, prompt_len, len(ids), batch, labelled, system_turn)
 
 
-def padding_row(trainer) -> Dict[str, Any]:
+def padding_row(trainer) -> Row:
     """A minimal row whose forward keeps a rank in step with the others (ZeRO-3 gathers in every forward;
     ms-swift runs the vision tower on a dummy image for text-only rows, so the same modules run)."""
     eos = trainer.template.tokenizer.convert_tokens_to_ids('<|im_end|>')
-    return {'messages': [{'role': 'user', 'content': '.'}, {'role': 'assistant', 'content': ''}],
-            'response_token_ids': [[eos]]}
+    return Row({'messages': [{'role': 'user', 'content': '.'}, {'role': 'assistant', 'content': ''}],
+                'response_token_ids': [[eos]]})
 
 
 @contextmanager

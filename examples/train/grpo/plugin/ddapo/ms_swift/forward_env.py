@@ -4,7 +4,7 @@ ranks."""
 import random
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from swift.model.utils import AttnImpl
@@ -39,6 +39,16 @@ def _rng_state() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+@dataclass
+class PolicyForwards:
+    """The engine's forward environment (`ddapo.engine.scheduler.ForwardEnvironment`) on the trainer: ``forward`` from
+    `policy_forward`, the adapter's ``gather`` and ``padding_encoding``, and whether forwards are collective."""
+    forward: Callable[..., Any]
+    gather: Callable[[List[Any]], List[Any]]
+    padding_encoding: Callable[[], Any]
+    collective: bool
 
 
 @dataclass

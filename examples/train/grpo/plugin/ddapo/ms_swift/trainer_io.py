@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from swift.rlhf_trainers.utils import load_pil_img
 
+from ddapo.core.row import Row
+
 def rollout_engine(args) -> str:
     """Which engine made the completions the reward scores, for the start log and the report's header.
 
@@ -37,26 +39,26 @@ def rollout_engine(args) -> str:
     return f'vLLM, colocate mode ({", ".join(flags)})'
 
 
-def processed_images(trainer, row: Dict[str, Any], image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
+def processed_images(trainer, row: Row, image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
     """The row's images (PIL, path, or ``{'bytes', 'path'}`` as rows carry them) resized to the patch grid."""
-    if image_grid_thw is None or not row.get('images'):
+    if image_grid_thw is None or not row.images:
         return []
     patch = trainer.template.processor.image_processor.patch_size
     return [load_pil_img(image).convert('RGB').resize((int(w) * patch, int(h) * patch))
-            for image, (_, h, w) in zip(row['images'], image_grid_thw.tolist())]
+            for image, (_, h, w) in zip(row.images, image_grid_thw.tolist())]
 
 
-def last_user_turn(row: Dict[str, Any]) -> str:
+def last_user_turn(row: Row) -> str:
     """The text of the row's last user message (the question), as the dataset has it."""
-    users = [m for m in row.get('messages') or [] if m.get('role') == 'user']
+    users = [m for m in row.messages if m.get('role') == 'user']
     content = users[-1].get('content', '') if users else ''
     return content if isinstance(content, str) else str(content)
 
 
-def image_paths(row: Dict[str, Any]) -> List[str]:
+def image_paths(row: Row) -> List[str]:
     """The row's images as paths (ms-swift carries a path, or ``{'bytes', 'path'}``); ``<in memory>`` without one."""
     paths = []
-    for image in row.get('images') or []:
+    for image in row.images:
         path = image.get('path') if isinstance(image, dict) else image if isinstance(image, str) else None
         paths.append(path or '<in memory>')
     return paths
@@ -142,14 +144,13 @@ def enable_token_weights(trainer) -> None:
     if problems:
         raise ValueError(f'DDAPO_TOKEN_WEIGHTS=1 cannot weight the GRPO loss of this run: {"; ".join(problems)}. '
                          'Unset DDAPO_TOKEN_WEIGHTS or change these arguments.')
-    if getattr(trainer, grpo_token_weights.STORE, None) is None:
-        setattr(trainer, grpo_token_weights.STORE, {})
+    grpo_token_weights.open_channel(trainer)
 
 
 def token_weight_store(trainer) -> Dict[str, List[float]]:
     """``{request_id: w_{i,t}}`` that the patched ``_postprocess_batch`` reads (and empties) after the rewards."""
     from swift_patches import grpo_token_weights
-    store = getattr(trainer, grpo_token_weights.STORE, None)
+    store = grpo_token_weights.channel(trainer)
     if store is None:
         raise RuntimeError('token weights are not enabled on this trainer (enable_token_weights was not called)')
     return store
