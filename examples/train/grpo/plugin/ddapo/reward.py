@@ -105,7 +105,7 @@ class DDAPOAttentionORM(ORM):
         with swift.policy_forward(scheduler.implementation) as (env, report):
             outputs = [output for output in (self._output(position, row, results)
                                              for position, row in enumerate(rows)) if output is not None]
-            titles = self.step_log.choose(swift, outputs)  # {position: title} of the report's samples
+            titles = self.step_log.choose(outputs, swift.is_main_process, swift.step, swift.logging_steps)
             call = scheduler.run(outputs, env, report=titles)
         incomplete = next((run for run in call.runs if not run.out_of_memory and not run.complete), None)
         if incomplete is not None:
@@ -118,9 +118,10 @@ class DDAPOAttentionORM(ORM):
             for k, output in enumerate(run.unit):
                 results[output.position] = self._score(output, run, k, layers, report)
                 if output.position in titles and results[output.position].reward is not None:
-                    samples[output.position] = self.step_log.report_sample(swift, output, run.captures[k], layers,
-                                                                           results[output.position],
-                                                                           titles[output.position])
+                    samples[output.position] = self.step_log.report_sample(
+                        output, run.captures[k], layers, results[output.position], titles[output.position],
+                        swift.sample_view(output.row, output.generated, output.encoded.forward_kwargs),
+                        swift.spec.image_token_id, swift.merge_size)
         # ms-swift side: token weights, the one gather, the step's metrics and report
         if self.config.token_weights:
             swift.hand_over_token_weights(rows, [r.token_weights for r in results])
@@ -183,7 +184,12 @@ class DDAPOAttentionORM(ORM):
         shared = self.swift.gather([
             SharedOutput(rank, i, r.diagnostics, row.prompt_id,
                          v is not None and v >= 1.0) for i, (row, r, v) in enumerate(zip(rows, results, verdicts))])
-        self.step_log.log(self.swift, mode, [s.diagnostics for s in shared], samples)
+        swift = self.swift
+        record = self.step_log.log(mode, [s.diagnostics for s in shared], samples, swift.step, swift.output_dir,
+                                   swift.rollout, swift.spec)
+        swift.log_metrics(mode, record.metrics)
+        if record.pictures:  # the report's pictures in TensorBoard / wandb / swanlab
+            swift.log_pictures(swift.step + 1, record.pictures)
         if not grouped:
             return [r.reward for r in results]
         return group_variant(shared, rank, len(rows), self.config.sigma, gated=self.gate is not None)

@@ -1,6 +1,7 @@
-"""What a reward call leaves besides its rewards: the step's ``ddapo/*`` metrics in the trainer's log, the report
-under ``<output_dir>/ddapo/`` on logging steps, and the one-time ``[DDAPO_DEBUG]`` lines. It reaches the trainer
-only through the adapter (``ddapo.ms_swift.adapter.SwiftTrainer``).
+"""What a reward call leaves besides its rewards: the step's ``ddapo/*`` metrics, the report under
+``<output_dir>/ddapo/`` on logging steps, and the one-time ``[DDAPO_DEBUG]`` lines. It calls nothing on the trainer:
+it gets values (the step, the output dir, the model spec, a `SampleView` per report sample) and returns a `StepLog`
+(the metrics and the report's pictures), which the reward class hands to the ms-swift side.
 
     every rank's SampleDiagnostics --step_metrics (ddapo.core.diagnostics)--> ddapo/* into the trainer's metrics store
     the report's outputs (`StepLogger.choose`) --report_sample-------> ReportSample: tokens, m^V_{i,t}, heat maps
@@ -8,13 +9,14 @@ only through the adapter (``ddapo.ms_swift.adapter.SwiftTrainer``).
     the first output's forward --debug_lines--> seed 001's [DDAPO_DEBUG] report
 """
 import os
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from ddapo.engine.capture import LayerCapture
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.diagnostics import SampleDiagnostics, segments, step_metrics
 from ddapo.core.formulas import layer_set
-from ddapo.core.report import ReportSample, ReportWriter, fair_shares, image_heatmaps
+from ddapo.core.report import ReportSample, ReportWriter, SampleView, fair_shares, image_heatmaps
 from ddapo.engine.scheduler import ForwardRun, Output
 from ddapo.core.scorer import Scored
 
@@ -73,6 +75,13 @@ def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: For
     ]
 
 
+@dataclass
+class StepLog:
+    """A call's ``ddapo/*`` metrics, and the report's pictures ``{tag: PNG path}`` when it wrote a report step."""
+    metrics: Dict[str, float]
+    pictures: Dict[str, str] = field(default_factory=dict)
+
+
 class StepLogger:
     """The step's metrics, and the report once per ``logging_steps`` steps, on the main process."""
 
@@ -81,56 +90,56 @@ class StepLogger:
         self.last_metrics: Dict[str, float] = {}
         self._last_report_step: Optional[int] = None
 
-    def choose(self, swift, outputs: List[Output]) -> Dict[int, str]:
+    def choose(self, outputs: List[Output], main_process: bool, step: int, logging_steps: int) -> Dict[int, str]:
         """The outputs this call shows in the report, ``{position: title}``: the first ``DDAPO_REPORT_SAMPLES`` on the
         main process, once per ``logging_steps`` steps; empty otherwise."""
         config = self.config
-        if not config.report or not config.report_samples or not swift.is_main_process:
+        if not config.report or not config.report_samples or not main_process:
             return {}
-        if self._last_report_step is not None and swift.step - self._last_report_step < swift.logging_steps:
+        if self._last_report_step is not None and step - self._last_report_step < logging_steps:
             return {}
         return {output.position: sample_title(outputs, output, k)
                 for k, output in enumerate(outputs[:config.report_samples])}
 
     @staticmethod
-    def report_sample(swift, output: Output, capture: LayerCapture, layers: List[int], scored: Scored,
-                      title: str) -> ReportSample:
-        """The report's view of one scored output (``scored.reward`` defined)."""
+    def report_sample(output: Output, capture: LayerCapture, layers: List[int], scored: Scored, title: str,
+                      view: SampleView, image_token_id: Optional[int], merge_size: int) -> ReportSample:
+        """The report's view of one scored output (``scored.reward`` defined); ``view``: its tokens, images and texts."""
         encoded, scores, row = output.encoded, scored.diagnostics.scores, output.row
-        generated = output.generated
         grid = encoded.forward_kwargs.get('image_grid_thw')
-        images, heatmaps = swift.images(row, grid), []
+        images, heatmaps = view.images, []
         if images:
             ids = encoded.input_ids[:encoded.prompt_len]
-            image_positions = [p for p, token in enumerate(ids) if token == swift.spec.image_token_id]
+            image_positions = [p for p, token in enumerate(ids) if token == image_token_id]
             key_attention = capture.key_attention[layers].mean(dim=0)
             heatmaps = [fair_shares(heat, scores.num_text_keys, scores.num_vision_keys) for heat in
-                        image_heatmaps(key_attention[image_positions], grid.tolist(), swift.merge_size)]
+                        image_heatmaps(key_attention[image_positions], grid.tolist(), merge_size)]
         return ReportSample(
             title=title,
-            tokens=[swift.decode([token]) for token in generated],
+            tokens=view.tokens,
             m_vis=[1.0 - float(v) for v in scored.m_text],
             tdr=scores.tdr,
             reward_balance=scores.reward_balance,
             images=images,
             heatmaps=heatmaps,
             token_weights=scored.token_weights,
-            question=swift.question(row),
-            image_paths=swift.image_paths(row),
+            question=view.question,
+            image_paths=view.image_paths,
             solution=row.solution,
-            completion=swift.decode(generated),
+            completion=view.completion,
             vision_share=scores.num_vision_keys / (scores.num_text_keys + scores.num_vision_keys))
 
-    def log(self, swift, mode: str, diagnostics: List[SampleDiagnostics], samples: List[ReportSample]) -> None:
-        """``ddapo/*`` over every rank's outputs into the trainer's log; the report when ``samples`` were chosen."""
+    def log(self, mode: str, diagnostics: List[SampleDiagnostics], samples: List[ReportSample], step: int,
+            output_dir: str, rollout: str, spec) -> StepLog:
+        """``ddapo/*`` over every rank's outputs; the report step under ``output_dir/ddapo`` when ``samples`` were
+        chosen, its pictures tagged ``ddapo/<mode>/<name>`` for the trackers. ``step``: the trainer's global step (the
+        rewards of step N are computed while it is still N - 1; logging.jsonl says N)."""
         self.last_metrics = step_metrics(diagnostics)
-        swift.log_metrics(mode, self.last_metrics)
-        if samples:
-            self._last_report_step = swift.step
-            # the rewards of step N are computed while global_step is still N - 1; logging.jsonl says N
-            header = [f'- completions from: {swift.rollout}; scored by the reward\'s own forward of the trainer '
-                      'model after the rollout']
-            pictures = ReportWriter(os.path.join(swift.output_dir, 'ddapo'), header).write_step(
-                swift.step + 1, mode, self.last_metrics, samples, layers_note(swift.spec))
-            # the same pictures in TensorBoard / wandb / swanlab, tagged ddapo/<mode>/<name>
-            swift.log_pictures(swift.step + 1, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()})
+        if not samples:
+            return StepLog(self.last_metrics)
+        self._last_report_step = step
+        header = [f'- completions from: {rollout}; scored by the reward\'s own forward of the trainer model after '
+                  'the rollout']
+        pictures = ReportWriter(os.path.join(output_dir, 'ddapo'), header).write_step(
+            step + 1, mode, self.last_metrics, samples, layers_note(spec))
+        return StepLog(self.last_metrics, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()})

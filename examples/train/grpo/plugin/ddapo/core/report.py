@@ -22,6 +22,17 @@ HEAT_SCALE = (0.0, 4.0)  # heat-map colours, in fair shares: fixed so that pictu
 
 
 @dataclass
+class SampleView:
+    """What the ms-swift side shows of one output for the report: its generated tokens decoded one by one and as a
+    whole, its images as the processor saw them (resized to the patch grid), the question and the image paths."""
+    tokens: List[str]
+    completion: str
+    images: List = field(default_factory=list)
+    question: str = ''
+    image_paths: List[str] = field(default_factory=list)
+
+
+@dataclass
 class ReportSample:
     title: str
     tokens: List[str]  # the generated tokens o_{i,t}, decoded one by one

@@ -101,6 +101,9 @@ class ForwardCapture:
         return [capture.finish() for capture in self.captures]
 
 
+# The active capture of the forward running now, set and reset by `capturing` around it. transformers calls an
+# attention function with the layer's tensors and the forward's kwargs, and ms-swift's template hook rebuilds those
+# kwargs from a fixed key list (why output_attentions never arrives), so a forward kwarg cannot carry the capture.
 _ACTIVE: ContextVar[Optional[ForwardCapture]] = ContextVar('ddapo_active_capture', default=None)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from swift.utils import get_logger
 
+from ddapo.core.report import SampleView
 from ddapo.core.row import Row
 from ddapo.ms_swift.compat import version_drift
 from ddapo.ms_swift.encoding import EncodedCompletion, SystemTurns, encode_completion, padding_row, reward_rows
@@ -96,6 +97,13 @@ class SwiftTrainer:
         return processed_images(self.trainer, row, image_grid_thw)
 
     question = staticmethod(last_user_turn)
+
+    def sample_view(self, row: Row, generated: Sequence[int], forward_kwargs: Dict[str, Any]) -> SampleView:
+        """One output as the report shows it: tokens decoded one by one and as a whole, its images at the patch grid,
+        the question and the image paths."""
+        return SampleView(tokens=[self.decode([token]) for token in generated], completion=self.decode(generated),
+                          images=self.images(row, forward_kwargs.get('image_grid_thw')),
+                          question=last_user_turn(row), image_paths=image_paths(row))
     image_paths = staticmethod(image_paths)
 
     @property
