@@ -285,28 +285,21 @@ class TestTrackers:
         assert any(tag.startswith('train/ddapo/') for tag in accumulator.Tags()['scalars'])
         assert glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
 
-    def test_wandb_images(self, runs):
+    @pytest.mark.parametrize('run_glob, read, media', [
+        (('wandb', 'offline-run-*'), wandb_images, ('files',)),
+        (('swanlog', 'run-*'), swanlab_images, ('media', 'image')),
+    ], ids=['wandb', 'swanlab'])
+    def test_tracker_images(self, run_glob, read, media, runs):
+        """Read back from the tracker's own record log: each picture an image entry, under the TensorBoard tags."""
         output_dir, result = runs.result('weighted')
         assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-        run_dirs = glob.glob(os.path.join(output_dir, 'wandb', 'offline-run-*'))
+        run_dirs = glob.glob(os.path.join(output_dir, *run_glob))
         assert len(run_dirs) == 1, run_dirs
-        images = wandb_images(run_dirs[0])
+        images = read(run_dirs[0])
         assert set(images) == PICTURE_TAGS, images
         for tag, entries in images.items():
             assert sorted(step for step, _ in entries) == [1, 2], (tag, entries)
-            assert all(os.path.getsize(os.path.join(run_dirs[0], 'files', path)) > 1000 for _, path in entries)
-
-    def test_swanlab_images(self, runs):
-        output_dir, result = runs.result('weighted')
-        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-        run_dirs = glob.glob(os.path.join(output_dir, 'swanlog', 'run-*'))
-        assert len(run_dirs) == 1, run_dirs
-        images = swanlab_images(run_dirs[0])
-        assert set(images) == PICTURE_TAGS, images
-        for tag, entries in images.items():
-            assert sorted(step for step, _ in entries) == [1, 2], (tag, entries)
-            assert all(os.path.getsize(os.path.join(run_dirs[0], 'media', 'image', name)) > 1000
-                       for _, name in entries)
+            assert all(os.path.getsize(os.path.join(run_dirs[0], *media, name)) > 1000 for _, name in entries)
 
 
 def final_adapter(output_dir):

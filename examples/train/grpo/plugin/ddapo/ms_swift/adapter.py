@@ -16,6 +16,7 @@ from ddapo.ms_swift.model_spec import model_spec
 from ddapo.ms_swift.trainer_io import (enable_token_weights, image_merge_size, image_paths, last_user_turn,
                                        log_pictures, processed_images, rollout_engine, token_weight_store)
 
+
 class SwiftTrainer:
     """The GRPO trainer as the reward sees it; built once, at start (``on_trainer_init``), which validates the
     policy model (`model_spec`) and locates the template's system turn (`SystemTurns.check`)."""
@@ -29,9 +30,9 @@ class SwiftTrainer:
         drift = version_drift()
         if drift:
             get_logger().warning(
-                '[DDAPO] ddapo.ms_swift.compat.INTERNALS (the private ms-swift / transformers names the reward relies on) were '
-                'checked against other versions: ' + ', '.join(f'{p} {c} (installed {i})' for p, (c, i) in
-                                                              drift.items()) +
+                '[DDAPO] ddapo.ms_swift.compat.INTERNALS (the private ms-swift / transformers names the reward relies '
+                'on) were checked against other versions: ' +
+                ', '.join(f'{p} {c} (installed {i})' for p, (c, i) in drift.items()) +
                 '; python -m pytest tests/test_swift_adapter.py checks them on this install.')
 
     # where and when
@@ -96,7 +97,7 @@ class SwiftTrainer:
     def images(self, row: Row, image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
         return processed_images(self.trainer, row, image_grid_thw)
 
-    question = staticmethod(last_user_turn)
+    image_paths = staticmethod(image_paths)
 
     def sample_view(self, row: Row, generated: Sequence[int], forward_kwargs: Dict[str, Any]) -> SampleView:
         """One output as the report shows it: tokens decoded one by one and as a whole, its images at the patch grid,
@@ -104,7 +105,6 @@ class SwiftTrainer:
         return SampleView(tokens=[self.decode([token]) for token in generated], completion=self.decode(generated),
                           images=self.images(row, forward_kwargs.get('image_grid_thw')),
                           question=last_user_turn(row), image_paths=image_paths(row))
-    image_paths = staticmethod(image_paths)
 
     @property
     def merge_size(self) -> int:
