@@ -169,7 +169,6 @@ class TestFailsClearly:
         with pytest.raises(RuntimeError, match='plugin.py'):
             DDAPOAttentionORM()(COMPLETIONS[:1], **columns)
 
-
     def test_model_without_vision_tokens(self, policy):
         from transformers import Qwen2Config, Qwen2ForCausalLM
         text_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,

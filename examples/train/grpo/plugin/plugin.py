@@ -3,7 +3,8 @@
     swift rlhf --rlhf_type grpo [--use_vllm true --vllm_mode colocate|server ...] \\
         --external_plugins examples/train/grpo/plugin/plugin.py --reward_funcs ddapo_attention ...
 
-Importing this file applies the ms-swift patches (runtime forms of swift_patches/*.diff): the trainer in the reward kwargs (swift_patches/grpo_reward_kwargs.py) and per-token advantage weights, which stay off unless
+Importing this file applies the ms-swift patches (runtime forms of swift_patches/*.diff): the trainer in the reward
+kwargs (swift_patches/grpo_reward_kwargs.py) and per-token advantage weights, which stay off unless
 DDAPO_TOKEN_WEIGHTS=1 (swift_patches/grpo_token_weights.py); and it registers
 ``orms['ddapo_attention'] = DDAPOAttentionORM`` and ``orms['answer_match'] = AnswerMatchORM`` (an
 accuracy reward for image question sets with a ``solution`` column).

@@ -5,7 +5,8 @@ One reward call, file by file:
     reward kwargs --ms_swift.adapter.SwiftTrainer.rows--> one row per completion (position i)
     row i --SwiftTrainer.encode--> [q ; o_i] with the trainer's template, exact generated ids, P
           --ddapo.core.key_sets.build_key_sets--> T (text_keys), V (vision_keys): an `Output`
-    Outputs --ddapo.engine.scheduler.ForwardScheduler--> one forward per prompt (DDAPO_ATTENTION=shared, ddapo.core.packing)
+    Outputs --ddapo.engine.scheduler.ForwardScheduler--> one forward per prompt (DDAPO_ATTENTION=shared,
+                                                  ddapo.core.packing)
                                                   or per output, padded to the busiest rank where forwards are
                                                   collective (ZeRO-3); ddapo.engine.capture: the Eq. (1) sums of every
                                                   attention layer of L_att, per output

@@ -47,7 +47,8 @@ def sample_title(outputs: Sequence[Output], output: Output, k: int) -> str:
 
 def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: ForwardRun, layers: List[int],
                 scored: Optional[Scored]) -> List[str]:
-    """Seed 001's one-time report of the first reward forward (``report``: ``ddapo.ms_swift.forward_env.ForwardReport``)."""
+    """Seed 001's one-time report of the first reward forward (``report``:
+    ``ddapo.ms_swift.forward_env.ForwardReport``)."""
     output = run.unit[0]
     kwargs = output.encoded.forward_kwargs
     attentions = getattr(run.model_outputs, 'attentions', None)

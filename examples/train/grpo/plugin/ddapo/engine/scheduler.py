@@ -21,6 +21,7 @@ from ddapo.core.key_sets import KeySets
 from ddapo.core.packing import Encoded, PackMember, shared_prompt_units
 from ddapo.core.row import Row
 
+
 @dataclass
 class Output:
     """One completion of the reward call, encoded: ``position`` in the call's completions, its row, the template's

@@ -15,6 +15,7 @@ from ddapo.ms_swift.attention import EAGER_ATTENTION, attention_settings, langua
 from ddapo.ms_swift.encoding import template_state
 from ddapo.ms_swift.model_spec import unwrap_policy
 
+
 @contextmanager
 def _eval_modes(model: torch.nn.Module) -> Iterator[None]:
     saved = [(m, m.training) for m in model.modules()]

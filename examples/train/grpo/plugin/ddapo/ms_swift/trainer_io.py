@@ -8,6 +8,7 @@ from swift.rlhf_trainers.utils import load_pil_img
 
 from ddapo.core.row import Row
 
+
 def rollout_engine(args) -> str:
     """Which engine made the completions the reward scores, for the start log and the report's header.
 
