@@ -211,23 +211,36 @@ PICTURE_TAGS = {'ddapo/train/sample0_image0', 'ddapo/train/sample0_tokens', 'dda
                 'ddapo/train/sample1_tokens'}
 
 
-def wandb_images(run_dir):
-    """``{tag: [(global step, media path)]}`` of the image-file entries in a wandb offline run's own record log
-    (``run-*.wandb``: wandb's LevelDB-style log, read with swanlab's reader of the same format; wandb's protobuf)."""
+def log_records(path, record_class, header_len=None):
+    """The records of a tracker's own record log, parsed with its protobuf ``record_class``. wandb and swanlab write
+    the same LevelDB-style log (swanlab's reader is the one Python reader of it); ``header_len``: the bytes of a header
+    other than swanlab's to skip (wandb's ':W&B', magic, version)."""
     from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    class Log(DataStoreReader):
+        def _read_header(self):
+            if header_len is None:
+                return super()._read_header()
+            self._fp.read(header_len)
+            self._index += header_len
+
+    reader = Log()
+    reader.open(path)
+    try:
+        for data in reader:
+            record = record_class()
+            record.ParseFromString(data)
+            yield record
+    finally:
+        reader.close()
+
+
+def wandb_images(run_dir):
+    """``{tag: [(global step, media path)]}`` of the image-file entries in a wandb offline run's ``run-*.wandb``."""
     from wandb.proto import wandb_internal_pb2
-
-    class WandbLog(DataStoreReader):
-        def _read_header(self):  # wandb's 7-byte header (':W&B', magic, version) in place of swanlab's
-            self._fp.read(7)
-            self._index += 7
-
-    reader = WandbLog()
-    reader.open(glob.glob(os.path.join(run_dir, 'run-*.wandb'))[0])
     images = {}
-    for data in reader:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    path = glob.glob(os.path.join(run_dir, 'run-*.wandb'))[0]
+    for record in log_records(path, wandb_internal_pb2.Record, header_len=7):
         if record.WhichOneof('record_type') != 'history':
             continue
         fields = {}
@@ -238,26 +251,19 @@ def wandb_images(run_dir):
         for tag, value in fields.items():
             if tag.startswith('ddapo/') and value.get('_type') == 'image-file':
                 images.setdefault(tag, []).append((step, value['path']))
-    reader.close()
     return images
 
 
 def swanlab_images(run_dir):
-    """``{tag: [(step, media file)]}`` of the image media records in a swanlab local run's own record log."""
+    """``{tag: [(step, media file)]}`` of the image media records in a swanlab local run's ``run-*.swanlab``."""
     from swanlab.proto.swanlab.record.v1 import record_pb2
-    from swanlab.sdk.internal.core_python.store import DataStoreReader
-    reader = DataStoreReader()
-    reader.open(glob.glob(os.path.join(run_dir, 'run-*.swanlab'))[0])
     images = {}
-    for data in reader:
-        record = record_pb2.Record()
-        record.ParseFromString(data)
+    for record in log_records(glob.glob(os.path.join(run_dir, 'run-*.swanlab'))[0], record_pb2.Record):
         if record.WhichOneof('record_type') == 'media' and record.media.key.startswith('ddapo/'):
-            assert record_pb2.Record.DESCRIPTOR.fields_by_name['media'].message_type.fields_by_name[
-                'type'].enum_type.values_by_number[record.media.type].name == 'COLUMN_TYPE_IMAGE', record
+            kind = record.media.DESCRIPTOR.fields_by_name['type'].enum_type.values_by_number[record.media.type].name
+            assert kind == 'COLUMN_TYPE_IMAGE', record
             images.setdefault(record.media.key, []).extend(
                 (record.media.step, item.filename) for item in record.media.value.items)
-    reader.close()
     return images
 
 

@@ -16,6 +16,7 @@ vary.
 """
 import argparse
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -106,10 +107,11 @@ def rollout_arguments(rollout: str, cpu: bool, completion_length: int) -> List[s
     no sleep mode and runs eager."""
     if rollout == 'hf':
         return ['--use_vllm', 'false']
-    common = ['--use_vllm', 'true', '--vllm_mode', 'colocate', '--vllm_max_model_len', str(4096 + completion_length)]
+    common = ['--use_vllm', 'true', '--vllm_mode', 'colocate', '--vllm_max_model_len', str(4096 + completion_length),
+              '--vllm_gpu_memory_utilization', '0.3']
     if cpu:
-        return common + ['--vllm_gpu_memory_utilization', '0.3', '--vllm_enforce_eager', 'true', '--sleep_level', '0']
-    return common + ['--vllm_gpu_memory_utilization', '0.3', '--sleep_level', '1']
+        return common + ['--vllm_enforce_eager', 'true', '--sleep_level', '0']
+    return common + ['--sleep_level', '1']
 
 
 def command(inputs: Dict[str, str], args, reward_funcs: List[str], output_dir: str, rollout: str = 'hf') -> List[str]:
@@ -236,12 +238,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         print('gpu_check.py: no GPU is visible; run it on a GPU machine, or --cpu for the smoke test', file=sys.stderr)
         return 2
-    if 'vllm' in args.rollout:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            print('gpu_check.py: --rollout vllm needs the vllm package: pip install -e ".[vllm]"', file=sys.stderr)
-            return 2
+    if 'vllm' in args.rollout and importlib.util.find_spec('vllm') is None:
+        print('gpu_check.py: --rollout vllm needs the vllm package: pip install -e ".[vllm]"', file=sys.stderr)
+        return 2
     device = 'CPU (smoke test, tiny model)' if args.cpu else torch.cuda.get_device_name(0)
     start = time.monotonic()
     inputs = build_inputs(args.output_dir, args.cpu, args.model)
