@@ -42,7 +42,8 @@ class TestDDAPOConfig:
         assert DDAPOConfig(debug=False).describe() == (
             'DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2, DDAPO_STRICT=False, DDAPO_REWARD=balance, '
             'DDAPO_SIGMA=1.0, DDAPO_GATE_REWARD=, DDAPO_LAYERS=last:8, DDAPO_ATTENTION=shared, DDAPO_PACK_TOKENS=8192, '
-            'DDAPO_TOKEN_WEIGHTS=False, DDAPO_TOKEN_WEIGHT_CLIP=0.2,3.0, DDAPO_TOKEN_WEIGHT_SIGMA=0.0')
+            'DDAPO_TOKEN_WEIGHTS=False, DDAPO_TOKEN_WEIGHT_CLIP=0.2,3.0, DDAPO_TOKEN_WEIGHT_SIGMA=0.0, '
+            'DDAPO_VALIDATE_STEPS=0')
 
     def test_paths(self):
         config = DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Eager', 'DDAPO_PACK_TOKENS': '4096'})

@@ -73,7 +73,8 @@ def dumped_rows(dump_dir, rank):
 
 class TestZero:
     """ZeRO-3 and ZeRO-2, two CPU processes: the run finishes, under ZeRO-3 a rank runs a padding forward (under ZeRO-2
-    none, while the ranks' forward counts differ), the rewards are logged,
+    none, while the ranks' forward counts differ), the rewards are logged; ZeRO-3 validates every step
+    (DDAPO_VALIDATE_STEPS=1), so its lockstep counts the masked-prompt forwards too;
     and the first step's rewards (taken before any update) equal what the same rows score in one process (fp32,
     1e-5). Edge case: text-only rows (None) on one rank while the other scores images."""
 
@@ -81,8 +82,10 @@ class TestZero:
     def test_run(self, stage, port, tiny_model_dir, alternating_dataset, tmp_path):
         model_dir = tiny_model_dir('qwen2_5_vl')
         dump = str(tmp_path / 'dump')
+        # ZeRO-3 validates every step: the masked-prompt forwards count in the lockstep (two per unit)
+        validate = {'DDAPO_VALIDATE_STEPS': '1'} if stage == 'zero3' else {}
         process, log_path = launch(model_dir, alternating_dataset, str(tmp_path), stage, port,
-                                   {'TEST_DDAPO_DUMP_DIR': dump})
+                                   {'TEST_DDAPO_DUMP_DIR': dump, **validate})
         try:
             process.wait(timeout=400)
         finally:
@@ -94,6 +97,13 @@ class TestZero:
         padding = [row['padding_forwards'] for rank in (0, 1) for row in calls[rank]]
         if stage == 'zero3':  # a forward gathers the sharded parameters: the ranks run as many forwards
             assert sum(padding) > 0, 'no rank ran a padding forward: the test would not show the lockstep'
+            # every step a validation step: each unit and each padding unit is two forwards, the ranks' totals equal
+            assert all(row['forwards'] % 2 == 0 and row['padding_forwards'] % 2 == 0 for r in (0, 1) for row in calls[r])
+            totals = [(r0['forwards'] + r0['padding_forwards'], r1['forwards'] + r1['padding_forwards'])
+                      for r0, r1 in zip(calls[0], calls[1])]
+            assert all(a == b for a, b in totals), totals
+            assert all(row['validity_metrics']['ddapo/validity/n'] >= 1 for r in (0, 1) for row in calls[r]
+                       if row['validity_metrics'])
         else:  # ZeRO-2 does not shard parameters: each rank runs its own forwards, and the run does not hang
             assert sum(padding) == 0, padding
             forwards = [(r0['forwards'], r1['forwards']) for r0, r1 in zip(calls[0], calls[1])]

@@ -351,8 +351,8 @@ class TestReport:
         written = []
         original = step_log.ReportWriter.write_step
         monkeypatch.setattr(step_log.ReportWriter, 'write_step',
-                            lambda self, step, mode, metrics, samples, note='': written.extend(samples) or
-                            original(self, step, mode, metrics, samples, note))
+                            lambda self, step, mode, metrics, samples, note='', validity=None:
+                            written.extend(samples) or original(self, step, mode, metrics, samples, note, validity))
         DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
         sample = written[0]
         keys = round(sample.vision_share ** -1 * sum(h.size for h in sample.heatmaps))  # |T| + |V|

@@ -37,7 +37,10 @@ def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl
 
 
 def swift_rlhf(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', env_extra=None):
-    cmd = swift_command(model_dir, dataset, output_dir, *extra, model_type=model_type)
+    """One real run in ``output_dir`` (its working directory); the test hooks plugin joins it when ``env_extra`` sets
+    one of its variables (TEST_DDAPO_*)."""
+    hooks = any(k.startswith('TEST_DDAPO_') for k in (env_extra or {}))
+    cmd = swift_command(model_dir, dataset, output_dir, *extra, model_type=model_type, hooks=hooks)
     env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_')}
     env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
     if env.get('NPROC_PER_NODE', '1') != '1':
@@ -70,11 +73,15 @@ RUNS = {
     'unit': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS, {'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1,1'}),
     'weighted': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS + ['--report_to', 'tensorboard', 'wandb', 'swanlab',
                                                               '--swanlab_mode', 'local'],
-                 {'DDAPO_TOKEN_WEIGHTS': '1', 'WANDB_MODE': 'offline'}),
+                 {'DDAPO_TOKEN_WEIGHTS': '1', 'WANDB_MODE': 'offline', 'DDAPO_VALIDATE_STEPS': '2'}),
     'full_no_checkpointing_group_reward_late_layers': (
         'qwen2_5_vl', 'mixed', ['--max_steps', '2', '--tuner_type', 'full', '--gradient_checkpointing', 'false'],
         {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}),
     'qwen2_vl_max_length': ('qwen2_vl', 'mixed', ['--max_steps', '2', '--max_length', '40'], {}),
+    # the same seed and data with and without validation steps (every second step), rewards dumped per row
+    'validate_off': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump'}),
+    'validate_on': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump',
+                                                                   'DDAPO_VALIDATE_STEPS': '2'}),
     'two_processes': ('qwen2_5_vl', 'mixed', ['--max_steps', '2'],
                       {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DDAPO_TOKEN_WEIGHTS': '1'}),
     **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES},
@@ -87,7 +94,8 @@ def runs_of(item) -> list:
     params = getattr(getattr(item, 'callspec', None), 'params', {})
     return {'TestTrainingVariants': [params.get('variant')], 'TestModelFamilies': [f"family_{params.get('model_type')}"],
             'TestSwiftRlhfGrpo': ['grpo'],
-            'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted']}.get(name, [])
+            'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted'],
+            'TestValidationRun': ['validate_off', 'validate_on']}.get(name, [])
 
 
 class Runs:
@@ -209,6 +217,12 @@ class TestModelFamilies:
 
 PICTURE_TAGS = {'ddapo/train/sample0_image0', 'ddapo/train/sample0_tokens', 'ddapo/train/sample1_image0',
                 'ddapo/train/sample1_tokens'}
+# the weighted run validates every second step (DDAPO_VALIDATE_STEPS=2): step 2 also has these
+VALIDATION_TAGS = {'ddapo/train/validity', 'ddapo/train/sample0_dependency', 'ddapo/train/sample1_dependency'}
+
+
+def picture_steps(tag):
+    return [2] if tag in VALIDATION_TAGS else [1, 2]
 
 
 def log_records(path, record_class, header_len=None):
@@ -283,9 +297,9 @@ class TestTrackers:
         accumulator = EventAccumulator(os.path.dirname(events[0]), size_guidance={'images': 0})
         accumulator.Reload()
         images = accumulator.Tags()['images']
-        assert set(images) == PICTURE_TAGS, images
-        steps = sorted({event.step for event in accumulator.Images('ddapo/train/sample0_image0')})
-        assert steps == [1, 2], steps
+        assert set(images) == PICTURE_TAGS | VALIDATION_TAGS, images
+        for tag in images:
+            assert sorted({event.step for event in accumulator.Images(tag)}) == picture_steps(tag), tag
         picture = accumulator.Images('ddapo/train/sample0_image0')[0]
         assert picture.width > 100 and picture.height > 100
         assert any(tag.startswith('train/ddapo/') for tag in accumulator.Tags()['scalars'])
@@ -302,10 +316,52 @@ class TestTrackers:
         run_dirs = glob.glob(os.path.join(output_dir, *run_glob))
         assert len(run_dirs) == 1, run_dirs
         images = read(run_dirs[0])
-        assert set(images) == PICTURE_TAGS, images
+        assert set(images) == PICTURE_TAGS | VALIDATION_TAGS, images
         for tag, entries in images.items():
-            assert sorted(step for step, _ in entries) == [1, 2], (tag, entries)
+            assert sorted(step for step, _ in entries) == picture_steps(tag), (tag, entries)
             assert all(os.path.getsize(os.path.join(run_dirs[0], *media, name)) > 1000 for _, name in entries)
+
+
+class TestValidationRun:
+    """DDAPO_VALIDATE_STEPS=2 in a real run (LoRA, image and text-only prompts, 4 steps) against the same run without
+    it (same seed and data): every reward of every step is the same, bit for bit (the extra forward never changes a
+    reward, nor what the run samples next); steps 2 and 4 log ddapo/validity/* (D > 0, the correlations in [-1, 1],
+    n the scored outputs) and write the scatter and the m^V-D plots, steps 1 and 3 none."""
+
+    def test_rewards_unchanged(self, runs):
+        dumps = {}
+        for name in ('validate_off', 'validate_on'):
+            output_dir, result = runs.result(name)
+            assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+            dumps[name] = [json.loads(line) for line in open(os.path.join(output_dir, 'dump', 'rank0.jsonl'))]
+        off, on = dumps['validate_off'], dumps['validate_on']
+        assert len(off) == len(on) == 16  # 4 steps of 4 rows
+        assert [(r['response_token_ids'], r['reward']) for r in on] == [(r['response_token_ids'], r['reward'])
+                                                                         for r in off]
+        assert None in [r['reward'] for r in on] and len({r['reward'] for r in on}) > 3
+
+    def test_metrics_and_report(self, runs):
+        output_dir, result = runs.result('validate_on')
+        assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        assert 'DDAPO_VALIDATE_STEPS=2' in result.stdout + result.stderr
+        records = [r for r in logged_means(output_dir)[0] if 'global_step/max_steps' in r and 'reward' in r]
+        steps = {int(r['global_step/max_steps'].split('/')[0]): r for r in records}
+        assert sorted(steps) == [1, 2, 3, 4]
+        for step, record in steps.items():
+            validity = {k: v for k, v in record.items() if k.startswith('ddapo/validity/')}
+            if step % 2:
+                assert not validity, (step, validity)
+                continue
+            assert 1 <= validity['ddapo/validity/n'] <= 4 and validity['ddapo/validity/D/mean'] > 0, validity
+            for key in ('ddapo/validity/spearman_output', 'ddapo/validity/spearman_token'):
+                assert key not in validity or -1 <= validity[key] <= 1, validity
+            # every statistic is either logged or counted as undefined
+            assert ('ddapo/validity/spearman_output' in validity) != any(
+                k.startswith('ddapo/validity/undefined/spearman_output/') for k in validity), validity
+        report = glob.glob(os.path.join(output_dir, '**', 'ddapo'), recursive=True)[0]
+        assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(report, '*_validity.png'))) == [
+            'step0000002_train_validity.png', 'step0000004_train_validity.png']
+        assert glob.glob(os.path.join(report, 'step0000002_train_sample0_dependency.png'))
 
 
 def final_adapter(output_dir):

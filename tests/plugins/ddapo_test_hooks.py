@@ -2,8 +2,9 @@
 is part of the product; each hook is switched on by its environment variable.
 
 - ``TEST_DDAPO_DUMP_DIR=DIR``: after every ``ddapo_attention`` call, append one JSON line per completion to
-  ``DIR/rank<r>.jsonl`` (global rank): the row's messages, image paths and generated ids, its reward, and the call's
-  forwards and padding forwards, so a test can re-score the rows in one process.
+  ``DIR/rank<r>.jsonl`` (global rank): the row's messages, image paths and generated ids, its reward, the call's
+  forwards and padding forwards, and on validation steps the row's Eq. (12)-(14) part, its ``D_{i,t}`` and the step's
+  ``ddapo/validity/*`` metrics, so a test can re-score the rows in one process.
 - ``TEST_DDAPO_SKIP_PADDING=1``: this rank runs no padding forward. The forward-count gather still runs (every rank
   joins it); the scheduler then sees only this rank's count. Under ZeRO-3 a rank with fewer forwards then waits in a
   collective that the busier rank never joins: the hang the padding forwards prevent.
@@ -26,18 +27,24 @@ def _dump_after_call(call):
         rewards = call(self, completions, **kwargs)
         swift, scheduler = self.swift, self.scheduler
         os.makedirs(DUMP_DIR, exist_ok=True)
+        validity_metrics = {k: v for k, v in self.last_metrics.items() if k.startswith('ddapo/validity/')}
         with open(os.path.join(DUMP_DIR, f'rank{swift.rank}.jsonl'), 'a') as f:
-            for row, reward in zip(swift.rows(kwargs, len(completions)), rewards):
+            for i, (row, reward) in enumerate(zip(swift.rows(kwargs, len(completions)), rewards)):
+                validity = self.last_validity.get(i)
+                dependency = self.last_dependencies.get(i)
                 f.write(json.dumps({'messages': row.messages, 'images': swift.image_paths(row), 'reward': reward,
                                     'response_token_ids': row.response_token_ids,
                                     'forwards': scheduler.last_forwards,
-                                    'padding_forwards': scheduler.last_padding}) + '\n')
+                                    'padding_forwards': scheduler.last_padding,
+                                    'validity': None if validity is None else dataclasses.asdict(validity),
+                                    'dependency': None if dependency is None else dependency.tolist(),
+                                    'validity_metrics': validity_metrics}) + '\n')
         return rewards
     return dumped
 
 
 def _run_without_padding(run):
-    def unpadded(self, outputs, env, report=()):
+    def unpadded(self, outputs, env, report=(), validate=False):
         gather = env.gather
 
         def own_count(values):
@@ -47,7 +54,7 @@ def _run_without_padding(run):
                 print(f'[DDAPO] TEST_DDAPO_SKIP_PADDING=1: skipping {max(counts) - values[0]} padding forward(s) '
                       '(test only)', file=sys.stderr, flush=True)
             return list(values)
-        return run(self, outputs, dataclasses.replace(env, gather=own_count), report)
+        return run(self, outputs, dataclasses.replace(env, gather=own_count), report, validate)
     return unpadded
 
 

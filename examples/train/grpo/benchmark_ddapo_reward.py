@@ -5,7 +5,9 @@ the Qwen2-VL image processor, one prompt with G generated outputs. Measures, eac
 ``--repeats`` runs after ``--warmup``, with the extra peak memory over what was allocated before:
 
     per output:  plain sdpa forward | naive eager, output_attentions=True, all maps kept | reward eager | reward rows
+                 | reward rows on a validation step (DDAPO_VALIDATE_STEPS: the masked-prompt forward and Eq. 12 too)
     per group:   G plain sdpa forwards | reward eager x G | reward rows x G | reward shared (one forward per pack)
+                 | reward shared on a validation step
 
 and the largest reward difference between the paths (reference: the reward's eager path). Prints one
 JSON document. ``--smoke`` runs a tiny configuration on the CPU in seconds (a test runs it).
@@ -19,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -30,6 +33,9 @@ from ddapo.ms_swift.attention import language_attention  # noqa: E402
 from ddapo.core.formulas import layer_set, sequence_scores, token_text_mass  # noqa: E402
 from ddapo.core.key_sets import build_key_sets  # noqa: E402
 from ddapo.core.packing import Member, shared_prompt_units  # noqa: E402
+from ddapo.core.config import DDAPOConfig  # noqa: E402
+from ddapo.core.row import Row  # noqa: E402
+from ddapo.engine.scheduler import ForwardScheduler, Output  # noqa: E402
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 IM_START, IM_END = 151644, 151645
@@ -182,6 +188,18 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
                 captures += forward_capture.capture.finish()
         return rewards_from_captures(captures, batch, layers)
 
+    def validated(path, batch):
+        """A validation step's forwards (DDAPO_VALIDATE_STEPS) through the engine's own scheduler: the reward's forward
+        with the output rows' logits kept, the masked-prompt forward, D_{i,t} (Eq. 12); its rewards and D_i."""
+        scheduler = ForwardScheduler(DDAPOConfig(attention=path, pack_tokens=args.pack_tokens), attention, hybrid=False)
+        outputs = [Output(i, Row({}), Member(*m[:3]), m[3]) for i, m in enumerate(batch)]
+        environment = SimpleNamespace(forward=forward, gather=None, padding_encoding=None, collective=False)
+        with language_attention(model.config, ATTN_KEYS, scheduler.implementation):
+            call = scheduler.run(outputs, environment, validate=True)
+        runs = [(capture, d) for run in call.runs for capture, d in zip(run.captures, run.dependencies)]
+        return (rewards_from_captures([c for c, _ in runs], batch, layers),
+                [round(float(d.mean()), 6) for _, d in runs])
+
     one, result = members[:1], {}
     w, r = args.warmup, args.repeats
     per_output = {'plain_sdpa': measure(lambda: plain(one), device, w, r)[0]}
@@ -192,6 +210,10 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
     per_group[f'reward_eager_x{args.group}'], ref_group = measure(lambda: reward('eager', members), device, w, r)
     per_group[f'reward_rows_x{args.group}'], rows_group = measure(lambda: reward('rows', members), device, w, r)
     per_group['reward_shared'], shared_group = measure(lambda: reward('shared', members), device, w, r)
+    # a validation step: one more forward per unit on the masked prompt, and the output rows' logits in both
+    per_output['reward_rows_validate'], (rows_validated, _) = measure(lambda: validated('rows', one), device, w, r)
+    per_group['reward_shared_validate'], (shared_validated, dependency) = measure(
+        lambda: validated('shared', members), device, w, r)
 
     def diff(a, b):
         return max(abs(x - y) for x, y in zip(a, b))
@@ -213,12 +235,22 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
             'naive_memory_vs_plain': ratio(per_output['naive_eager_all_attentions'], base, 'extra_peak_mib'),
             'shared_group_time_vs_plain_group': ratio(per_group['reward_shared'], base_group, 'ms'),
             'rows_group_time_vs_plain_group': ratio(per_group[f'reward_rows_x{args.group}'], base_group, 'ms'),
+            'validate_rows_time_vs_rows': ratio(per_output['reward_rows_validate'], per_output['reward_rows'], 'ms'),
+            'validate_rows_memory_vs_rows': ratio(per_output['reward_rows_validate'], per_output['reward_rows'],
+                                                  'extra_peak_mib'),
+            'validate_shared_time_vs_shared': ratio(per_group['reward_shared_validate'], per_group['reward_shared'],
+                                                    'ms'),
+            'validate_shared_memory_vs_shared': ratio(per_group['reward_shared_validate'], per_group['reward_shared'],
+                                                      'extra_peak_mib'),
         },
         max_reward_diff={
             'eager_vs_naive': diff(ref_one, naive),
             'rows_vs_eager': max(diff(rows_one, ref_one), diff(rows_group, ref_group)),
             'shared_vs_eager': diff(shared_group, ref_group),
+            # validation never changes a reward
+            'validate_vs_no_validate': max(diff(rows_validated, rows_one), diff(shared_validated, shared_group)),
         },
+        dependency_shared=dependency,
         rewards_eager=[round(x, 6) for x in ref_group])
     if args.fp32_reference and model.dtype != torch.float32:
         # How far each bf16 path is from the same computation in float32 (the eager path's own bf16 rounding

@@ -25,6 +25,7 @@ Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch i
 from collections import Counter
 from typing import Any, Dict, List, Optional
 
+import torch
 from swift.rewards import ORM
 from swift.utils import get_logger
 
@@ -34,6 +35,7 @@ from ddapo.core.key_sets import build_key_sets
 from ddapo.core.row import Row
 from ddapo.engine.scheduler import ForwardRun, ForwardScheduler, Output
 from ddapo.core.scorer import Scored, SharedOutput, WeightSettings, group_variant, score_output, token_weight_block
+from ddapo.core.validity import OutputValidity, output_validity
 from ddapo.step_log import StepLogger, debug_lines, layers_note
 from ddapo.ms_swift.encoding import NotEncodable
 from ddapo.ms_swift.adapter import SwiftTrainer
@@ -46,6 +48,26 @@ MISSING_TRAINER = (
     'patch is not applied. Load the reward through --external_plugins examples/train/grpo/plugin/plugin.py '
     '(it applies swift_patches/grpo_reward_kwargs.py), or apply swift_patches/ms_swift_4.6_grpo_reward_kwargs.diff '
     'to ms-swift.')
+
+
+# Why a validity statistic is undefined (Eq. 14), for the once-per-reason warning.
+UNDEFINED = {
+    'fewer_than_3': 'a rank correlation needs at least 3 values',
+    'constant': 'one side holds a single value (every output or token the same)',
+    'no_outputs': 'no output of the step has both R^bal and D',
+    'reward_not_applicable': 'its R^bal is undefined (see not_applicable)',
+    'out_of_memory': 'the validation forward on the masked prompt ran out of memory',
+}
+
+
+def output_validity_of(scored: Scored, dependency) -> OutputValidity:
+    """An output's part of Eq. (12)-(14) on a validation step: its ``R^bal_i`` (Eq. 7, whatever ``DDAPO_REWARD``),
+    ``m^V_{i,t} = 1 - m^T_{i,t}`` and ``D_{i,t}``; left out without a defined ``R^bal_i`` or without ``D_{i,t}``."""
+    if scored.reward is None or scored.diagnostics.scores is None:
+        return OutputValidity.left_out('reward_not_applicable')
+    if dependency is None:
+        return OutputValidity.left_out('out_of_memory')
+    return output_validity(scored.diagnostics.scores.reward_balance, 1.0 - scored.m_text, dependency)
 
 
 class DDAPOAttentionORM(ORM):
@@ -69,6 +91,10 @@ class DDAPOAttentionORM(ORM):
         self.step_log = StepLogger(self.config)
         self.not_applicable: Counter = Counter()
         self.unweighted: Counter = Counter()  # outputs with a reward but no token weights, by reason
+        self.validity_undefined: Counter = Counter()  # validation steps: 'statistic/reason' -> steps or outputs
+        # this rank's outputs of the last call on a validation step, by position: Eq. (12)-(14), D_{i,t}
+        self.last_validity: Dict[int, OutputValidity] = {}
+        self.last_dependencies: Dict[int, torch.Tensor] = {}
         self._debug_pending = self.config.debug
 
     @property
@@ -103,11 +129,12 @@ class DDAPOAttentionORM(ORM):
         layers = layer_set(len(swift.spec.attention_layers), self.config.layers)  # positions in L_att
         results: List[Optional[Scored]] = [None] * len(rows)
         # ms-swift side: rows encoded with their key sets; engine: every forward of the call, in the forward context
+        validate = self.config.validating(swift.step)
         with swift.policy_forward(scheduler.implementation) as (env, report):
             outputs = [output for output in (self._output(position, row, results)
                                              for position, row in enumerate(rows)) if output is not None]
-            titles = self.step_log.choose(outputs, swift.is_main_process, swift.step, swift.logging_steps)
-            call = scheduler.run(outputs, env, report=titles)
+            titles = self.step_log.choose(outputs, swift.is_main_process, swift.step, swift.logging_steps, validate)
+            call = scheduler.run(outputs, env, report=titles, validate=validate)
         incomplete = next((run for run in call.runs if not run.out_of_memory and not run.complete), None)
         if incomplete is not None:
             self._debug(report, incomplete, layers, None)
@@ -115,18 +142,29 @@ class DDAPOAttentionORM(ORM):
         self._note_padding(call.padding, len(call.runs))
         # core: each output's reward from its captured sums
         samples = {}  # the report's outputs, by position
+        validity, dependencies = {}, {}  # on validation steps: Eq. (12)-(14) and D_{i,t} per output, by position
         for run in call.runs:
             for k, output in enumerate(run.unit):
-                results[output.position] = self._score(output, run, k, layers, report)
-                if output.position in titles and results[output.position].reward is not None:
+                scored = results[output.position] = self._score(output, run, k, layers, report)
+                dependency = run.dependencies[k] if run.dependencies is not None else None
+                if validate:
+                    validity[output.position] = output_validity_of(scored, dependency)
+                    if dependency is not None:
+                        dependencies[output.position] = dependency
+                if output.position in titles and scored.reward is not None:
                     samples[output.position] = self.step_log.report_sample(
-                        output, run.captures[k], layers, results[output.position], titles[output.position],
+                        output, run.captures[k], layers, scored, titles[output.position],
                         swift.sample_view(output.row, output.generated, output.encoded.forward_kwargs),
-                        swift.spec.image_token_id, swift.merge_size)
+                        swift.spec.image_token_id, swift.merge_size, dependency)
+        if validate:  # outputs that never reached a forward (not encodable)
+            validity.update({p: OutputValidity.left_out('reward_not_applicable')
+                             for p in range(len(rows)) if p not in validity})
+        self.last_validity, self.last_dependencies = validity, dependencies
         # ms-swift side: token weights, the one gather, the step's metrics and report
         if self.config.token_weights:
             swift.hand_over_token_weights(rows, [r.token_weights for r in results])
-        return self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)])
+        return self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)],
+                           validity if validate else None)
 
     def _output(self, position: int, row: Row, results: List[Optional[Scored]]) -> Optional[Output]:
         """Row ``position`` encoded with its key sets; ``None`` (its result set to not applicable) when it cannot be."""
@@ -173,9 +211,10 @@ class DDAPOAttentionORM(ORM):
         self.not_applicable[reason] += 1
         return scored
 
-    def _share(self, completions: List[str], kwargs: Dict[str, Any], rows: List[Row],
-               results: List[Scored], mode: str, samples) -> List[Optional[float]]:
-        """The one gather of the call (every rank's outputs, for the metrics and Eq. 8 / 9), then the step's log."""
+    def _share(self, completions: List[str], kwargs: Dict[str, Any], rows: List[Row], results: List[Scored],
+               mode: str, samples, validity: Optional[Dict[int, OutputValidity]] = None) -> List[Optional[float]]:
+        """The one gather of the call (every rank's outputs, for the metrics, Eq. 8 / 9 and on validation steps
+        Eq. 14), then the step's log."""
         grouped = self.config.reward != 'balance'
         if grouped and any(row.prompt_id is None for row in rows):
             raise RuntimeError(f'DDAPO_REWARD={self.config.reward} groups outputs by prompt_id, and the reward kwargs '
@@ -183,17 +222,32 @@ class DDAPOAttentionORM(ORM):
         verdicts = self.gate(completions, **kwargs) if self.gate is not None else [1.0] * len(rows)
         rank = self.swift.rank
         shared = self.swift.gather([
-            SharedOutput(rank, i, r.diagnostics, row.prompt_id,
-                         v is not None and v >= 1.0) for i, (row, r, v) in enumerate(zip(rows, results, verdicts))])
+            SharedOutput(rank, i, r.diagnostics, row.prompt_id, v is not None and v >= 1.0,
+                         None if validity is None else validity[i])
+            for i, (row, r, v) in enumerate(zip(rows, results, verdicts))])
         swift = self.swift
         record = self.step_log.log(mode, [s.diagnostics for s in shared], samples, swift.step, swift.output_dir,
-                                   swift.rollout, swift.spec)
+                                   swift.rollout, swift.spec,
+                                   None if validity is None else [s.validity for s in shared])
+        for statistic, reasons in record.undefined.items():
+            for reason in reasons:
+                self._warn_validity(statistic, reason, UNDEFINED.get(reason, reason))
         swift.log_metrics(mode, record.metrics)
         if record.pictures:  # the report's pictures in TensorBoard / wandb / swanlab
             swift.log_pictures(swift.step + 1, record.pictures)
         if not grouped:
             return [r.reward for r in results]
         return group_variant(shared, rank, len(rows), self.config.sigma, gated=self.gate is not None)
+
+    def _warn_validity(self, statistic: str, reason: str, detail: str) -> None:
+        """Warn once per undefined validity statistic and reason (the step's metrics count them)."""
+        key = f'{statistic}/{reason}'
+        if key not in self.validity_undefined:
+            what = ('an output left out of the validity statistics' if statistic == 'left_out' else
+                    f'ddapo/validity/{statistic} undefined')
+            logger.warning(f'[DDAPO] DDAPO_VALIDATE_STEPS: {what} ({reason}): {detail}. Counted in '
+                           f'ddapo/validity/{"" if statistic == "left_out" else "undefined/"}{key}; warned once.')
+        self.validity_undefined[key] += 1
 
     def _note_padding(self, padding: int, forwards: int) -> None:
         if padding and self.scheduler.padding_forwards == padding:  # this rank's first padding forwards of the run

@@ -7,10 +7,14 @@ it gets values (the step, the output dir, the model spec, a `SampleView` per rep
     the report's outputs (`StepLogger.choose`) --report_sample-------> ReportSample: tokens, m^V_{i,t}, heat maps
                                                --ddapo.core.report.ReportWriter--> report.md + PNGs, then the trackers
     the first output's forward --debug_lines--> seed 001's [DDAPO_DEBUG] report
+    validation steps (DDAPO_VALIDATE_STEPS): every rank's OutputValidity --validity_statistics--> ddapo/validity/*
+                                               (Eq. 14), the report's R^bal-D scatter and m^V-D plots
 """
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
+import torch
 
 from ddapo.engine.capture import LayerCapture
 from ddapo.core.config import DDAPOConfig
@@ -19,6 +23,7 @@ from ddapo.core.formulas import layer_set
 from ddapo.core.report import ReportSample, ReportWriter, SampleView, fair_shares, image_heatmaps
 from ddapo.engine.scheduler import ForwardRun, Output
 from ddapo.core.scorer import Scored
+from ddapo.core.validity import OutputValidity, undefined_metrics, validity_statistics
 
 PATHS = {
     'shared': "one forward per prompt: [q ; o_1 ; ... ; o_G] with a tree mask, up to DDAPO_PACK_TOKENS={pack} tokens; "
@@ -78,9 +83,11 @@ def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: For
 
 @dataclass
 class StepLog:
-    """A call's ``ddapo/*`` metrics, and the report's pictures ``{tag: PNG path}`` when it wrote a report step."""
+    """A call's ``ddapo/*`` metrics, the report's pictures ``{tag: PNG path}`` when it wrote a report step, and on
+    validation steps the undefined statistics' reasons (`ValidityStatistics.undefined`)."""
     metrics: Dict[str, float]
     pictures: Dict[str, str] = field(default_factory=dict)
+    undefined: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
 
 class StepLogger:
@@ -91,21 +98,25 @@ class StepLogger:
         self.last_metrics: Dict[str, float] = {}
         self._last_report_step: Optional[int] = None
 
-    def choose(self, outputs: List[Output], main_process: bool, step: int, logging_steps: int) -> Dict[int, str]:
+    def choose(self, outputs: List[Output], main_process: bool, step: int, logging_steps: int,
+               validate: bool = False) -> Dict[int, str]:
         """The outputs this call shows in the report, ``{position: title}``: the first ``DDAPO_REPORT_SAMPLES`` on the
-        main process, once per ``logging_steps`` steps; empty otherwise."""
+        main process, once per ``logging_steps`` steps and on every validation step (``validate``); empty otherwise."""
         config = self.config
         if not config.report or not config.report_samples or not main_process:
             return {}
-        if self._last_report_step is not None and step - self._last_report_step < logging_steps:
+        if (not validate and self._last_report_step is not None
+                and step - self._last_report_step < logging_steps):
             return {}
         return {output.position: sample_title(outputs, output, k)
                 for k, output in enumerate(outputs[:config.report_samples])}
 
     @staticmethod
     def report_sample(output: Output, capture: LayerCapture, layers: List[int], scored: Scored, title: str,
-                      view: SampleView, image_token_id: Optional[int], merge_size: int) -> ReportSample:
-        """The report's view of one scored output (``scored.reward`` defined); ``view``: its tokens, images and texts."""
+                      view: SampleView, image_token_id: Optional[int], merge_size: int,
+                      dependency: Optional[torch.Tensor] = None) -> ReportSample:
+        """The report's view of one scored output (``scored.reward`` defined); ``view``: its tokens, images and texts;
+        ``dependency``: its ``D_{i,t}`` (Eq. 12) on validation steps."""
         encoded, scores, row = output.encoded, scored.diagnostics.scores, output.row
         grid = encoded.forward_kwargs.get('image_grid_thw')
         images, heatmaps = view.images, []
@@ -128,19 +139,26 @@ class StepLogger:
             image_paths=view.image_paths,
             solution=row.solution,
             completion=view.completion,
-            vision_share=scores.num_vision_keys / (scores.num_text_keys + scores.num_vision_keys))
+            vision_share=scores.num_vision_keys / (scores.num_text_keys + scores.num_vision_keys),
+            dependency=None if dependency is None else dependency.tolist())
 
     def log(self, mode: str, diagnostics: List[SampleDiagnostics], samples: List[ReportSample], step: int,
-            output_dir: str, rollout: str, spec) -> StepLog:
-        """``ddapo/*`` over every rank's outputs; the report step under ``output_dir/ddapo`` when ``samples`` were
-        chosen, its pictures tagged ``ddapo/<mode>/<name>`` for the trackers. ``step``: the trainer's global step (the
-        rewards of step N are computed while it is still N - 1; logging.jsonl says N)."""
+            output_dir: str, rollout: str, spec, validity: Optional[List[OutputValidity]] = None) -> StepLog:
+        """``ddapo/*`` over every rank's outputs (on validation steps, ``validity`` given, also ``ddapo/validity/*``,
+        Eq. 14); the report step under ``output_dir/ddapo`` when ``samples`` were chosen, its pictures tagged
+        ``ddapo/<mode>/<name>`` for the trackers. ``step``: the trainer's global step (the rewards of step N are
+        computed while it is still N - 1; logging.jsonl says N)."""
         self.last_metrics = step_metrics(diagnostics)
+        statistics = None
+        if validity is not None:
+            statistics = validity_statistics(validity)
+            self.last_metrics.update({**statistics.metrics, **undefined_metrics(statistics.undefined)})
+        undefined = statistics.undefined if statistics is not None else {}
         if not samples:
-            return StepLog(self.last_metrics)
+            return StepLog(self.last_metrics, undefined=undefined)
         self._last_report_step = step
         header = [f'- completions from: {rollout}; scored by the reward\'s own forward of the trainer model after '
                   'the rollout']
         pictures = ReportWriter(os.path.join(output_dir, 'ddapo'), header).write_step(
-            step + 1, mode, self.last_metrics, samples, layers_note(spec))
-        return StepLog(self.last_metrics, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()})
+            step + 1, mode, self.last_metrics, samples, layers_note(spec), statistics)
+        return StepLog(self.last_metrics, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()}, undefined)

@@ -125,6 +125,18 @@ class DDAPOConfig:
     token_weight_clip: Tuple[float, float] = _setting((0.2, 3.0), _parse_clip, 'LOW,HIGH bounds of the token weights')
     token_weight_sigma: float = _setting(0.0, _parse_nonnegative,
                                          'std (in tokens) of the Gaussian smoothing of the token weights; 0: none')
+    validate_steps: int = _setting(0, _parse_count,
+                                   'every N-th global step, Eq. (12)-(14): one more forward per output on the masked '
+                                   'prompt, the ddapo/validity/* metrics and report; 0: never')
+
+    def validating(self, step: int) -> bool:
+        """Whether the rewards computed at ``global_step`` ``step`` (logged as step ``step + 1``) are a validation
+        step: every ``validate_steps``-th logged step.
+
+        >>> [s + 1 for s in range(6) if DDAPOConfig(validate_steps=3).validating(s)], DDAPOConfig().validating(0)
+        ([3, 6], False)
+        """
+        return self.validate_steps > 0 and (step + 1) % self.validate_steps == 0
 
     def __post_init__(self):
         for f in fields(self):

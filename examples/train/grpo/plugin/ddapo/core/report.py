@@ -4,8 +4,9 @@ Per logging step (numbered as in ``logging.jsonl``): the ``ddapo/*`` metrics as 
 outputs, the question, the image paths, the solution, the decoded completion, the generated tokens with their
 ``m^V_{i,t}`` (Eq. 4), the image beside a heat map of the attention each vision token drew
 (``layer_key_attention`` over ``Lambda``, one cell per merged patch), and a line plot of ``m^V_{i,t}`` along the
-completion. Both pictures are in units of the fair share, on fixed scales, so pictures compare across steps
-and runs: a heat-map cell of 2 drew twice the attention of a key under uniform attention
+completion. On validation steps (``DDAPO_VALIDATE_STEPS``) also a scatter of ``R^bal_i`` against ``D_i`` and, per
+sample, ``m^V_{i,t}`` and ``D_{i,t}`` along the completion (Eq. 12-14). The heat map and the token plot are in units
+of the fair share, on fixed scales, so pictures compare across steps and runs: a heat-map cell of 2 drew twice the attention of a key under uniform attention
 (``1 / (|T| + |V|)``), and the token plot marks ``|V| / (|T| + |V|)``, the vision share under uniform attention.
 Pure: PIL, numpy and matplotlib's object API (no pyplot, so no global backend is touched).
 """
@@ -47,6 +48,7 @@ class ReportSample:
     solution: Optional[str] = None  # the row's solution column, when it has one
     completion: str = ''  # the decoded completion
     vision_share: float = math.nan  # |V| / (|T| + |V|): m^V under uniform attention
+    dependency: Optional[List[float]] = None  # D_{i,t}, Eq. (12), on validation steps
 
 
 def fair_shares(values: np.ndarray, num_text_keys: int, num_vision_keys: int) -> np.ndarray:
@@ -163,6 +165,52 @@ def render_token_plot(tokens: Sequence[str], m_vis: Sequence[float], path: str, 
     return path
 
 
+def render_dependency_plot(tokens: Sequence[str], m_vis: Sequence[float], dependency: Sequence[float], path: str,
+                           title: str) -> str:
+    """``m^V_{i,t}`` (Eq. 4, left axis) and ``D_{i,t}`` (Eq. 12, right axis, nats) along the completion, on one
+    figure: where the output looks at the image against where the image changes its prediction."""
+    figure = _figure(max(6.0, min(16.0, 0.3 * min(len(tokens), MAX_TOKEN_LABELS))), 3.4)
+    axis = figure.subplots()
+    steps = range(1, len(m_vis) + 1)
+    axis.plot(steps, m_vis, marker='o', markersize=3, color='tab:blue', label='m^V (attention on vision)')
+    axis.set_ylabel('m^V (vision share)', color='tab:blue')
+    axis.set_ylim(0, 1)
+    right = axis.twinx()
+    right.plot(steps, dependency, marker='s', markersize=3, color='tab:red', label='D (KL, image masked)')
+    right.set_ylabel('D = KL(p || p~), nats', color='tab:red')
+    right.set_ylim(bottom=0)
+    labels = token_labels(tokens)
+    if labels:
+        axis.set_xticks([t for t, _ in labels])
+        axis.set_xticklabels([label for _, label in labels], rotation=90, fontsize=7)
+    axis.set_xlabel('generated token t')
+    handles = axis.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    axis.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc='upper right')
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def render_validity_scatter(points: Sequence[Tuple[float, float]], rho_out: Optional[float], path: str,
+                            title: str) -> str:
+    """``R^bal_i`` (Eq. 7) against ``D_i`` (Eq. 13) for a validation step's outputs, ``rho_out`` (Eq. 14) in the
+    title ("undefined" where it is)."""
+    figure = _figure(5.0, 4.0)
+    axis = figure.subplots()
+    if points:
+        axis.scatter([p[0] for p in points], [p[1] for p in points], s=18, alpha=0.8)
+    axis.set_xlabel('R^bal (attention balance reward)')
+    axis.set_ylabel('D (mean KL with the image masked), nats')
+    axis.grid(alpha=0.3)
+    rho = 'undefined' if rho_out is None else f'{rho_out:+.3f}'
+    axis.set_title(f'{title}: rho_out = {rho} over {len(points)} outputs', fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
 def _inline(text: str) -> str:
     """Text on one markdown line, as code so that tags such as ``<answer>`` show."""
     text = str(text).replace('\n', '\\n').replace('`', "'")
@@ -182,15 +230,22 @@ class ReportWriter:
                 f.write('\n'.join(['# DDAPO report', '', *header]) + '\n\n')
 
     def write_step(self, step: int, mode: str, metrics: Dict[str, float], samples: List[ReportSample],
-                   layers_note: str = '') -> Dict[str, str]:
-        """Returns the pictures written, ``{name: path}`` with names such as ``sample0_image0`` and ``sample0_tokens``.
-        ``layers_note``: which decoder layers the layer metrics read."""
+                   layers_note: str = '', validity=None) -> Dict[str, str]:
+        """Returns the pictures written, ``{name: path}`` with names such as ``sample0_image0`` and ``sample0_tokens``
+        (and on validation steps ``validity`` and ``sample0_dependency``). ``layers_note``: which decoder layers the
+        layer metrics read; ``validity``: the step's `ddapo.core.validity.ValidityStatistics` on validation steps."""
         lines = [f'## step {step} ({mode})', '']
         if layers_note:
             lines += [layers_note, '']
         lines += ['| metric | value |', '| --- | --- |']
         lines += [f'| `{k}` | {v:.4g} |' for k, v in sorted(metrics.items())]
         pictures = {}
+        if validity is not None:
+            name = f'step{step:07d}_{mode}_validity.png'
+            pictures['validity'] = render_validity_scatter(validity.points, validity.rho_out,
+                                                           os.path.join(self.directory, name), f'step {step}')
+            lines += ['', '### validation: does R^bal follow the visual dependency D?', '',
+                      f'![R^bal against D over the step\'s outputs]({name})']
         for k, sample in enumerate(samples):
             stem = f'step{step:07d}_{mode}_sample{k}'
             lines += ['', f'### {sample.title}: TDR = {sample.tdr:.4g}, R^bal = {sample.reward_balance:.4f}', '']
@@ -213,6 +268,13 @@ class ReportWriter:
                                                               os.path.join(self.directory, name), sample.title,
                                                               sample.vision_share)
             lines.append(f'![m^V along the completion]({name})')
+            if sample.dependency is not None:
+                lines += ['', 'D per generated token (KL, image masked): ' +
+                          token_line(sample.tokens, sample.dependency), '']
+                name = f'{stem}_dependency.png'
+                pictures[f'sample{k}_dependency'] = render_dependency_plot(
+                    sample.tokens, sample.m_vis, sample.dependency, os.path.join(self.directory, name), sample.title)
+                lines.append(f'![m^V and D along the completion]({name})')
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write('\n'.join(lines) + '\n\n')
         return pictures

@@ -14,6 +14,7 @@ from typing import Collection, List, Optional, Sequence, Tuple
 import torch
 
 from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, weight_stats
+from ddapo.core.validity import OutputValidity
 from ddapo.core.formulas import (NotApplicable, gated_rewards, group_robust_rewards, log_tdr, sequence_scores,
                             token_text_mass, token_weights)
 
@@ -106,13 +107,15 @@ def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int
 
 @dataclass(frozen=True)
 class SharedOutput:
-    """What one output shares with the other ranks (the one gather of a reward call): its metrics' numbers and,
-    for Eq. (8) / (9), its prompt, ``log TDR_i`` and the gate's verdict."""
+    """What one output shares with the other ranks (the one gather of a reward call): its metrics' numbers,
+    for Eq. (8) / (9) its prompt, ``log TDR_i`` and the gate's verdict, and on validation steps its Eq. (12)-(14)
+    part."""
     rank: int
     position: int
     diagnostics: SampleDiagnostics
     prompt_id: Optional[str] = None
     correct: bool = True
+    validity: Optional[OutputValidity] = None  # on validation steps: R^bal_i, D_i (Eq. 12-14)
 
     @property
     def log_tdr(self) -> Optional[float]:

@@ -18,9 +18,9 @@ In hybrid models (Qwen3.5) only the softmax-attention layers ``L_att`` call an a
 linear-attention (Gated DeltaNet) layers never do, and have nothing to capture.
 """
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from contextvars import ContextVar
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -189,33 +189,50 @@ def capturing(capture: ForwardCapture) -> Iterator[ForwardCapture]:
 
 @dataclass
 class CapturedForward:
-    """One forward's model outputs, its `ForwardCapture` (``finish()`` gives the per-output `LayerCapture`) and the
-    length of the sequence it ran."""
+    """One forward's model outputs, its `ForwardCapture` (``finish()`` gives the per-output `LayerCapture`), the
+    length of the sequence it ran and its kwargs. ``logits_from``: the first row whose logits the model returned
+    (``keep_logits``), ``None`` when only the last row's."""
     model_outputs: Any
     capture: ForwardCapture
     length: int
+    kwargs: Dict[str, Any] = field(default_factory=dict, repr=False)
+    logits_from: Optional[int] = None
+
+
+def forward_inputs(members: Sequence[PackMember], pack: bool) -> Tuple[Dict[str, Any], List[range]]:
+    """The forward kwargs of one or several outputs, and the rows ``s_{g,t} - 1`` of each output in it.
+
+    ``pack``: the outputs share their prompt and run as ``[q ; o_1 ; ... ; o_G]`` (`pack_shared_prompt`);
+    otherwise there is exactly one output, run on its own sequence ``[q ; o_i]``.
+    """
+    if pack:
+        return pack_shared_prompt([m.forward_kwargs for m in members], members[0].prompt_len,
+                                  [m.num_generated for m in members])
+    if len(members) != 1:
+        raise ValueError(f'{len(members)} outputs in one forward need pack=True')
+    member = members[0]
+    return member.forward_kwargs, [range(member.prompt_len, member.prompt_len + member.num_generated)]
 
 
 def captured_forward(forward, members: Sequence[PackMember], key_sets: Sequence[KeySets],
                      attention_layers: Sequence[int], pack: bool,
-                     key_attention: Optional[Sequence[bool]] = None) -> CapturedForward:
-    """One forward for one or several outputs (``members[g]``'s sequence ``[q ; o_g]``, with key sets ``key_sets[g]``).
+                     key_attention: Optional[Sequence[bool]] = None, keep_logits: bool = False) -> CapturedForward:
+    """One forward for one or several outputs (``members[g]``'s sequence ``[q ; o_g]``, with key sets ``key_sets[g]``),
+    laid out by `forward_inputs`.
 
-    ``pack``: the outputs share their prompt and run as ``[q ; o_1 ; ... ; o_G]`` (`pack_shared_prompt`);
-    otherwise there is exactly one output, run on its own sequence.
     ``key_attention``: per output, whether to keep `LayerCapture.key_attention` (default: for none).
+    ``keep_logits``: the model returns the logits of every row from the first output's first row on (validation
+    steps, Eq. 12), instead of the last row's only; attention, and so every captured number, is the same.
     """
-    if pack:
-        kwargs, rows = pack_shared_prompt([m.forward_kwargs for m in members], members[0].prompt_len,
-                                          [m.num_generated for m in members])
-    elif len(members) == 1:
-        member = members[0]
-        kwargs, rows = member.forward_kwargs, [range(member.prompt_len, member.prompt_len + member.num_generated)]
-    else:
-        raise ValueError(f'{len(members)} outputs in one forward need pack=True')
+    kwargs, rows = forward_inputs(members, pack)
+    length = int(kwargs['input_ids'].shape[-1])
+    logits_from = None
+    if keep_logits:  # logits_to_keep=0 would mean every row: at least one
+        logits_from = min(min(r.start for r in rows), length - 1)
+        kwargs = {**kwargs, 'logits_to_keep': length - logits_from}
     keep = key_attention or [False] * len(members)
     captures = ForwardCapture([LayerCapture(k, m.prompt_len, r, attention_layers, keep_key_attention=want)
                                for m, k, r, want in zip(members, key_sets, rows, keep)], attention_layers)
     with capturing(captures):
         outputs = forward(**kwargs)
-    return CapturedForward(outputs, captures, int(kwargs['input_ids'].shape[-1]))
+    return CapturedForward(outputs, captures, length, kwargs, logits_from)

@@ -15,11 +15,13 @@ from typing import Any, Collection, List, Optional, Protocol
 
 import torch
 
-from ddapo.engine.capture import EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture, captured_forward
+from ddapo.engine.capture import (EAGER_ATTENTION, ROWS_ATTENTION, CapturedForward, ForwardCapture, LayerCapture,
+                                  captured_forward, forward_inputs)
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.key_sets import KeySets
 from ddapo.core.packing import Encoded, PackMember, shared_prompt_units
 from ddapo.core.row import Row
+from ddapo.core.validity import masked_prompt, token_visual_dependency
 
 
 @dataclass
@@ -49,6 +51,10 @@ class ForwardRun:
     length: int = 0
     detail: str = ''
     out_of_memory: bool = False
+    # on a validation step: D_{i,t} (Eq. 12) per output in the unit's order, None where the masked forward ran out of
+    # memory (validation_detail says so) or the run is incomplete
+    dependencies: Optional[List[Optional[torch.Tensor]]] = None
+    validation_detail: str = ''
 
     @property
     def complete(self) -> bool:
@@ -102,48 +108,87 @@ class ForwardScheduler:
         return [[outputs[i] for i in unit]
                 for unit in shared_prompt_units([o.encoded for o in outputs], self.config.pack_tokens)]
 
-    def run(self, outputs: List[Output], env: ForwardEnvironment, report: Collection[int] = ()) -> ForwardCall:
+    def run(self, outputs: List[Output], env: ForwardEnvironment, report: Collection[int] = (),
+            validate: bool = False) -> ForwardCall:
         """Run the forwards of ``outputs`` in ``env``, one `ForwardRun` per unit, then the padding forwards; a run that
         did not capture exactly ``L_att`` is returned as incomplete (the caller stops the run after the call, when
         every rank has run as many forwards). ``report``: positions whose per-key attention the report shows.
+        ``validate`` (a validation step, the same on every rank): each unit runs a second forward on its masked prompt
+        ``x~`` (Eq. 12), and every output of a complete run gets its ``D_{i,t}`` (`ForwardRun.dependencies`).
 
         Where forwards are collective (``env.collective``) the count of forwards is agreed with ``env.gather`` before
         the first forward, since under ZeRO-3 a rank that ran fewer forwards than the others (fewer rows, rows that
         could not be encoded) would hang them all, and the gather itself must not meet another rank's forward. A
-        rank with fewer forwards than the busiest runs that many padding forwards, on its first output's encoding
-        (``env.padding_encoding()`` when it has none).
+        rank with fewer units than the busiest runs as many padding forwards as those units would have run (two
+        per unit on a validation step), on its first output's encoding (``env.padding_encoding()`` when it has none).
         """
         units = self.units(outputs)
-        padding = max(env.gather([len(units)])) - len(units) if env.collective else 0
+        per_unit = 2 if validate else 1
+        padding = (max(env.gather([len(units)])) - len(units)) * per_unit if env.collective else 0
         runs = []
         for unit in units:
-            runs.append(self._run_unit(env.forward, unit, report))
+            runs.append(self._run_unit(env.forward, unit, report, validate))
         if padding:
             kwargs = (outputs[0].encoded if outputs else env.padding_encoding()).forward_kwargs
             for _ in range(padding):
                 env.forward(**kwargs)
         self.padding_forwards += padding
-        self.last_forwards, self.last_padding = len(units), padding
+        self.last_forwards, self.last_padding = len(units) * per_unit, padding
         return ForwardCall(runs, padding)
 
-    def _run_unit(self, forward, unit: List[Output], report: Collection[int]) -> ForwardRun:
+    def _out_of_memory(self, error: torch.OutOfMemoryError, length: int, what: str) -> str:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        detail = f'{what} of a {length}-token sequence ran out of memory ({str(error).splitlines()[0][:200]})'
+        if self.config.attention == 'shared':
+            detail += '; a lower DDAPO_PACK_TOKENS packs fewer outputs per forward'
+        return detail
+
+    def _run_unit(self, forward, unit: List[Output], report: Collection[int], validate: bool) -> ForwardRun:
+        members, pack = [o.encoded for o in unit], len(unit) > 1  # shared: a lone output keeps its plain sequence
         try:
-            # shared: a lone output keeps its plain causal sequence (sdpa's fastest kernel)
-            captured = captured_forward(
-                forward, [o.encoded for o in unit], [o.key_sets for o in unit], self.attention_layers,
-                pack=len(unit) > 1, key_attention=[o.position in report for o in unit])
+            captured = captured_forward(forward, members, [o.key_sets for o in unit], self.attention_layers, pack=pack,
+                                        key_attention=[o.position in report for o in unit], keep_logits=validate)
         except torch.OutOfMemoryError as error:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             length = unit[0].encoded.prompt_len + sum(o.encoded.num_generated for o in unit)
-            detail = f'the reward forward of a {length}-token sequence ran out of memory ({str(error).splitlines()[0][:200]})'
-            if self.config.attention == 'shared':
-                detail += '; a lower DDAPO_PACK_TOKENS packs fewer outputs per forward'
-            return ForwardRun(unit, None, length=length, detail=detail, out_of_memory=True)
+            run = ForwardRun(unit, None, length=length, out_of_memory=True,
+                             detail=self._out_of_memory(error, length, 'the reward forward'))
+            if validate:  # this rank's count of forwards stays the others' (ZeRO-3 lockstep)
+                self._masked_logits(forward, forward_inputs(members, pack)[0], length)
+            return run
         capture = captured.capture
         captures = capture.finish() if capture.complete else None
-        return ForwardRun(unit, captures, capture, captured.model_outputs, captured.length)
+        run = ForwardRun(unit, captures, capture, captured.model_outputs, captured.length)
+        if validate:
+            self._validate(forward, run, captured)
+        return run
+
+    def _masked_logits(self, forward, kwargs, length: int):
+        """The logits of the masked prompt ``x~`` (`masked_prompt`), or the out-of-memory detail (a str)."""
+        try:
+            return forward(**masked_prompt(kwargs)).logits
+        except torch.OutOfMemoryError as error:
+            return self._out_of_memory(error, length, 'the validation forward on the masked prompt')
+
+    def _validate(self, forward, run: ForwardRun, captured: CapturedForward) -> None:
+        """``D_{i,t}`` (Eq. 12) of every output of ``run`` from the captured forward's logits at the rows ``s_{i,t}``
+        and those of one more forward on the masked prompt; the full-vocabulary logits are dropped afterwards."""
+        outputs = captured.model_outputs
+        logits = outputs.logits
+        # the run keeps its model outputs (the debug report) without the full-vocabulary logits
+        run.model_outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != 'logits'})
+        masked = self._masked_logits(forward, captured.kwargs, captured.length)
+        if isinstance(masked, str):
+            run.dependencies, run.validation_detail = [None] * len(run.unit), masked
+            return
+        first = captured.logits_from
+        run.dependencies = [
+            token_visual_dependency(logits[0, r.start - first:r.stop - first],
+                                    masked[0, r.start - first:r.stop - first]).cpu()
+            if run.complete else None for r in (c.rows for c in captured.capture.captures)]
+        if not run.complete:
+            run.validation_detail = 'the reward forward did not capture L_att'
 
     def incomplete_message(self, run: ForwardRun) -> str:
         """The error of a forward whose attention layers did not all run through the DDAPO attention function."""
