@@ -201,13 +201,17 @@ if [ "$NNODES" != 1 ]; then
 elif [ -n "${NODE_RANK:-}" ] && [ "$NODE_RANK" != 0 ]; then
   fail "NODE_RANK=$NODE_RANK without NNODES: set NNODES to the number of nodes (NODE_RANK counts from 0)."
 fi
-if [ -n "$DEEPSPEED" ] && [ "${DS_ACCELERATOR:-}" = cpu ] && { [ "$NPROCS" -gt 1 ] || [ "$NNODES" != 1 ]; }; then
-  # transformers builds accelerate's process state for a DeepSpeed run without a backend (it passes --ddp_backend
-  # only without DeepSpeed); with no GPU, accelerate then sees one process and DeepSpeed stops at its batch check
-  fail "DEEPSPEED=$DEEPSPEED with DS_ACCELERATOR=cpu and several processes cannot start: transformers sets up" \
-    "DeepSpeed's processes without a backend, and on CPU processes DeepSpeed then counts one and stops at its batch" \
-    "check ('train_batch_size ... 4 != 4 * 1 * 2'; --ddp_backend gloo is not passed for DeepSpeed runs). On CPU" \
-    "processes run without DeepSpeed (DEEPSPEED=none: plain data parallelism over gloo), or run DeepSpeed on GPUs."
+GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$DEMO" = 1 ] && [ "$GPUS" = 0 ] && { [ "$NPROCS" -gt 1 ] || [ "$NNODES" != 1 ]; }; then
+  # Neither way runs data-parallel on CPU processes with ms-swift 4.6 and transformers 5.19: DeepSpeed's processes
+  # get no backend (transformers passes --ddp_backend only without DeepSpeed), so DeepSpeed counts one process;
+  # without DeepSpeed and without --ddp_backend each process trains alone, as if it were the only one; with
+  # --ddp_backend gloo ms-swift's GRPO stops at its advantage split.
+  fail "NPROC_PER_NODE=$NPROCS NNODES=$NNODES on a machine without a GPU: GRPO does not run data-parallel on CPU" \
+    "processes. With DeepSpeed (DEEPSPEED=$DEEPSPEED) DeepSpeed counts one process and stops at its batch check" \
+    "('train_batch_size ... 4 != 4 * 1 * 2'); without it (DEEPSPEED=none) each process trains alone on the whole" \
+    "data, and with --ddp_backend gloo ms-swift stops at 'assert len(local_advantages) == len(samples)'. Use one" \
+    "process on CPU (NPROC_PER_NODE=1, the demo's default) or GPUs."
 fi
 if [ -n "$DEEPSPEED" ] && ! python3 -c 'import deepspeed' >/dev/null 2>&1; then
   fail "DEEPSPEED=$DEEPSPEED needs the deepspeed package, which is not importable: pip install -e \".[deepspeed]\"" \
@@ -220,7 +224,6 @@ if [ "$DEMO" = 0 ]; then
     [ -e "${dataset%%[:#]*}" ] || is_hub_id "$dataset" || \
       fail "DATASET=$dataset is neither an existing file or folder nor a hub id (owner/name)."
   done
-  GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
   if [ "$GPUS" -lt "$NPROCS" ]; then
     fail "NPROC_PER_NODE=$NPROCS needs $NPROCS visible GPUs and $GPUS are visible (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}):" \
       "set NPROC_PER_NODE and CUDA_VISIBLE_DEVICES to the GPUs you have, or run the offline CPU demo with --demo."

@@ -82,8 +82,11 @@ RUNS = {
     'validate_off': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump'}),
     'validate_on': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump',
                                                                    'DDAPO_VALIDATE_STEPS': '2'}),
-    'two_processes': ('qwen2_5_vl', 'mixed', ['--max_steps', '2'],
-                      {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DDAPO_TOKEN_WEIGHTS': '1'}),
+    # two ranks on CPU need DeepSpeed with the test shim: plain DDP there trains each process alone (docs/scale.md)
+    'two_processes': ('qwen2_5_vl', 'mixed', ['--max_steps', '2', '--deepspeed', 'zero2', '--fp16', 'false',
+                                              '--bf16', 'false'],
+                      {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DS_ACCELERATOR': 'cpu',
+                       'DDAPO_TOKEN_WEIGHTS': '1', 'TEST_DDAPO_DUMP_DIR': 'dump'}),
     **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES},
 }
 
@@ -136,8 +139,8 @@ class TestTrainingVariants:
     """Every way people train, each a real run: full tuning without gradient checkpointing, with the group-robust
     reward (Eq. 8) reading the late third of the layers (a reward setting, orthogonal to the tuning, so one run
     covers both); Qwen2-VL with prompts cut by --max_length (the rollout sees the cut prompt, the training forward
-    and the reward the full one); two processes (NPROC_PER_NODE=2, gloo on CPU) on text-only and image prompts, with
-    token weights."""
+    and the reward the full one); two ranks (NPROC_PER_NODE=2, DeepSpeed ZeRO-2 over gloo on CPU) on text-only and
+    image prompts, with token weights, each rank scoring rows of its own."""
 
     @pytest.mark.parametrize('variant', ['full_no_checkpointing_group_reward_late_layers', 'qwen2_vl_max_length',
                                          'two_processes'])
@@ -149,6 +152,10 @@ class TestTrainingVariants:
         low = -0.5 if grouped else 0.0  # Eq. (8) lies in [-0.5, 0.5]
         assert means and all(math.isfinite(m) and low <= m <= 1.0 for m in means), means
         if variant == 'two_processes':
+            # really two ranks, each scoring its own rows (not two copies of a one-process run)
+            dumps = [[json.loads(line)['images'] for line in open(os.path.join(output_dir, 'dump', f'rank{r}.jsonl'))]
+                     for r in (0, 1)]
+            assert dumps[0] and dumps[1] and dumps[0] != dumps[1], dumps
             weighted = [r['token_advantage_weights/weighted_frac'] for r in records
                         if 'token_advantage_weights/weighted_frac' in r]
             assert weighted and max(weighted) > 0 and any('ddapo/token_weight/max' in r for r in records), records

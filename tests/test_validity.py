@@ -342,10 +342,13 @@ class TestValidityEqualsNaive:
     """Single process, Qwen2.5-VL and Qwen3.5: on a validation step the reward's D_{i,t}, D_i, within-output Spearman,
     rho_out, rho_tok and mean D equal two plain forwards, torch's KL and a rank correlation written here; for every
     reward path (shared packs the outputs of a prompt, masked forward included); the rewards are those of the
-    same call without validation, bit for bit; numbers differ between outputs (the test could fail)."""
+    same call without validation, bit for bit; numbers differ between outputs (the test could fail); D computed in
+    chunks of rows."""
 
     @pytest.mark.parametrize('attention', ['shared', 'rows', 'eager'])
-    def test_against_naive(self, sharp_policy, attention, tmp_path):
+    def test_against_naive(self, sharp_policy, attention, tmp_path, monkeypatch):
+        from ddapo.engine import scheduler
+        monkeypatch.setattr(scheduler, 'VALIDATION_ROWS', 3)  # Eq. (12) in chunks of 3 rows: outputs span several
         sharp_policy.args.output_dir = str(tmp_path)
         columns = shared_prompt_columns(sharp_policy, COMPLETIONS)
         rows = rows_of(columns)
@@ -434,3 +437,29 @@ class TestTwoRanks:
             assert_dump_matches_naive(policy, str(tmp_path / 'dump'))
         finally:
             policy.template.remove_post_encode_hook()
+
+
+@pytest.mark.slow
+class TestValidityDemo:
+    """examples/train/grpo/validity_demo.py on 4 questions x 3 samples: it warm-starts the demo model, samples, scores
+    with validation on, and writes every number for both models; the warm-started model's predictions depend on the
+    image far more than the random-weight control's (the script's comparison can show an effect), and its answers are
+    found in the completions."""
+
+    def test_script(self, tmp_path):
+        import json
+        import subprocess
+        import sys
+        from conftest import GRPO_DIR
+        out = tmp_path / 'validity.json'
+        subprocess.run([sys.executable, f'{GRPO_DIR}/validity_demo.py', '--output-dir', str(tmp_path), '--questions',
+                        '4', '--samples', '3', '--prompts-per-step', '2', '--json', str(out)], check=True,
+                       capture_output=True, timeout=900)
+        results = json.loads(out.read_text())['results']
+        warm, control = results['warm-started'], results['before the warm start (control)']
+        assert warm['outputs'] == control['outputs'] == 12
+        for result in (warm, control):
+            assert -1 <= result['rho_out pooled'] <= 1 and 0 < result['rho_out pooled, permutation p'] <= 1
+            assert result['rho_tok']['n'] > 0 and result['D']['n'] == 12
+        assert warm['D']['mean'] > 100 * control['D']['mean'], (warm['D'], control['D'])
+        assert warm['outputs with an answer'] > 0 and warm['D on the rows choosing the answer tokens']['n'] > 0

@@ -77,7 +77,11 @@ def mean(values: List[float]) -> float:
 
 
 def spread(values: List[float]) -> Dict[str, float]:
-    """Mean, sample standard deviation, lowest and highest of per-seed values."""
+    """Mean, sample standard deviation, lowest and highest of per-seed values (NaN left out).
+
+    >>> spread([0.01, 0.03, float('nan'), 0.02])
+    {'mean': 0.02, 'std': 0.01, 'min': 0.01, 'max': 0.03}
+    """
     values = [v for v in values if v == v]
     centre = mean(values)
     std = math.sqrt(sum((v - centre) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float('nan')
@@ -94,7 +98,11 @@ def running_mean(series: List[float], window: int = 0) -> List[float]:
 
 def same_step_gap(arms: Dict[str, Dict[str, List[float]]]) -> Dict[str, List[float]]:
     """Per metric, the weight-1 arm's value minus the weight-0 arm's at each step (both meet the same prompt there,
-    so the prompts' spread cancels)."""
+    so the prompts' spread cancels).
+
+    >>> same_step_gap({'weight 1': {'m': [0.5, 0.7]}, 'weight 0': {'m': [0.4, 0.7]}})['m']
+    [0.09999999999999998, 0.0]
+    """
     values_1, values_0 = (arms[a] for a in ARMS)
     return {k: [a - b for a, b in zip(values_1[k], values_0[k])] for k in values_1}
 

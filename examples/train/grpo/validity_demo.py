@@ -1,7 +1,7 @@
 """Does the attention reward follow the image's real use? Validation (Eq. 12-14) on the warm-started demo model.
 
     python examples/train/grpo/validity_demo.py [--output-dir output/validity] [--samples 4] [--prompts-per-step 4]
-        [--seed 0] [--json PATH]
+        [--seed 0] [--questions N] [--json PATH]
 
 The warm-started tiny Qwen2.5-VL of ``run_grpo_with_ddapo.sh --demo`` (``ddapo_demo.prepare``, built once and cached)
 answers colour and shape questions about the picture, so its answer word should depend on the image. For each of the
@@ -184,18 +184,21 @@ def main() -> None:
     parser.add_argument('--samples', type=int, default=4, help='completions per question')
     parser.add_argument('--prompts-per-step', type=int, default=4, help='questions per reward call (a GRPO step)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--questions', type=int, default=0, help='the first N questions only (0: all 32)')
     parser.add_argument('--json', default=None, help='where the numbers go (default: OUTPUT_DIR/validity.json)')
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     system = launcher_system_prompt()
     built = prepare(os.path.join(args.output_dir, 'demo'), system)
     rows = [json.loads(line) for line in open(built['DATASET'])]
+    rows = rows[:args.questions] if args.questions else rows
     models = {'warm-started': built['MODEL'],
               'before the warm start (control)': os.path.join(args.output_dir, 'demo', model_name())}
     results = {name: validate(path, rows, system, args, args.output_dir) for name, path in models.items()}
     path = args.json or os.path.join(args.output_dir, 'validity.json')
     with open(path, 'w') as f:
-        json.dump({'settings': vars(args), 'results': results}, f, indent=1)
+        settings = {k: getattr(args, k) for k in ('samples', 'prompts_per_step', 'seed', 'questions')}
+        json.dump({'settings': settings, 'results': results}, f, indent=1)
     for name, result in results.items():
         print(f'== {name}: {result["outputs"]} outputs')
         for key, value in result.items():

@@ -17,6 +17,10 @@ One reward call, file by file:
           --ddapo.core.scorer.group_variant--> R^grp (Eq. 8) / R^gate (Eq. 9) with DDAPO_REWARD=group / gated
           --ddapo.step_log.StepLogger--> the step's ddapo/* metrics; on logging steps the report under
                                          <output_dir>/ddapo/ (no extra forward)
+    validation steps (DDAPO_VALIDATE_STEPS=N, every N-th step): the scheduler also runs each unit on the masked
+          prompt (ddapo.core.validity.masked_prompt) and gives every output D_{i,t} (Eq. 12); each output's
+          OutputValidity (R^bal_i, D_i, Eq. 13) joins the one gather; the step log adds ddapo/validity/* (Eq. 14) and
+          the report's scatter and m^V-D plots. The rewards are computed exactly as on other steps.
     --> List[Optional[float]], by position
 
 Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch in ``swift_patches/`` provides
@@ -139,7 +143,7 @@ class DDAPOAttentionORM(ORM):
         if incomplete is not None:
             self._debug(report, incomplete, layers, None)
             raise RuntimeError(scheduler.incomplete_message(incomplete))
-        self._note_padding(call.padding, len(call.runs))
+        self._note_padding(call.padding, scheduler.last_forwards)
         # core: each output's reward from its captured sums
         samples = {}  # the report's outputs, by position
         validity, dependencies = {}, {}  # on validation steps: Eq. (12)-(14) and D_{i,t} per output, by position

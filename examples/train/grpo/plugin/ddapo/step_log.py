@@ -105,8 +105,9 @@ class StepLogger:
         config = self.config
         if not config.report or not config.report_samples or not main_process:
             return {}
-        if (not validate and self._last_report_step is not None
-                and step - self._last_report_step < logging_steps):
+        last = self._last_report_step
+        # one report per step (a step may call the reward more than once: gradient accumulation)
+        if last is not None and (step == last or (not validate and step - last < logging_steps)):
             return {}
         return {output.position: sample_title(outputs, output, k)
                 for k, output in enumerate(outputs[:config.report_samples])}

@@ -24,6 +24,9 @@ from ddapo.core.row import Row
 from ddapo.core.validity import masked_prompt, token_visual_dependency
 
 
+VALIDATION_ROWS = 128  # rows per chunk of Eq. (12): 128 x 152k-token vocabularies, ~75 MiB per float32 temporary
+
+
 @dataclass
 class Output:
     """One completion of the reward call, encoded: ``position`` in the call's completions, its row, the template's
@@ -183,10 +186,15 @@ class ForwardScheduler:
             run.dependencies, run.validation_detail = [None] * len(run.unit), masked
             return
         first = captured.logits_from
-        run.dependencies = [
-            token_visual_dependency(logits[0, r.start - first:r.stop - first],
-                                    masked[0, r.start - first:r.stop - first]).cpu()
-            if run.complete else None for r in (c.rows for c in captured.capture.captures)]
+
+        def dependency(rows: range) -> torch.Tensor:
+            # in chunks of rows: the float32 log-probabilities of a chunk are its only full-vocabulary temporaries
+            parts = [token_visual_dependency(logits[0, a - first:min(a + VALIDATION_ROWS, rows.stop) - first],
+                                             masked[0, a - first:min(a + VALIDATION_ROWS, rows.stop) - first])
+                     for a in range(rows.start, rows.stop, VALIDATION_ROWS)]
+            return torch.cat(parts).cpu() if parts else torch.zeros(0)
+
+        run.dependencies = [dependency(c.rows) if run.complete else None for c in captured.capture.captures]
         if not run.complete:
             run.validation_detail = 'the reward forward did not capture L_att'
 
