@@ -183,7 +183,7 @@ def render_dependency_plot(tokens: Sequence[str], m_vis: Sequence[float], depend
     if labels:
         axis.set_xticks([t for t, _ in labels])
         axis.set_xticklabels([label for _, label in labels], rotation=90, fontsize=7)
-    axis.set_xlabel('generated token t')
+    axis.set_xlabel("generated token t (D at t: the image's effect on predicting token t + 1)")
     handles = axis.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
     axis.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc='upper right')
