@@ -18,7 +18,7 @@ from ddapo.engine.scheduler import ForwardScheduler
 from ddapo.ms_swift.encoding import SystemTurns, encode_completion
 from ddapo.ms_swift.forward_env import policy_forward
 from ddapo.reward import DDAPOAttentionORM
-from test_reward import naive_token_text_mass
+from test_reward import naive_token_text_mass, rows_of
 from test_scheduler import output
 
 
@@ -334,10 +334,6 @@ def sharp_policy(request, tiny_model_dir, tmp_path_factory):
     policy.template.remove_post_encode_hook()
 
 
-def rows_of(columns):
-    return [Row({k: v[i] for k, v in columns.items()}) for i in range(len(columns['messages']))]
-
-
 class TestValidityEqualsNaive:
     """Single process, Qwen2.5-VL and Qwen3.5: on a validation step the reward's D_{i,t}, D_i, within-output Spearman,
     rho_out, rho_tok and mean D equal two plain forwards, torch's KL and a rank correlation written here; for every
@@ -395,11 +391,10 @@ def assert_dump_matches_naive(policy, dump_dir, ranks=(0, 1), first_rows=None):
     """The first step of a real run, dumped by every rank (tests/plugins/ddapo_test_hooks.py), against the naive
     numbers of the same rows in this process: each scored row's D_{i,t}, D_i and within-output Spearman; and the
     step's rho_out, rho_tok and mean D over every rank's rows (the gathered statistics, the same on every rank)."""
-    import json
-    import os
+    from test_deepspeed import dumped_rows
     rows, validity, dependencies, metrics = [], {}, {}, []
     for rank in ranks:
-        dumped = [json.loads(line) for line in open(os.path.join(dump_dir, f'rank{rank}.jsonl'))]
+        dumped = dumped_rows(dump_dir, rank)
         first = dumped[:first_rows] if first_rows else [d for d in dumped if d['validity_metrics'] ==
                                                         dumped[0]['validity_metrics']]
         metrics.append(first[0]['validity_metrics'])

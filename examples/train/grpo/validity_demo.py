@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, 'plugin'))
-from ablation_ddapo_weight import launcher_system_prompt  # noqa: E402
+from ablation_ddapo_weight import launcher_system_prompt, spread  # noqa: E402
 from ddapo_demo import MODEL_TYPE, model_name, prepare  # noqa: E402
 
 
@@ -85,11 +85,11 @@ def answer_mask(tokens: List[str]) -> List[bool]:
 
 
 def describe(values: List[float]) -> Dict[str, float]:
-    values = [v for v in values if v == v]
-    n = len(values)
-    mean = sum(values) / n if n else float('nan')
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float('nan')
-    return {'n': n, 'mean': mean, 'std': std, 'stderr': std / math.sqrt(n) if n > 1 else float('nan')}
+    """Count, mean, standard deviation and standard error of the defined values (`spread`'s mean and deviation)."""
+    n = sum(v == v for v in values)
+    summary = spread(values)
+    return {'n': n, 'mean': summary['mean'], 'std': summary['std'],
+            'stderr': summary['std'] / math.sqrt(n) if n > 1 else float('nan')}
 
 
 def validate(model_dir: str, rows: List[Dict], system: str, args, output_dir: str) -> Dict:

@@ -67,7 +67,7 @@ UNDEFINED = {
 def output_validity_of(scored: Scored, dependency) -> OutputValidity:
     """An output's part of Eq. (12)-(14) on a validation step: its ``R^bal_i`` (Eq. 7, whatever ``DDAPO_REWARD``),
     ``m^V_{i,t} = 1 - m^T_{i,t}`` and ``D_{i,t}``; left out without a defined ``R^bal_i`` or without ``D_{i,t}``."""
-    if scored.reward is None or scored.diagnostics.scores is None:
+    if scored.diagnostics.scores is None:  # no R^bal_i (notation section 4)
         return OutputValidity.left_out('reward_not_applicable')
     if dependency is None:
         return OutputValidity.left_out('out_of_memory')
