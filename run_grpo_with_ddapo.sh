@@ -86,10 +86,11 @@ else
   ROLLOUT=${ROLLOUT:-vllm}
 fi
 # Rollouts: vLLM (colocate: an engine on each training GPU; server: `swift rollout` on GPUs of its own) or Transformers
-# generate. The reward never reads the rollout's attention: it runs its own forward of the trainer model afterwards.
+# generate. The reward never reads the rollout's attention: it reads the trainer model's, inside the old log-prob
+# forward GRPO runs anyway (DDAPO_FORWARD=auto; needs --lora_dropout 0, below), or in a forward of its own.
 VLLM_MODE=${VLLM_MODE:-colocate}
-# colocate: level 1 moves vLLM's weights to CPU and frees its KV cache while the policy trains and the reward's own
-# forward runs, so that forward gets the memory the KV cache held (0 keeps both on the GPU, 2 frees both).
+# colocate: level 1 moves vLLM's weights to CPU and frees its KV cache while the policy trains and the log-prob forwards
+# run, so they get the memory the KV cache held (0 keeps both on the GPU, 2 frees both).
 SLEEP_LEVEL=${SLEEP_LEVEL:-1}
 VLLM_GPU_MEMORY_UTILIZATION=${VLLM_GPU_MEMORY_UTILIZATION:-0.4}
 VLLM_MAX_MODEL_LEN=${VLLM_MAX_MODEL_LEN:-$((MAX_LENGTH + MAX_COMPLETION_LENGTH))}
@@ -126,6 +127,7 @@ CMD=("${SWIFT[@]}" rlhf
   --reward_funcs $REWARD_FUNCS
   --system "$SYSTEM_PROMPT"
   --tuner_type lora --lora_rank "$LORA_RANK" --lora_alpha "$((LORA_RANK * 2))" --target_modules all-linear
+  --lora_dropout 0  # the old log-prob forward runs in train mode: without dropout the reward reads it for free
   --torch_dtype "$TORCH_DTYPE"
   --num_generations "$NUM_GENERATIONS"
   --per_device_train_batch_size "$BATCH_SIZE"

@@ -41,13 +41,19 @@ class TestDDAPOConfig:
     def test_describe(self):
         assert DDAPOConfig(debug=False).describe() == (
             'DDAPO_DEBUG=False, DDAPO_REPORT=True, DDAPO_REPORT_SAMPLES=2, DDAPO_STRICT=False, DDAPO_REWARD=balance, '
-            'DDAPO_SIGMA=1.0, DDAPO_GATE_REWARD=, DDAPO_LAYERS=last:8, DDAPO_ATTENTION=shared, DDAPO_PACK_TOKENS=8192, '
+            'DDAPO_SIGMA=1.0, DDAPO_GATE_REWARD=, DDAPO_LAYERS=last:8, DDAPO_FORWARD=auto, DDAPO_ATTENTION=shared, '
+            'DDAPO_PACK_TOKENS=8192, '
             'DDAPO_TOKEN_WEIGHTS=False, DDAPO_TOKEN_WEIGHT_CLIP=0.2,3.0, DDAPO_TOKEN_WEIGHT_SIGMA=0.0, '
             'DDAPO_VALIDATE_STEPS=0')
 
     def test_paths(self):
         config = DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Eager', 'DDAPO_PACK_TOKENS': '4096'})
-        assert (config.attention, config.pack_tokens) == ('eager', 4096)
+        assert (config.forward, config.attention, config.pack_tokens) == ('auto', 'eager', 4096)
+        assert DDAPOConfig.from_env({'DDAPO_FORWARD': 'Old_Logps'}).forward == 'old_logps'
+        # the reward's own forwards read DDAPO_ATTENTION: under old_logps only on validation steps
+        config = DDAPOConfig.from_env({'DDAPO_FORWARD': 'old_logps', 'DDAPO_ATTENTION': 'eager',
+                                       'DDAPO_VALIDATE_STEPS': '2'})
+        assert (config.forward, config.attention) == ('old_logps', 'eager')
 
     def test_variants(self):
         config = DDAPOConfig.from_env({'DDAPO_REWARD': 'Gated', 'DDAPO_GATE_REWARD': 'answer_match',
@@ -62,6 +68,7 @@ class TestDDAPOConfig:
         ({'DDAPO_LAYERS': 'first:3'}, r"DDAPO_LAYERS='first:3'"),
         ({'DDAPO_REWARD': 'gated'}, r'DDAPO_REWARD=gated needs DDAPO_GATE_REWARD'),
         ({'DDAPO_ATTENTION': 'flash'}, r"DDAPO_ATTENTION='flash'.*allowed values: shared, rows, eager"),
+        ({'DDAPO_FORWARD': 'trainer'}, r"DDAPO_FORWARD='trainer'.*allowed values: auto, old_logps, own"),
         ({'DDAPO_PACK_TOKENS': '0'}, r"DDAPO_PACK_TOKENS='0'.*integer >= 1"),
         ({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1.5,3'}, r"'1.5,3'.*0 <= LOW <= 1 <= HIGH"),
         ({'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '0.2,0.9'}, r"'0.2,0.9'.*0 <= LOW <= 1 <= HIGH"),
@@ -93,6 +100,8 @@ class TestTokenWeightSettings:
         ({'DDAPO_TOKEN_WEIGHTS': '0', 'DDAPO_TOKEN_WEIGHT_SIGMA': '1'}, 'DDAPO_TOKEN_WEIGHT_SIGMA is set'),
         ({'DDAPO_SIGMA': '0.5'}, 'DDAPO_SIGMA is set but has no effect without DDAPO_REWARD=group or gated'),
         ({'DDAPO_REWARD': 'group', 'DDAPO_GATE_REWARD': 'answer_match'}, 'DDAPO_GATE_REWARD is set but has no effect'),
+        ({'DDAPO_FORWARD': 'old_logps', 'DDAPO_ATTENTION': 'rows'},
+         'DDAPO_ATTENTION is set but has no effect without DDAPO_FORWARD=auto or own, or DDAPO_VALIDATE_STEPS'),
     ])
     def test_setting_without_effect(self, environ, message):
         with pytest.raises(ValueError, match=message):

@@ -72,18 +72,20 @@ def dumped_rows(dump_dir, rank):
 
 
 class TestZero:
-    """ZeRO-3 and ZeRO-2, two CPU processes: the run finishes, under ZeRO-3 a rank runs a padding forward (under ZeRO-2
-    none, while the ranks' forward counts differ), the rewards are logged; ZeRO-3 validates every step
-    (DDAPO_VALIDATE_STEPS=1), so its lockstep counts the masked-prompt forwards too;
-    and the first step's rewards (taken before any update) equal what the same rows score in one process (fp32,
-    1e-5). Edge case: text-only rows (None) on one rank while the other scores images."""
+    """ZeRO-3 and ZeRO-2, two CPU processes: the run finishes, the rewards are logged, and the first step's rewards
+    (taken before any update) equal what the same rows score in one process with the reward's own forward (fp32,
+    1e-5). ZeRO-3 reads attention inside the old log-prob forward (DDAPO_FORWARD=auto) and validates every second
+    step (DDAPO_VALIDATE_STEPS=2): on steps 1 and 3 no rank runs a forward of its own (no padding either); on step
+    2 the reward runs its own forwards (the validity pair), and a rank runs padding forwards so that the ranks' totals
+    are equal. ZeRO-2 runs the reward's own forwards (DDAPO_FORWARD=own): no padding forwards, while the ranks'
+    forward counts differ. Edge case: text-only rows (None) on one rank while the other scores images."""
 
     @pytest.mark.parametrize('stage, port', [('zero3', 29541), ('zero2', 29543)])
     def test_run(self, stage, port, tiny_model_dir, alternating_dataset, tmp_path):
         model_dir = tiny_model_dir('qwen2_5_vl')
         dump = str(tmp_path / 'dump')
-        # ZeRO-3 validates every step: the masked-prompt forwards count in the lockstep (two per unit)
-        validate = {'DDAPO_VALIDATE_STEPS': '1'} if stage == 'zero3' else {}
+        # ZeRO-3 validates every second step: the masked-prompt forwards count in the lockstep (two per unit)
+        validate = {'DDAPO_VALIDATE_STEPS': '2'} if stage == 'zero3' else {'DDAPO_FORWARD': 'own'}
         process, log_path = launch(model_dir, alternating_dataset, str(tmp_path), stage, port,
                                    {'TEST_DDAPO_DUMP_DIR': dump, **validate})
         try:
@@ -97,13 +99,16 @@ class TestZero:
         padding = [row['padding_forwards'] for rank in (0, 1) for row in calls[rank]]
         if stage == 'zero3':  # a forward gathers the sharded parameters: the ranks run as many forwards
             assert sum(padding) > 0, 'no rank ran a padding forward: the test would not show the lockstep'
-            # every step a validation step: each unit and each padding unit is two forwards, the ranks' totals equal
-            assert all(row['forwards'] % 2 == 0 and row['padding_forwards'] % 2 == 0 for r in (0, 1) for row in calls[r])
-            totals = [(r0['forwards'] + r0['padding_forwards'], r1['forwards'] + r1['padding_forwards'])
-                      for r0, r1 in zip(calls[0], calls[1])]
-            assert all(a == b for a, b in totals), totals
-            assert all(row['validity_metrics']['ddapo/validity/n'] >= 1 for r in (0, 1) for row in calls[r]
-                       if row['validity_metrics'])
+            assert len(calls[0]) == len(calls[1]) == 6, calls  # 2 rows per rank and step
+            for k in range(3):
+                rows = calls[0][2 * k:2 * k + 2] + calls[1][2 * k:2 * k + 2]
+                if k == 1:  # step 2 validates: each unit and each padding unit is two forwards, the totals equal
+                    assert all(row['forwards'] % 2 == 0 and row['padding_forwards'] % 2 == 0 for row in rows)
+                    assert rows[0]['forwards'] + rows[0]['padding_forwards'] == \
+                        rows[2]['forwards'] + rows[2]['padding_forwards'], rows
+                    assert all(row['validity_metrics']['ddapo/validity/n'] >= 1 for row in rows)
+                else:  # read inside the old log-prob forward: no forward of the reward's own, no padding
+                    assert all(row['forwards'] == row['padding_forwards'] == 0 for row in rows), rows
         else:  # ZeRO-2 does not shard parameters: each rank runs its own forwards, and the run does not hang
             assert sum(padding) == 0, padding
             forwards = [(r0['forwards'], r1['forwards']) for r0, r1 in zip(calls[0], calls[1])]
@@ -134,8 +139,9 @@ def assert_rescored(model_dir, dump, output_dir):
 class TestTwoNodes:
     """Two nodes of one process each, on loopback: two `swift rlhf` processes with NNODES=2, NODE_RANK 0 and 1,
     MASTER_ADDR=127.0.0.1 (ms-swift's launcher hands them to torchrun, as run_grpo_with_ddapo.sh exports them),
-    DeepSpeed ZeRO-3 over gloo, image and text-only prompts mixed. Both nodes finish, a rank runs padding forwards,
-    and the first step's rewards equal one-process re-scoring (1e-5)."""
+    DeepSpeed ZeRO-3 over gloo, image and text-only prompts mixed. Both nodes finish; the attention is read inside the
+    old log-prob forward, so no rank runs a forward of its own or a padding forward; and the first step's rewards
+    equal one-process re-scoring with the reward's own forward (1e-5)."""
 
     def test_two_nodes(self, tiny_model_dir, alternating_dataset, tmp_path):
         model_dir = tiny_model_dir('qwen2_5_vl')
@@ -166,21 +172,23 @@ class TestTwoNodes:
             assert node.returncode == 0, text[-5000:]
         assert "'stage': 3" in texts[0] and '--nnodes 2' in texts[0] and '--node_rank 1' in texts[1], texts[1][:3000]
         calls = {rank: dumped_rows(dump, rank) for rank in (0, 1)}  # global ranks 0 (node 0) and 1 (node 1)
-        assert sum(row['padding_forwards'] for rank in (0, 1) for row in calls[rank]) > 0
+        assert all(row['forwards'] == row['padding_forwards'] == 0 for rank in (0, 1) for row in calls[rank])
+        assert 'attention read: old_logps (DDAPO_FORWARD=auto)' in texts[0]
         _, means = logged_means(str(tmp_path / 'node0'))
         assert means and all(0.0 <= m <= 1.0 for m in means), means
         assert_rescored(model_dir, dump, str(tmp_path / 'one_process'))
 
 
 class TestLockstepCanFail:
-    """The same ZeRO-3 run with the padding forwards skipped (TEST_DDAPO_SKIP_PADDING=1 of tests/plugins) hangs: the
+    """The same ZeRO-3 run, with the reward's own forwards (DDAPO_FORWARD=own) and the padding forwards skipped
+    (TEST_DDAPO_SKIP_PADDING=1 of tests/plugins), hangs: the
     rank with fewer forwards waits in a collective the other never joins. Detected within a bounded time: after the
     first skipped padding forward the run has not finished and its log has not grown for 20 s (a running step
     writes its progress every few seconds; a whole normal run takes 40 to 55 s here), and it is killed."""
 
     def test_hangs_without_padding(self, tiny_model_dir, alternating_dataset, tmp_path):
         process, log_path = launch(tiny_model_dir('qwen2_5_vl'), alternating_dataset, str(tmp_path), 'zero3', 29545,
-                                   {'TEST_DDAPO_SKIP_PADDING': '1'})
+                                   {'TEST_DDAPO_SKIP_PADDING': '1', 'DDAPO_FORWARD': 'own'})
         skipped_at, size, grew_at = None, -1, time.monotonic()
         try:
             deadline = time.monotonic() + 400

@@ -56,6 +56,8 @@ class TestDryRun:
         assert flag(argv, '--external_plugins') == [PLUGIN]
         assert flag(argv, '--reward_funcs') == ['ddapo_attention', 'format', 'answer_match']
         assert flag(argv, '--deepspeed') == ['zero2'] and flag(argv, '--tuner_type') == ['lora']
+        # no LoRA dropout: the reward reads attention inside the old log-prob forward (DDAPO_FORWARD=auto)
+        assert flag(argv, '--lora_dropout') == ['0']
         assert flag(argv, '--model') == ['Qwen/Qwen2.5-VL-3B-Instruct']
         generations, per_gpu = int(flag(argv, '--num_generations')[0]), int(flag(argv, '--per_device_train_batch_size')[0])
         assert (2 * per_gpu) % generations == 0, 'the generation batch must hold whole groups'

@@ -166,6 +166,9 @@ class TestRewardPaths:
             assert rewards == pytest.approx(eager, abs=1e-5)
         assert eager == pytest.approx(naive, abs=1e-5)
         assert len(set(round(r, 6) for r in eager if r is not None)) >= 6  # outputs differ
+        # the metrics agree, but the forwards the reward ran itself, which are what the forward hook counted
+        for orm, calls in ((eager_orm, eager_calls), (rows_orm, rows_calls), (shared_orm, shared_calls)):
+            assert orm.last_metrics.pop('ddapo/own_forwards') == calls
         for orm in (rows_orm, shared_orm):
             assert orm.last_metrics == pytest.approx(eager_orm.last_metrics, abs=1e-5, nan_ok=True)
 

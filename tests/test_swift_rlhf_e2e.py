@@ -30,7 +30,7 @@ def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl
            '--model_type', model_type, '--template', FAMILIES[model_type].template, '--check_model', 'false',
            '--use_vllm', 'false',
            '--external_plugins', *plugins, '--reward_funcs', 'ddapo_attention', '--dataset', dataset,
-           '--tuner_type', 'lora', '--torch_dtype', 'float32', '--num_generations', '2',
+           '--tuner_type', 'lora', '--lora_dropout', '0', '--torch_dtype', 'float32', '--num_generations', '2',
            '--per_device_train_batch_size', '4', '--max_completion_length', '8', '--logging_steps', '1',
            '--output_dir', output_dir, '--report_to', 'none', '--dataloader_num_workers', '0', '--save_strategy', 'no',
            '--seed', '1', *extra]
@@ -66,6 +66,14 @@ def logged_means(output_dir):
 FAMILY_TYPES = ('qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe')
 TOKEN_WEIGHT_ARGS = ['--max_steps', '2', '--save_strategy', 'steps', '--save_steps', '2', '--save_only_model', 'true',
                      '--lr_scheduler_type', 'constant', '--learning_rate', '1e-3']
+# The same seeded run under DDAPO_FORWARD=auto (old_logps) and own, with ddapo_attention weighted 0 and another reward
+# steering (test_steer, from the test hooks), two micro-batches per generation, text-only rows mixed in; GRPO's old
+# log-probs and every row's reward dumped.
+FORWARD_ARGS = ['--max_steps', '3', '--gradient_accumulation_steps', '2', '--reward_funcs', 'ddapo_attention',
+                'test_steer', '--reward_weights', '0', '1']
+FORWARD_DUMPS = {'TEST_DDAPO_DUMP_DIR': 'dump', 'TEST_DDAPO_OLD_LOGPS_DUMP': 'old_logps'}
+# the trainer's attention implementation -> (model type, extra arguments)
+FORWARD_PAIRS = {'sdpa': ('qwen2_5_vl', []), 'eager': ('qwen3_5', ['--tuner_type', 'full', '--attn_impl', 'eager'])}
 # Every swift rlhf run of this module: name -> (model type, dataset, extra arguments, environment).
 RUNS = {
     'grpo': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {}),
@@ -78,9 +86,11 @@ RUNS = {
         'qwen2_5_vl', 'mixed', ['--max_steps', '2', '--tuner_type', 'full', '--gradient_checkpointing', 'false'],
         {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}),
     'qwen2_vl_max_length': ('qwen2_vl', 'mixed', ['--max_steps', '2', '--max_length', '40'], {}),
-    # the same seed and data with and without validation steps (every second step), rewards dumped per row
-    'validate_off': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump'}),
-    'validate_on': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump',
+    # the same seed and data with and without validation steps (every second step), rewards dumped per row; both with
+    # the reward's own forwards (validation steps always run them), so that only the validation differs
+    'validate_off': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump',
+                                                                    'DDAPO_FORWARD': 'own'}),
+    'validate_on': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump', 'DDAPO_FORWARD': 'own',
                                                                    'DDAPO_VALIDATE_STEPS': '2'}),
     # two ranks on CPU need DeepSpeed with the test shim: plain DDP there trains each process alone (docs/scale.md)
     'two_processes': ('qwen2_5_vl', 'mixed', ['--max_steps', '2', '--deepspeed', 'zero2', '--fp16', 'false',
@@ -88,6 +98,9 @@ RUNS = {
                       {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DS_ACCELERATOR': 'cpu',
                        'DDAPO_TOKEN_WEIGHTS': '1', 'TEST_DDAPO_DUMP_DIR': 'dump'}),
     **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES},
+    **{f'forward_{path}_{impl}': (model_type, 'mixed', FORWARD_ARGS + extra,
+                                  {**FORWARD_DUMPS, **({'DDAPO_FORWARD': 'own'} if path == 'own' else {})})
+       for impl, (model_type, extra) in FORWARD_PAIRS.items() for path in ('auto', 'own')},
 }
 
 
@@ -98,6 +111,7 @@ def runs_of(item) -> list:
     return {'TestTrainingVariants': [params.get('variant')], 'TestModelFamilies': [f"family_{params.get('model_type')}"],
             'TestSwiftRlhfGrpo': ['grpo'],
             'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted'],
+            'TestForwardPath': [f"forward_{p}_{params.get('implementation')}" for p in ('auto', 'own')],
             'TestValidationRun': ['validate_off', 'validate_on']}.get(name, [])
 
 
@@ -173,6 +187,7 @@ class TestSwiftRlhfGrpo:
         assert result.returncode == 0, log[-5000:]
         assert '[DDAPO] ms-swift GRPO reward-kwargs patch: applied' in log
         assert '[DDAPO] completions from: Transformers generate (--use_vllm false)' in log
+        assert "[DDAPO] attention read: old_logps (DDAPO_FORWARD=auto): attention read inside ms-swift's" in log
         assert '[DDAPO_DEBUG] layers captured: 4 of 4' in log
         assert 'reward is None (no_vision_keys)' in log
         assert 'All reward functions returned None' in log  # the all-None row path ran and did not crash
@@ -180,6 +195,8 @@ class TestSwiftRlhfGrpo:
         assert len(means) >= 2, records
         assert all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
+        own_forwards = [r['ddapo/own_forwards'] for r in records if 'ddapo/own_forwards' in r]
+        assert len(own_forwards) >= len(means) and set(own_forwards) == {0.0}, own_forwards  # every step
 
         # ddapo/* diagnostics from the same forward, in the trainer's own log
         scored = [r for r in records if 'ddapo/M_V/mean' in r]
@@ -196,6 +213,7 @@ class TestSwiftRlhfGrpo:
         assert len(reports) == 1, reports
         text = open(reports[0]).read()
         assert text.startswith('# DDAPO report\n\n- completions from: Transformers generate'), text[:300]
+        assert '- attention read: old_logps (DDAPO_FORWARD=auto)' in text[:600]
         assert text.count('## step ') >= 2 and 'm^V per generated token:' in text
         assert glob.glob(os.path.join(os.path.dirname(reports[0]), '*_image0.png'))
 
@@ -330,8 +348,8 @@ class TestTrackers:
 
 
 class TestValidationRun:
-    """DDAPO_VALIDATE_STEPS=2 in a real run (LoRA, image and text-only prompts, 4 steps) against the same run without
-    it (same seed and data): every reward of every step is the same, bit for bit (the extra forward never changes a
+    """DDAPO_VALIDATE_STEPS=2 in a real run (LoRA, image and text-only prompts, 4 steps, DDAPO_FORWARD=own) against the
+    same run without it (same seed and data): every reward of every step is the same, bit for bit (the extra forward never changes a
     reward, nor what the run samples next); steps 2 and 4 log ddapo/validity/* (D > 0, the correlations in [-1, 1],
     n the scored outputs) and write the scatter and the m^V-D plots, steps 1 and 3 none."""
 
@@ -407,3 +425,64 @@ class TestTokenWeightsRun:
         unit, _ = logged_means(outputs['unit'])
         assert all(r['ddapo/token_weight/min'] == r['ddapo/token_weight/max'] == 1.0
                    for r in unit if 'ddapo/token_weight/min' in r)
+
+
+def old_logps_records(output_dir):
+    """GRPO's old_per_token_logps and completion mask, per micro-batch, as the test hooks dumped them."""
+    return [json.loads(line) for line in open(os.path.join(output_dir, 'old_logps.rank0'))]
+
+
+def steps_of(output_dir):
+    """``{step: logged record}`` of the training steps in logging.jsonl."""
+    return {int(r['global_step/max_steps'].split('/')[0]): r for r in logged_means(output_dir)[0]
+            if 'global_step/max_steps' in r and 'loss' in r}
+
+
+class TestForwardPath:
+    """DDAPO_FORWARD=auto (which takes old_logps here: LoRA with --lora_dropout 0, or full tuning) against own, in the
+    same seeded run with ddapo_attention weighted 0 and test_steer steering, two micro-batches per generation,
+    text-only rows mixed in, 3 steps; the trainer on sdpa (Qwen2.5-VL, LoRA) and on eager (the hybrid Qwen3.5, full
+    tuning). GRPO is unchanged: the old log-probs GRPO recorded and the logged loss are identical bit for bit, step by
+    step, and so are the completions. The rewards are the same: every row's reward equals the own path's (1e-5), the
+    text-only rows are None on both, and the first step's equal the naive eager computation (fp32, 1e-5). The reward
+    ran no forward of its own under old_logps (ddapo/own_forwards 0, > 0 under own), and the log says which path."""
+
+    @pytest.mark.parametrize('implementation', list(FORWARD_PAIRS))
+    def test_grpo_unchanged(self, implementation, runs):
+        (auto, auto_result), (own, own_result) = (runs.result(f'forward_{p}_{implementation}') for p in ('auto', 'own'))
+        for result in (auto_result, own_result):
+            assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+        assert "attention read: old_logps (DDAPO_FORWARD=auto)" in auto_result.stderr + auto_result.stdout
+        assert "attention read: own (DDAPO_FORWARD=own)" in own_result.stderr + own_result.stdout
+        old = [old_logps_records(d) for d in (auto, own)]
+        assert len(old[0]) == 6 and old[0] == old[1]  # 3 steps x 2 micro-batches, bit for bit
+        steps = [steps_of(d) for d in (auto, own)]
+        assert sorted(steps[0]) == [1, 2, 3]
+        assert [steps[0][k]['loss'] for k in (1, 2, 3)] == [steps[1][k]['loss'] for k in (1, 2, 3)]
+        assert [steps[0][k]['ddapo/own_forwards'] for k in (1, 2, 3)] == [0.0] * 3
+        assert all(steps[1][k]['ddapo/own_forwards'] > 0 for k in (1, 2, 3))
+
+    @pytest.mark.parametrize('implementation', list(FORWARD_PAIRS))
+    def test_same_rewards(self, implementation, runs, tiny_model_dir, tmp_path):
+        from test_reward import naive_reward
+        from conftest import make_policy
+        from ddapo.core.row import Row
+        dumps = [[json.loads(line) for line in open(os.path.join(runs.result(f'forward_{p}_{implementation}')[0],
+                                                                 'dump', 'rank0.jsonl'))] for p in ('auto', 'own')]
+        auto, own = dumps
+        assert len(auto) == len(own) == 24  # 3 steps x 8 completions
+        assert [r['response_token_ids'] for r in auto] == [r['response_token_ids'] for r in own]
+        assert [r['reward'] is None for r in auto] == [r['reward'] is None for r in own]
+        scored = [i for i, r in enumerate(auto) if r['reward'] is not None]
+        assert 0 < len(scored) < len(auto)  # image rows scored, text-only rows None
+        assert [auto[i]['reward'] for i in scored] == pytest.approx([own[i]['reward'] for i in scored], abs=1e-5)
+        assert all(r['forwards'] == 0 for r in auto) and all(r['forwards'] > 0 for r in own)
+        model_type = FORWARD_PAIRS[implementation][0]
+        policy = make_policy(tiny_model_dir(model_type), model_type, str(tmp_path))
+        try:
+            first = [i for i in scored if i < 8]
+            naive = [naive_reward(policy, Row({'messages': auto[i]['messages'], 'images': auto[i]['images'],
+                                               'response_token_ids': auto[i]['response_token_ids']})) for i in first]
+        finally:
+            policy.template.remove_post_encode_hook()
+        assert first and [auto[i]['reward'] for i in first] == pytest.approx(naive, abs=1e-5)

@@ -52,7 +52,7 @@ def vllm_command(model_dir, model_type, dataset, output_dir, extra):
             '--vllm_max_model_len', '1024', '--vllm_gpu_memory_utilization', '0.3',
             '--external_plugins', PLUGIN, os.path.join(ROOT, 'examples', 'train', 'grpo', 'vllm_cpu_weights.py'),
             os.path.join(VLLM_CPU, 'weight_probe.py'), TEST_HOOKS,
-            '--reward_funcs', 'ddapo_attention', 'format', 'answer_match', '--dataset', dataset,
+            '--reward_funcs', 'ddapo_attention', 'format', 'answer_match', '--dataset', dataset, '--lora_dropout', '0',
             '--torch_dtype', 'float32', '--num_generations', '2', '--per_device_train_batch_size', '4',
             '--max_completion_length', '8', '--max_steps', '2', '--logging_steps', '1', '--output_dir', output_dir,
             '--report_to', 'none', '--dataloader_num_workers', '0', '--save_strategy', 'no', '--seed', '1', *extra]
@@ -101,8 +101,10 @@ def dumped(output_dir):
 
 class TestColocate:
     """vLLM colocate, 2 steps each, on image prompts: LoRA and full tuning with --offload_model /
-    --offload_optimizer on Qwen2.5-VL (float32), and LoRA on the hybrid Qwen3.5 (bfloat16). The run finishes; the start log and the report's header name the rollout engine; the
-    ddapo_attention rewards are finite, in [0, 1] and vary, beside format and answer_match. (--sleep_level 1 / 2: vLLM's CPU build refuses sleep mode, "Sleep mode is not supported on current
+    --offload_optimizer on Qwen2.5-VL (float32), and LoRA on the hybrid Qwen3.5 (bfloat16), --lora_dropout 0. The run
+    finishes; the start log and the report's header name the rollout engine; the attention is read inside the old
+    log-prob forward (DDAPO_FORWARD=auto takes old_logps; ddapo/own_forwards 0); the ddapo_attention rewards are finite,
+    in [0, 1] and vary, beside format and answer_match. (--sleep_level 1 / 2: vLLM's CPU build refuses sleep mode, "Sleep mode is not supported on current
     platform", so they are for GPUs.)"""
 
     @pytest.mark.parametrize('name', list(RUNS))
@@ -114,7 +116,9 @@ class TestColocate:
         assert '[DDAPO] completions from: vLLM, colocate mode (--sleep_level 0' in log, log[-3000:]
         captured = '3 of 3' if RUNS[name][0] == 'qwen3_5' else '4 of 4'
         assert f'[DDAPO_DEBUG] layers captured: {captured}' in log
+        assert '[DDAPO] attention read: old_logps (DDAPO_FORWARD=auto)' in log
         records, means = logged_means(output_dir)
+        assert [r['ddapo/own_forwards'] for r in records if 'ddapo/own_forwards' in r] == [0.0, 0.0], records
         assert means and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         stds = [r['rewards/DDAPOAttentionORM/std'] for r in records if 'rewards/DDAPOAttentionORM/std' in r]
         assert max(means) - min(means) > 1e-4 or max(stds) > 1e-4, (means, stds)
@@ -145,8 +149,8 @@ class TestColocate:
 
     @pytest.mark.parametrize('name', FLOAT32)
     def test_rewards_equal_one_process(self, name, vllm_runs, tmp_path):
-        """The first step's rewards (before any update) equal what the same rows score in this process, on the same
-        model without vLLM (fp32, 1e-5)."""
+        """The first step's rewards (before any update), read inside the old log-prob forward, equal what the same
+        rows score in this process with the reward's own forward, on the same model without vLLM (fp32, 1e-5)."""
         from ddapo.reward import DDAPOAttentionORM
         models, runs = vllm_runs
         model = models['qwen2_5_vl']

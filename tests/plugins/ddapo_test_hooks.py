@@ -5,11 +5,17 @@ is part of the product; each hook is switched on by its environment variable.
   ``DIR/rank<r>.jsonl`` (global rank): the row's messages, image paths and generated ids, its reward, the call's
   forwards and padding forwards, and on validation steps the row's Eq. (12)-(14) part, its ``D_{i,t}`` and the step's
   ``ddapo/validity/*`` metrics, so a test can re-score the rows in one process.
+- ``TEST_DDAPO_OLD_LOGPS_DUMP=FILE``: after every ``_prepare_batch_inputs`` of the GRPO trainer, append one JSON line
+  per micro-batch to ``FILE.rank<r>``: the ``old_per_token_logps`` GRPO recorded (float32 values, exact in JSON) and the
+  completion mask, so a test can compare two runs bit for bit.
+- ``orms['test_steer']``: a reward that varies with the completion (its first generated token id, in [0, 1)), to
+  steer a run in which ``ddapo_attention`` is weighted 0.
 - ``TEST_DDAPO_SKIP_PADDING=1``: this rank runs no padding forward. The forward-count gather still runs (every rank
   joins it); the scheduler then sees only this rank's count. Under ZeRO-3 a rank with fewer forwards then waits in a
   collective that the busier rank never joins: the hang the padding forwards prevent.
 """
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -19,6 +25,7 @@ from swift.rewards import orms
 from ddapo.engine import scheduler
 
 DUMP_DIR = os.environ.get('TEST_DDAPO_DUMP_DIR')
+OLD_LOGPS_DUMP = os.environ.get('TEST_DDAPO_OLD_LOGPS_DUMP')
 SKIP_PADDING = os.environ.get('TEST_DDAPO_SKIP_PADDING') == '1'
 
 
@@ -62,3 +69,39 @@ if DUMP_DIR:
     orms['ddapo_attention'].__call__ = _dump_after_call(orms['ddapo_attention'].__call__)
 if SKIP_PADDING:
     scheduler.ForwardScheduler.run = _run_without_padding(scheduler.ForwardScheduler.run)
+
+
+def _steer(completions, response_token_ids=None, **kwargs):
+    """A reward that differs between completions: ((first generated id * 7919) mod 101) / 101."""
+    rewards = []
+    for turns in response_token_ids or [[]] * len(completions):
+        ids = turns[-1] if turns and isinstance(turns[0], (list, tuple)) else turns
+        rewards.append(((ids[0] * 7919) % 101) / 101 if ids else 0.0)
+    return rewards
+
+
+class _Steer:
+    def __init__(self, args=None, **kwargs):
+        pass
+
+    def __call__(self, completions, **kwargs):
+        return _steer(completions, **kwargs)
+
+
+def _dump_old_logps(prepare):
+    @functools.wraps(prepare)  # keeps the old-logps patch's flag: the patch is still what runs inside
+    def dumped(self, samples):
+        batches = prepare(self, samples)
+        with open(f'{OLD_LOGPS_DUMP}.rank{self.accelerator.process_index}', 'a') as f:
+            for batch in batches:
+                grpo_batch = batch['grpo_batch']
+                f.write(json.dumps({'old_per_token_logps': grpo_batch.old_per_token_logps.float().tolist(),
+                                    'completion_mask': grpo_batch.completion_mask.int().tolist()}) + '\n')
+        return batches
+    return dumped
+
+
+orms['test_steer'] = _Steer
+if OLD_LOGPS_DUMP:
+    from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
+    GRPOTrainer._prepare_batch_inputs = _dump_old_logps(GRPOTrainer._prepare_batch_inputs)

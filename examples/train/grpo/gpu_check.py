@@ -4,15 +4,20 @@
     python examples/train/grpo/gpu_check.py --rollout hf vllm     # also the vLLM colocate arms (vLLM installed)
     python examples/train/grpo/gpu_check.py --model /data/Qwen2.5-VL-3B-Instruct --model-type qwen2_5_vl
     python examples/train/grpo/gpu_check.py --cpu                 # smoke test of the same logic, tiny model, CPU
+    python examples/train/grpo/gpu_check.py --cpu --cpu-size medium --completion-length 32 --steps 5   # CPU benchmark
 
-Every run uses the same seed, data and settings: bf16, LoRA, sdpa, DeepSpeed ZeRO-3 on one process, 8 generations
-of 384 tokens per prompt (``--cpu``: tiny sizes, float32, no DeepSpeed). Each rollout engine of ``--rollout`` (``hf``:
-Transformers generate; ``vllm``: vLLM colocate with ``--sleep_level 1``, for users who have vLLM installed) runs twice:
-``--reward_funcs ddapo_attention format`` and ``--reward_funcs format``. A small timing plugin, loaded after the
+Every run uses the same seed, data and settings: bf16, LoRA (``--lora_dropout 0``), sdpa, DeepSpeed ZeRO-3 on one
+process, 8 generations of 384 tokens per prompt (``--cpu``: float32, no DeepSpeed, the tiny model with 2 generations
+of 8 tokens, or with ``--cpu-size medium`` a 8-layer, 1024-wide Qwen2.5-VL with 4 generations of
+``--completion-length`` tokens). Each rollout engine of ``--rollout`` (``hf``: Transformers generate; ``vllm``: vLLM
+colocate with ``--sleep_level 1``, for users who have vLLM installed) runs three arms (`ARMS`): ``--reward_funcs
+format`` (no attention reward), then ``ddapo_attention format`` with ``DDAPO_FORWARD=own`` (a forward of its own) and
+with ``DDAPO_FORWARD=old_logps`` (read inside the old log-prob forward). A small timing plugin, loaded after the
 reward's own, times every ``ddapo_attention`` call (CUDA synchronised) and records the process's peak GPU memory. The
-table compares the median step time (first step left out: warm-up), the reward's share of the step, the peak memory,
-and whether the rewards are finite and vary. Exit status 1 when a run fails or the rewards are not finite or do not
-vary.
+table compares the median step time (first step left out: warm-up), what the reward adds to the step (against the
+arm without it: under old_logps the capture runs inside the old log-prob forward, outside the reward call), the reward
+call's share, the peak memory, and whether the rewards are finite and vary. Exit status 1 when a run fails or the
+rewards are not finite or do not vary.
 """
 import argparse
 import glob
@@ -31,9 +36,18 @@ sys.path.insert(0, HERE)
 from tiny_qwen_vl import FAMILIES  # noqa: E402  (each family's ms-swift template)
 PLUGIN = os.path.join(HERE, 'plugin', 'plugin.py')
 DDAPO_MEAN = 'rewards/DDAPOAttentionORM/mean'
-TARGET_OVERHEAD = 0.10  # the reward may take at most 10% of the GRPO step (3B, 8 x 384; with vLLM rollouts)
+# what the reward may add to a GRPO step (3B, 8 x 384; with vLLM rollouts where that arm ran), per arm
+TARGETS = {'own': 0.10, 'old_logps': 0.02}
 ROLLOUTS = ('hf', 'vllm')
-ARMS = ('without', 'with')  # ddapo_attention left out, ddapo_attention in
+# arm -> (reward functions, DDAPO_FORWARD): ddapo_attention left out; in, with a forward of its own; in, read inside
+# the old log-prob forward (old_logps is asked for explicitly: the run stops at start where it cannot be exact)
+ARMS = {'without': (['format'], None), 'own': (['ddapo_attention', 'format'], 'own'),
+        'old_logps': (['ddapo_attention', 'format'], 'old_logps')}
+# --cpu-size medium: a Qwen2.5-VL whose forwards dominate a CPU step (head dim 64, the tiny vision tower)
+MEDIUM_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=4,
+                   rope_parameters={'rope_type': 'default', 'mrope_section': [8, 12, 12], 'rope_theta': 1e6})
+MEDIUM_VISION = dict(out_hidden_size=1024)
 
 # Qwen2.5-VL-3B-Instruct's dimensions (its config.json), for a random-weight model of the same size.
 QWEN2_5_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -83,10 +97,13 @@ def _peak():
 '''
 
 
-def build_inputs(output_dir: str, cpu: bool, model: Optional[str]) -> Dict[str, str]:
+def build_inputs(output_dir: str, cpu: bool, model: Optional[str], cpu_size: str = 'tiny') -> Dict[str, str]:
     from tiny_qwen_vl import build_shapes_dataset, build_tiny_qwen_vl
     if model is None:
-        if cpu:
+        if cpu and cpu_size == 'medium':
+            model = build_tiny_qwen_vl(os.path.join(output_dir, 'medium-qwen2_5_vl'), 'qwen2_5_vl', qk_scale=2.0,
+                                       text_size=MEDIUM_TEXT, vision_size=MEDIUM_VISION)
+        elif cpu:
             model = build_tiny_qwen_vl(os.path.join(output_dir, 'tiny-qwen2_5_vl'), 'qwen2_5_vl')
         else:
             model = build_tiny_qwen_vl(os.path.join(output_dir, 'random-qwen2_5_vl-3b'), 'qwen2_5_vl', qk_scale=4.0,
@@ -115,7 +132,10 @@ def rollout_arguments(rollout: str, cpu: bool, completion_length: int) -> List[s
 
 
 def command(inputs: Dict[str, str], args, reward_funcs: List[str], output_dir: str, rollout: str = 'hf') -> List[str]:
-    if args.cpu:
+    if args.cpu and args.cpu_size == 'medium':
+        size = ['--torch_dtype', 'float32', '--num_generations', '4', '--per_device_train_batch_size', '4',
+                '--max_completion_length', str(args.completion_length)]
+    elif args.cpu:
         size = ['--torch_dtype', 'float32', '--num_generations', '2', '--per_device_train_batch_size', '2',
                 '--max_completion_length', '8']
     else:
@@ -130,7 +150,7 @@ def command(inputs: Dict[str, str], args, reward_funcs: List[str], output_dir: s
             '--check_model', 'false', *rollout_arguments(rollout, args.cpu, args.completion_length),
             '--attn_impl', 'sdpa', '--external_plugins', *plugins, '--reward_funcs', *reward_funcs,
             '--dataset', inputs['dataset'], '--tuner_type', 'lora', '--lora_rank', '16', '--target_modules',
-            'all-linear', *size, '--temperature', '1.0', '--max_steps', str(args.steps), '--logging_steps', '1',
+            'all-linear', '--lora_dropout', '0', *size, '--temperature', '1.0', '--max_steps', str(args.steps), '--logging_steps', '1',
             '--learning_rate', '1e-5', '--seed', '1', '--save_strategy', 'no', '--report_to', 'none',
             '--dataloader_num_workers', '0', '--output_dir', output_dir]
 
@@ -164,29 +184,34 @@ def table(device: str, runs: Dict[str, Dict]) -> List[str]:
         return 'n/a' if value is None else f'{value:.3f}{unit}'
 
     names = {'hf': 'HF generate', 'vllm': 'vLLM colocate'}
+    labels = {'without': 'no ddapo_attention', 'own': 'ddapo_attention, own forward',
+              'old_logps': 'ddapo_attention, old_logps'}
     keys = [(r, a) for r in ROLLOUTS for a in ARMS if (r, a) in runs]
     rows = [f'GPU check on {device}', '',
-            '| measure | ' + ' | '.join(f'{names[r]}, {a} ddapo_attention' for r, a in keys) + ' |',
+            '| measure | ' + ' | '.join(f'{names[r]}, {labels[a]}' for r, a in keys) + ' |',
             '| --- |' + ' --- |' * len(keys)]
 
     def row(label, values):
         rows.append(f'| {label} | ' + ' | '.join(values) + ' |')
 
     row('step time, median of steps 2.. (s)', [show(steady(runs[k]['step_times'])) for k in keys])
+    row('added to the step: (step - step without) / step',
+        [show(added(runs, k), '%') if k[1] != 'without' else '-' for k in keys])
     row('ddapo_attention call, median (s)',
-        [show(steady(runs[k]['reward_times'])) if k[1] == 'with' else '-' for k in keys])
-    row('ddapo_attention share of the step',
-        [show(share(runs[k]), '%') if k[1] == 'with' else '-' for k in keys])
+        [show(steady(runs[k]['reward_times'])) if k[1] != 'without' else '-' for k in keys])
+    row('ddapo_attention call, share of the step',
+        [show(share(runs[k]), '%') if k[1] != 'without' else '-' for k in keys])
     row('peak GPU memory allocated (GiB)', [show(gib(runs[k]['peak'])) for k in keys])
     row('completion length, mean tokens', [show(steady(runs[k]['lengths'])) for k in keys])
     row(f'{DDAPO_MEAN} per step',
-        [', '.join(show(r) for r in runs[k]['rewards']) if k[1] == 'with' else '-' for k in keys])
+        [', '.join(show(r) for r in runs[k]['rewards']) if k[1] != 'without' else '-' for k in keys])
     rows.append('')
     for rollout in ROLLOUTS:
-        if (rollout, 'with') in runs and (rollout, 'without') in runs:
-            t0, t1 = steady(runs[(rollout, 'without')]['step_times']), steady(runs[(rollout, 'with')]['step_times'])
-            rows.append(f'{names[rollout]}: step time with / without ddapo_attention = '
-                        f'{show(t1 / t0 if t0 and t1 else None, "x")}')
+        for arm in ('own', 'old_logps'):
+            if (rollout, arm) in runs and (rollout, 'without') in runs:
+                t0, t1 = steady(runs[(rollout, 'without')]['step_times']), steady(runs[(rollout, arm)]['step_times'])
+                rows.append(f'{names[rollout]}: step time {labels[arm]} / without = '
+                            f'{show(t1 / t0 if t0 and t1 else None, "x")}')
     return rows + ['']
 
 
@@ -196,28 +221,38 @@ def share(run: Dict) -> Optional[float]:
     return reward_time / step * 100 if reward_time and step else None
 
 
+def added(runs: Dict, key: Tuple[str, str]) -> Optional[float]:
+    """What the reward adds to a step, as a percentage of the step: the median step of the arm against the same
+    rollout's arm without the reward. Under old_logps this is the only measure: the capture runs inside the old
+    log-prob forward, outside the reward call."""
+    base = runs.get((key[0], 'without'))
+    t0, t1 = (steady(base['step_times']) if base else None), steady(runs[key]['step_times'])
+    return (t1 - t0) / t1 * 100 if t0 and t1 else None
+
+
 def verdicts(runs: Dict, gpu: bool) -> Tuple[List[str], List[str]]:
     """(failures, notes): the rewards of every run with ddapo_attention are finite and vary; on a GPU, the reward's
     share of the step against the 10% target (the vLLM step where that arm ran: rollouts are fast there)."""
     failures, notes = [], []
     for (rollout, arm), run in sorted(runs.items()):
-        if arm != 'with':
+        if arm == 'without':
             continue
         rewards = [r for r in run['rewards'] if r is not None]
         stds = [s for s in run['reward_stds'] if s is not None]
         if not rewards or not all(math.isfinite(r) for r in rewards):
-            failures.append(f'{rollout}: the ddapo_attention rewards are missing or not finite: {rewards}')
+            failures.append(f'{rollout} {arm}: the ddapo_attention rewards are missing or not finite: {rewards}')
         elif max(rewards) - min(rewards) <= 1e-6 and not any(s > 1e-6 for s in stds):
-            failures.append(f'{rollout}: the ddapo_attention rewards do not vary: {rewards}')
+            failures.append(f'{rollout} {arm}: the ddapo_attention rewards do not vary: {rewards}')
         else:
-            notes.append(f'{rollout}: rewards finite and varying: step means {min(rewards):.4f}..{max(rewards):.4f}, '
-                         f'largest in-step std {max(stds, default=0):.4f}')
-    target = ('vllm', 'with') if ('vllm', 'with') in runs else ('hf', 'with')
-    percent = share(runs[target]) if gpu and target in runs else None
-    if percent is not None:
-        word = 'within' if percent <= TARGET_OVERHEAD * 100 else 'ABOVE'
-        notes.append(f'ddapo_attention takes {percent:.1f}% of the {target[0]} GRPO step: {word} the '
-                     f'{TARGET_OVERHEAD * 100:.0f}% target')
+            notes.append(f'{rollout} {arm}: rewards finite and varying: step means '
+                         f'{min(rewards):.4f}..{max(rewards):.4f}, largest in-step std {max(stds, default=0):.4f}')
+    rollout = 'vllm' if ('vllm', 'without') in runs else 'hf'
+    for arm, target in TARGETS.items():
+        percent = added(runs, (rollout, arm)) if gpu and (rollout, arm) in runs else None
+        if percent is not None:
+            word = 'within' if percent <= target * 100 else 'ABOVE'
+            notes.append(f'ddapo_attention ({arm}) adds {percent:.1f}% to the {rollout} GRPO step: {word} the '
+                         f'{target * 100:.0f}% target')
     return failures, notes
 
 
@@ -230,6 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--num-generations', type=int, default=8)
     parser.add_argument('--completion-length', type=int, default=384)
     parser.add_argument('--cpu', action='store_true', help='smoke test on the CPU: tiny model, float32, no DeepSpeed')
+    parser.add_argument('--cpu-size', choices=('tiny', 'medium'), default='tiny',
+                        help='with --cpu: the tiny model (smoke test), or a medium one whose forwards dominate a step')
+    parser.add_argument('--arms', nargs='+', choices=list(ARMS), default=list(ARMS))
     parser.add_argument('--rollout', nargs='+', choices=ROLLOUTS, default=['hf'],
                         help='rollout engines to measure, each with and without the reward (vllm: vLLM installed)')
     args = parser.parse_args(argv)
@@ -241,17 +279,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if 'vllm' in args.rollout and importlib.util.find_spec('vllm') is None:
         print('gpu_check.py: --rollout vllm needs the vllm package: pip install -e ".[vllm]"', file=sys.stderr)
         return 2
-    device = 'CPU (smoke test, tiny model)' if args.cpu else torch.cuda.get_device_name(0)
+    device = (f'CPU ({os.cpu_count()} cores), {args.cpu_size} model' if args.cpu else torch.cuda.get_device_name(0))
     start = time.monotonic()
-    inputs = build_inputs(args.output_dir, args.cpu, args.model)
+    inputs = build_inputs(args.output_dir, args.cpu, args.model, args.cpu_size)
     print(f'inputs ready in {time.monotonic() - start:.0f} s: {inputs["model"]}', flush=True)
     runs = {}
     for rollout in args.rollout:
-        for arm, funcs in (('without', ['format']), ('with', ['ddapo_attention', 'format'])):
+        for arm in args.arms:
+            funcs, forward = ARMS[arm]
             name = arm if rollout == 'hf' else f'{rollout}_{arm}'
             out = os.path.join(args.output_dir, name)
-            env = {k: v for k, v in os.environ.items() if k != 'NPROC_PER_NODE'}
+            env = {k: v for k, v in os.environ.items() if k != 'NPROC_PER_NODE' and not k.startswith('DDAPO_')}
             env.update(GPU_CHECK_OUT=out, HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', DDAPO_REPORT='0')
+            if forward is not None:
+                env['DDAPO_FORWARD'] = forward
             if args.cpu:
                 env.setdefault('CUDA_VISIBLE_DEVICES', '')
                 env.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')
@@ -267,7 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       file=sys.stderr)
                 return 1
             runs[(rollout, arm)] = read_run(out)
-            print(f'{rollout} {arm} ddapo_attention: done at {time.monotonic() - start:.0f} s', flush=True)
+            print(f'{rollout} {arm}: done at {time.monotonic() - start:.0f} s', flush=True)
     print('\n'.join(table(device, runs)))
     failures, notes = verdicts(runs, gpu=not args.cpu)
     for line in notes + failures:

@@ -3,6 +3,10 @@
 One reward call, file by file:
 
     reward kwargs --ms_swift.adapter.SwiftTrainer.rows--> one row per completion (position i)
+    DDAPO_FORWARD=old_logps (the default wherever it is exact, ms_swift.old_logps.forward_path): the rows were
+          encoded and their attention captured inside ms-swift's old log-prob forward, which ran just before this
+          call (swift_patches/grpo_old_logps_scoring.py); each row takes its `Captured` by request_id: an `Output`
+          and a `ForwardRun` with no forward of its own. Other rows, and every row on validation steps, go on:
     row i --SwiftTrainer.encode--> [q ; o_i] with the trainer's template, exact generated ids, P
           --ddapo.core.key_sets.build_key_sets--> T (text_keys), V (vision_keys): an `Output`
     Outputs --ddapo.engine.scheduler.ForwardScheduler--> one forward per prompt (DDAPO_ATTENTION=shared,
@@ -13,7 +17,8 @@ One reward call, file by file:
     sums --ddapo.core.scorer.score_output--> m^T_{i,t} over Lambda (DDAPO_LAYERS), rho_text, rho_vis, TDR_i,
                                         R^bal_i = 1 / (1 + TDR_i); with DDAPO_TOKEN_WEIGHTS=1 also w_{i,t} (Eq. 11),
                                         handed to the trainer by request_id (SwiftTrainer.hand_over_token_weights)
-    every output's SharedOutput --SwiftTrainer.gather (one per call)--> all ranks' outputs
+    every output's SharedOutput, and the rank's own forwards --SwiftTrainer.gather (one per call)--> all ranks'
+          outputs, ddapo/own_forwards
           --ddapo.core.scorer.group_variant--> R^grp (Eq. 8) / R^gate (Eq. 9) with DDAPO_REWARD=group / gated
           --ddapo.step_log.StepLogger--> the step's ddapo/* metrics; on logging steps the report under
                                          <output_dir>/ddapo/ (no extra forward)
@@ -24,7 +29,8 @@ One reward call, file by file:
     --> List[Optional[float]], by position
 
 Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch in ``swift_patches/`` provides
-(and, for token weights, the second patch there); ``plugin.py`` applies both.
+(for token weights, the second patch there; for reading the old log-prob forward, the third); ``plugin.py`` applies
+them.
 """
 from collections import Counter
 from typing import Any, Dict, List, Optional
@@ -38,7 +44,8 @@ from ddapo.core.formulas import layer_set
 from ddapo.core.key_sets import build_key_sets
 from ddapo.core.row import Row
 from ddapo.engine.scheduler import ForwardRun, ForwardScheduler, Output
-from ddapo.core.scorer import Scored, SharedOutput, WeightSettings, group_variant, score_output, token_weight_block
+from ddapo.core.scorer import (RankShare, Scored, SharedOutput, WeightSettings, group_variant, score_output,
+                               token_weight_block)
 from ddapo.core.validity import OutputValidity, output_validity
 from ddapo.step_log import StepLogger, debug_lines, layers_note
 from ddapo.ms_swift.encoding import NotEncodable
@@ -96,6 +103,7 @@ class DDAPOAttentionORM(ORM):
         self.not_applicable: Counter = Counter()
         self.unweighted: Counter = Counter()  # outputs with a reward but no token weights, by reason
         self.validity_undefined: Counter = Counter()  # validation steps: 'statistic/reason' -> steps or outputs
+        self.uncaptured = 0  # rows the old log-prob forward did not capture (scored with a forward of its own)
         # this rank's outputs of the last call on a validation step, by position: Eq. (12)-(14), D_{i,t}
         self.last_validity: Dict[int, OutputValidity] = {}
         self.last_dependencies: Dict[int, torch.Tensor] = {}
@@ -117,10 +125,11 @@ class DDAPOAttentionORM(ORM):
         self.scheduler = ForwardScheduler(self.config, spec.attention_layers, spec.hybrid)
         if self.config.token_weights:
             self.swift.enable_token_weights()
+        path = self.swift.choose_forward(self.config)
         logger.info(f'[DDAPO] policy model {spec.model_type}: {spec.num_layers} decoder layers, {layers_note(spec)}; '
                     f'vision token ids {sorted(spec.vision_token_ids)}')
-        logger.info(f'[DDAPO] completions from: {self.swift.rollout}; the reward scores them with its own forward of '
-                    'the trainer model, after the rollout')
+        logger.info(f'[DDAPO] completions from: {self.swift.rollout}')
+        logger.info(f'[DDAPO] attention read: {path.describe()}')
 
     def __call__(self, completions: List[str], **kwargs) -> List[Optional[float]]:
         trainer = kwargs.get('trainer')
@@ -132,24 +141,29 @@ class DDAPOAttentionORM(ORM):
         rows = swift.rows(kwargs, len(completions))
         layers = layer_set(len(swift.spec.attention_layers), self.config.layers)  # positions in L_att
         results: List[Optional[Scored]] = [None] * len(rows)
-        # ms-swift side: rows encoded with their key sets; engine: every forward of the call, in the forward context
         validate = self.config.validating(swift.step)
+        # rows the old log-prob forward captured (never on validation steps), by position; the others get forwards
+        captured = self._captured(rows, swift.captured(), results, validate)
+        # ms-swift side: rows encoded with their key sets; engine: every forward of the call, in the forward context
         with swift.policy_forward(scheduler.implementation) as (env, report):
-            outputs = [output for output in (self._output(position, row, results)
-                                             for position, row in enumerate(rows)) if output is not None]
-            titles = self.step_log.choose(outputs, swift.is_main_process, swift.step, swift.logging_steps, validate)
+            outputs = [output for output in (self._output(position, row, results) for position, row in enumerate(rows)
+                                             if position not in captured and results[position] is None)
+                       if output is not None]
+            shown = sorted([run.unit[0] for run in captured.values()] + outputs, key=lambda o: o.position)
+            titles = self.step_log.choose(shown, swift.is_main_process, swift.step, swift.logging_steps, validate)
             call = scheduler.run(outputs, env, report=titles, validate=validate)
-        incomplete = next((run for run in call.runs if not run.out_of_memory and not run.complete), None)
+        runs = [captured[p] for p in sorted(captured)] + call.runs
+        incomplete = next((run for run in runs if not run.out_of_memory and not run.complete), None)
         if incomplete is not None:
-            self._debug(report, incomplete, layers, None)
+            self._debug(incomplete.report or report, incomplete, layers, None)
             raise RuntimeError(scheduler.incomplete_message(incomplete))
         self._note_padding(call.padding, scheduler.last_forwards)
         # core: each output's reward from its captured sums
         samples = {}  # the report's outputs, by position
         validity, dependencies = {}, {}  # on validation steps: Eq. (12)-(14) and D_{i,t} per output, by position
-        for run in call.runs:
+        for run in runs:
             for k, output in enumerate(run.unit):
-                scored = results[output.position] = self._score(output, run, k, layers, report)
+                scored = results[output.position] = self._score(output, run, k, layers, run.report or report)
                 dependency = run.dependencies[k] if run.dependencies is not None else None
                 if validate:
                     validity[output.position] = output_validity_of(scored, dependency)
@@ -168,7 +182,31 @@ class DDAPOAttentionORM(ORM):
         if self.config.token_weights:
             swift.hand_over_token_weights(rows, [r.token_weights for r in results])
         return self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)],
-                           validity if validate else None)
+                           validity if validate else None, scheduler.last_forwards + scheduler.last_padding)
+
+    def _captured(self, rows: List[Row], captured: Dict[str, Any], results: List[Optional[Scored]],
+                  validate: bool) -> Dict[int, ForwardRun]:
+        """The rows whose attention the old log-prob forward captured, as a `ForwardRun` each, by position; a row it
+        could not encode gets its None here. Rows it did not see (or every row, on a validation step) are left to the
+        reward's own forwards; outside validation steps that is counted and warned once."""
+        if self.swift.capture is None:
+            return {}
+        runs = {}
+        for position, row in enumerate(rows):
+            found = None if validate else captured.get(row.request_id)
+            if isinstance(found, NotEncodable):
+                results[position] = self._not_applicable(Scored.not_applicable(found.reason, str(found)))
+            elif found is not None:
+                output = Output(position, row, found.encoded, found.key_sets)
+                runs[position] = ForwardRun([output], None if found.capture is None else [found.capture],
+                                            found.forward, length=found.length, report=found.report)
+            elif not validate:
+                if not self.uncaptured:
+                    logger.warning('[DDAPO] a row the old log-prob forward did not capture (request_id '
+                                   f'{row.request_id!r}) is scored with a forward of its own; counted in '
+                                   'ddapo/own_forwards; warned once.')
+                self.uncaptured += 1
+        return runs
 
     def _output(self, position: int, row: Row, results: List[Optional[Scored]]) -> Optional[Output]:
         """Row ``position`` encoded with its key sets; ``None`` (its result set to not applicable) when it cannot be."""
@@ -216,23 +254,26 @@ class DDAPOAttentionORM(ORM):
         return scored
 
     def _share(self, completions: List[str], kwargs: Dict[str, Any], rows: List[Row], results: List[Scored],
-               mode: str, samples, validity: Optional[Dict[int, OutputValidity]] = None) -> List[Optional[float]]:
+               mode: str, samples, validity: Optional[Dict[int, OutputValidity]] = None,
+               own_forwards: int = 0) -> List[Optional[float]]:
         """The one gather of the call (every rank's outputs, for the metrics, Eq. 8 / 9 and on validation steps
-        Eq. 14), then the step's log."""
+        Eq. 14, and the forwards each rank ran itself), then the step's log."""
         grouped = self.config.reward != 'balance'
         if grouped and any(row.prompt_id is None for row in rows):
             raise RuntimeError(f'DDAPO_REWARD={self.config.reward} groups outputs by prompt_id, and the reward kwargs '
                                'have rows without one; run it under ms-swift GRPO, which sets prompt_id on every row.')
         verdicts = self.gate(completions, **kwargs) if self.gate is not None else [1.0] * len(rows)
         rank = self.swift.rank
-        shared = self.swift.gather([
+        ranks = self.swift.gather([RankShare(own_forwards, [
             SharedOutput(rank, i, r.diagnostics, row.prompt_id, v is not None and v >= 1.0,
                          None if validity is None else validity[i])
-            for i, (row, r, v) in enumerate(zip(rows, results, verdicts))])
+            for i, (row, r, v) in enumerate(zip(rows, results, verdicts))])])
+        shared = [output for share in ranks for output in share.outputs]
         swift = self.swift
         record = self.step_log.log(mode, [s.diagnostics for s in shared], samples, swift.step, swift.output_dir,
                                    swift.rollout, swift.spec,
-                                   None if validity is None else [s.validity for s in shared])
+                                   None if validity is None else [s.validity for s in shared], swift.path.describe())
+        record.metrics['ddapo/own_forwards'] = float(sum(share.own_forwards for share in ranks))
         for statistic, reasons in record.undefined.items():
             for reason in reasons:
                 self._warn_validity(statistic, reason, UNDEFINED.get(reason, reason))

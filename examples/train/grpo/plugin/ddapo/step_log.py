@@ -59,10 +59,19 @@ def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: For
     attentions = getattr(run.model_outputs, 'attentions', None)
     scores = None if scored is None else scored.diagnostics.scores
     seen = set(run.capture.layers_seen) if run.capture is not None else set()
+    if run.report is not None:  # read inside ms-swift's old log-prob forward, through the wrapper it registered
+        implementation = report.attention_during.get('text_config', report.attention_during.get('config', {})).get(
+            '_attn_implementation', implementation)
+        path = ("reward path: DDAPO_FORWARD=old_logps (inside ms-swift's old log-prob forward: the trainer's own "
+                "attention for the layer outputs, the eager formula for the generated rows); this micro-batch row: "
+                f'{run.length} tokens')
+    else:
+        path = (f'reward path: DDAPO_ATTENTION={config.attention} '
+                f'({PATHS[config.attention].format(pack=config.pack_tokens)}); this forward: '
+                f'{run.length if run.capture is not None and run.capture.complete else None} tokens, '
+                f'{len(run.unit)} output(s)')
     return [
-        f'reward path: DDAPO_ATTENTION={config.attention} ({PATHS[config.attention].format(pack=config.pack_tokens)}); '
-        f'this forward: {run.length if run.capture is not None and run.capture.complete else None} tokens, '
-        f'{len(run.unit)} output(s)',
+        path,
         f'forward kwargs keys: {sorted(kwargs)}; output_attentions: {kwargs.get("output_attentions", "not set")} '
         f"(not needed: attention is captured inside the attention function '{implementation}')",
         f'attention implementation before the switch: {report.attention_before}',
@@ -144,11 +153,13 @@ class StepLogger:
             dependency=None if dependency is None else dependency.tolist())
 
     def log(self, mode: str, diagnostics: List[SampleDiagnostics], samples: List[ReportSample], step: int,
-            output_dir: str, rollout: str, spec, validity: Optional[List[OutputValidity]] = None) -> StepLog:
+            output_dir: str, rollout: str, spec, validity: Optional[List[OutputValidity]] = None,
+            forward: str = '') -> StepLog:
         """``ddapo/*`` over every rank's outputs (on validation steps, ``validity`` given, also ``ddapo/validity/*``,
         Eq. 14); the report step under ``output_dir/ddapo`` when ``samples`` were chosen, its pictures tagged
         ``ddapo/<mode>/<name>`` for the trackers. ``step``: the trainer's global step (the rewards of step N are
-        computed while it is still N - 1; logging.jsonl says N)."""
+        computed while it is still N - 1; logging.jsonl says N). ``forward``: where the attention was read
+        (``ForwardPath.describe``), for the report's header."""
         self.last_metrics = step_metrics(diagnostics)
         statistics = None
         if validity is not None:
@@ -158,8 +169,7 @@ class StepLogger:
         if not samples:
             return StepLog(self.last_metrics, undefined=undefined)
         self._last_report_step = step
-        header = [f'- completions from: {rollout}; scored by the reward\'s own forward of the trainer model after '
-                  'the rollout']
+        header = [f'- completions from: {rollout}', f'- attention read: {forward}']
         pictures = ReportWriter(os.path.join(output_dir, 'ddapo'), header).write_step(
             step + 1, mode, self.last_metrics, samples, layers_note(spec), statistics)
         return StepLog(self.last_metrics, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()}, undefined)

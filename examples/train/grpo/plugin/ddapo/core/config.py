@@ -17,6 +17,7 @@ from ddapo.core.formulas import layer_set
 _TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
 REWARDS = ('balance', 'group', 'gated')
 ATTENTION_PATHS = ('shared', 'rows', 'eager')
+FORWARDS = ('auto', 'old_logps', 'own')
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -61,6 +62,7 @@ _parse_positive = _number(float, 0.0, True, 'a positive number', 'a finite numbe
 _parse_nonnegative = _number(float, 0.0, False, 'a number >= 0', 'a finite number >= 0')
 _parse_reward = _choice(REWARDS, 'a reward variant')
 _parse_attention = _choice(ATTENTION_PATHS, 'a reward path')
+_parse_forward = _choice(FORWARDS, 'a source of the attention')
 
 
 def _parse_clip(name: str, raw: str) -> Tuple[float, float]:
@@ -102,6 +104,9 @@ _ONLY_WITH: Dict[str, Tuple[str, Callable[['DDAPOConfig'], bool]]] = {
     'gate_reward': ('DDAPO_REWARD=gated', lambda c: c.reward == 'gated'),
     'token_weight_clip': ('DDAPO_TOKEN_WEIGHTS=1', lambda c: c.token_weights),
     'token_weight_sigma': ('DDAPO_TOKEN_WEIGHTS=1', lambda c: c.token_weights),
+    # the reward's own forwards: every call under own, fallbacks under auto, validation steps under old_logps
+    'attention': ('DDAPO_FORWARD=auto or own, or DDAPO_VALIDATE_STEPS',
+                  lambda c: c.forward != 'old_logps' or c.validate_steps > 0),
 }
 
 
@@ -116,6 +121,10 @@ class DDAPOConfig:
     sigma: float = _setting(1.0, _parse_positive, 'sigma of Eq. (8)')
     gate_reward: str = _setting('', _parse_name, 'the orms reward whose verdict gates Eq. (9) (>= 1 is correct)')
     layers: str = _setting('last:8', _parse_layers, 'the layers Lambda the reward reads')
+    forward: str = _setting('auto', _parse_forward,
+                            'where the attention is read: old_logps (inside the old log-prob forward GRPO already '
+                            'runs, no forward of its own), own (a forward of its own, DDAPO_ATTENTION) or auto '
+                            '(old_logps wherever it is exact, own otherwise)')
     attention: str = _setting('shared', _parse_attention,
                               'reward path: shared (one forward per prompt), rows (one sdpa forward per output, '
                               'eager rows) or eager (one eager forward per output, the reference)')

@@ -5,6 +5,9 @@ and every output against it: ``o_g``'s tokens attend to ``q`` and to ``o_g``'s o
 keep the positions (rotary ids included) they have in ``[q ; o_g]``. Each generated row therefore
 sees exactly the keys and positions it sees in its own sequence, and its Eq. (1) sums are the same.
 
+`micro_batch_placements` maps the samples of a micro-batch the trainer collated (right-padded, or packed under
+``--padding_free``) to their rows, for the capture inside the trainer's own forward.
+
 Pure torch on the Hugging Face forward kwargs (``input_ids``, ``attention_mask``, ``position_ids``,
 ``mm_token_type_ids``, pixel tensors): no ms-swift.
 """
@@ -136,3 +139,56 @@ def shared_prompt_units(members: Sequence[PackMember], budget: int) -> List[List
         else:
             units.append([index])
     return units
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one sample of a collated micro-batch sits: its batch row, the position its sequence starts at in that
+    row, and the rows ``s_{i,t} - 1`` of its generated tokens there."""
+    batch_index: int
+    start: int
+    rows: range
+
+
+def micro_batch_placements(lengths: Sequence[int], prompt_lens: Sequence[int], num_generated: Sequence[int],
+                           packed: bool) -> List[Placement]:
+    """The `Placement` of each sample in a micro-batch the trainer collated from the samples' own encodings (lengths
+    ``lengths``, prompts ``P``, ``|o_i|`` generated tokens right after the prompt).
+
+    Right-padded (``packed`` False): sample ``b`` is batch row ``b`` from position 0. Packed (ms-swift's
+    ``--padding_free``): one row, the samples one after another, each starting where the previous ended.
+    Example: lengths ``[5, 3]``, ``P = [3, 2]``, ``|o| = [2, 1]``:
+
+    >>> [(p.batch_index, p.start, p.rows) for p in micro_batch_placements([5, 3], [3, 2], [2, 1], packed=False)]
+    [(0, 0, range(3, 5)), (1, 0, range(2, 3))]
+    >>> [(p.batch_index, p.start, p.rows) for p in micro_batch_placements([5, 3], [3, 2], [2, 1], packed=True)]
+    [(0, 0, range(3, 5)), (0, 5, range(7, 8))]
+    """
+    placements, start = [], 0
+    for b, (length, prompt_len, n) in enumerate(zip(lengths, prompt_lens, num_generated)):
+        if not packed:
+            start = 0
+        placements.append(Placement(0 if packed else b, start, range(start + prompt_len, start + prompt_len + n)))
+        start += length
+    return placements
+
+
+def split_image_grids(grids: Sequence[Sequence[int]], image_tokens: Sequence[int],
+                      merge_size: int) -> List[List[List[int]]]:
+    """Each sample's rows of a collated micro-batch's ``image_grid_thw`` (the images of all samples, in order), by the
+    number of image placeholder tokens each sample holds: image ``(t, h, w)`` has ``t * h * w / merge_size^2`` of
+    them. ``[]`` for a sample whose tokens do not match whole images (its report shows no heat map).
+
+    >>> split_image_grids([[1, 4, 4], [1, 2, 4]], [4, 0, 2], merge_size=2)
+    [[[1, 4, 4]], [], [[1, 2, 4]]]
+    """
+    per_sample, row = [], 0
+    for tokens in image_tokens:
+        mine, seen = [], 0
+        while seen < tokens and row < len(grids):
+            t, h, w = grids[row]
+            mine.append(list(grids[row]))
+            seen += t * h * w // merge_size ** 2
+            row += 1
+        per_sample.append(mine if seen == tokens else [])
+    return per_sample

@@ -123,6 +123,14 @@ class SharedOutput:
         return None if scores is None else log_tdr(scores.tdr)
 
 
+@dataclass(frozen=True)
+class RankShare:
+    """One rank's part of the gather: the forwards the reward ran itself in the call (padding included), and its
+    outputs' `SharedOutput`."""
+    own_forwards: int
+    outputs: List[SharedOutput]
+
+
 def group_variant(shared: Sequence[SharedOutput], rank: int, count: int, sigma: float,
                   gated: bool) -> List[Optional[float]]:
     """``R^grp`` (Eq. 8), or ``R^gate`` (Eq. 9) when ``gated``, of this rank's ``count`` outputs (by position),

@@ -41,13 +41,15 @@ class LayerCapture:
     and no slot.
 
     ``rows`` are the 0-based positions ``s_{i,t} - 1`` of the generated tokens in the forward's sequence
-    (batch element ``batch_index``); the key sets are cut to the prompt ``[0, P)``, which holds all of
-    ``T`` and ``V``. Sums stay on the model's device until `finish`.
+    (batch element ``batch_index``), whose own sequence starts at position ``start`` there (0 but for the samples
+    after the first of a packed row); the key sets are cut to the prompt ``[0, P)`` of that sequence, which holds
+    all of ``T`` and ``V``. Sums stay on the model's device until `finish`.
     """
 
     def __init__(self, key_sets: KeySets, prompt_len: int, rows: range, attention_layers: Sequence[int],
-                 batch_index: int = 0, keep_key_attention: bool = True):
+                 batch_index: int = 0, keep_key_attention: bool = True, start: int = 0):
         self.keep_key_attention = keep_key_attention  # only the report reads it: skipped otherwise, to save time
+        self.start = start
         self.text_keys = key_sets.text_keys[:prompt_len]
         self.vision_keys = key_sets.vision_keys[:prompt_len]
         self.rows, self.batch_index = rows, batch_index
@@ -60,7 +62,7 @@ class LayerCapture:
 
     def record(self, layer_idx: int, head_mean: torch.Tensor, first_row: int = 0) -> None:
         """``head_mean``: ``[c, S_k]`` head-averaged probabilities of rows ``first_row .. first_row + c - 1`` of the
-        decoder layer ``layer_idx`` (an attention layer of ``L_att``)."""
+        decoder layer ``layer_idx`` (an attention layer of ``L_att``), key 0 being the sequence's ``start``."""
         layer_idx = self.slot[layer_idx]
         if self._device is None:  # one host-to-device copy per output, not one per layer (each would synchronise)
             self._device = head_mean.device
@@ -125,7 +127,7 @@ def record_probabilities(layer_idx: int, attn_weights: torch.Tensor, key_len: in
     offset = key_len - query_len
     for capture in active.captures:
         rows = slice(capture.rows.start - offset, capture.rows.stop - offset)
-        capture.record(layer_idx, head_average(attn_weights[capture.batch_index, :, rows]))
+        capture.record(layer_idx, head_average(attn_weights[capture.batch_index, :, rows, capture.start:]))
 
 
 def record_rows(layer_idx: int, query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -141,37 +143,40 @@ def record_rows(layer_idx: int, query: torch.Tensor, key: torch.Tensor, attentio
         for first in range(0, len(capture.rows), chunk):
             positions = capture.rows[first:first + chunk]
             rows = slice(positions.start - offset, positions.stop - offset)
-            probabilities = eager_rows(query, key, attention_mask, capture.batch_index, rows, scaling, groups)
+            probabilities = eager_rows(query, key, attention_mask, capture.batch_index, rows, scaling, groups,
+                                       capture.start)
             capture.record(layer_idx, head_average(probabilities), first)
 
 
 def eager_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], batch_index: int,
-               rows: slice, scaling: float, groups: int = 1) -> torch.Tensor:
-    """``eager_attention_forward``'s probabilities for the query rows ``rows`` of one batch element: ``[H, c, S']``.
+               rows: slice, scaling: float, groups: int = 1, key_start: int = 0) -> torch.Tensor:
+    """``eager_attention_forward``'s probabilities for the query rows ``rows`` of one batch element over the keys from
+    ``key_start`` on: ``[H, c, S']``.
 
     The same operations as eager (``q k^T * scaling``, the mask, softmax accumulated in float32 and
     rounded to the query dtype), on a slice of the queries. The mask is what the layer received: a boolean
     4D mask (``True`` attends), an additive float 4D mask (eager's own), or ``None``, which sdpa uses for a
-    plain causal sequence: then keys after the chunk's last row, masked for every row, are left out
-    (``S'`` is the last row's position + 1) and the causal mask is applied to the chunk's own diagonal block.
+    plain causal sequence and flash attention for packed ones: then keys after the chunk's last row, masked for
+    every row, are left out (``S'`` ends at the last row's position) and the causal mask is applied to the chunk's
+    own diagonal block. ``key_start``: where the rows' own sequence starts (a packed row's later samples); keys
+    before it belong to other sequences and are left out (with a 4D mask they are masked anyway).
     """
     keys = key[batch_index]  # [H_kv, S_k, D]
     first, last = rows.start, rows.stop - 1  # query indices
-    if attention_mask is None:
-        offset = key.shape[2] - query.shape[2]  # queries are the last positions (a cache holds the first ones)
-        keys = keys[:, :last + offset + 1]
+    offset = key.shape[2] - query.shape[2]  # queries are the last positions (a cache holds the first ones)
+    keys = keys[:, key_start:last + offset + 1] if attention_mask is None else keys[:, key_start:]
     keys = keys.repeat_interleave(groups, dim=0)  # [H, S', D]: each key/value head serves `groups` query heads
     scores = torch.matmul(query[batch_index, :, rows], keys.transpose(1, 2)).mul_(scaling)  # [H, c, S']
     if attention_mask is None:
         # keys up to the first row's position are open to every row; only the block after it is causal
-        lo = first + offset + 1
-        positions = torch.arange(first + offset, last + offset + 1, device=key.device)
+        lo = first + offset + 1 - key_start
+        positions = torch.arange(first + offset - key_start, last + offset + 1 - key_start, device=key.device)
         allowed = torch.arange(lo, keys.shape[1], device=key.device) <= positions.unsqueeze(-1)
         scores[..., lo:].masked_fill_(~allowed, torch.finfo(scores.dtype).min)
     elif attention_mask.dtype == torch.bool:
-        scores.masked_fill_(~attention_mask[batch_index, :, rows], torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~attention_mask[batch_index, :, rows, key_start:], torch.finfo(scores.dtype).min)
     else:
-        scores.add_(attention_mask[batch_index, :, rows])
+        scores.add_(attention_mask[batch_index, :, rows, key_start:])
     # softmax accumulates in float32 for half inputs and rounds once on writing: eager's numbers without
     # eager's float32 copy of the scores
     return torch.softmax(scores, dim=-1)

@@ -58,6 +58,9 @@ class ForwardRun:
     # memory (validation_detail says so) or the run is incomplete
     dependencies: Optional[List[Optional[torch.Tensor]]] = None
     validation_detail: str = ''
+    # what the debug report shows of the forward that ran it, when that forward was not the reward's own (the old
+    # log-prob forward); None: the call's own forward context
+    report: Any = None
 
     @property
     def complete(self) -> bool:

@@ -13,6 +13,7 @@ from ddapo.ms_swift.compat import version_drift
 from ddapo.ms_swift.encoding import EncodedCompletion, SystemTurns, encode_completion, padding_row, reward_rows
 from ddapo.ms_swift.forward_env import PolicyForwards, _forwards_are_collective, policy_forward
 from ddapo.ms_swift.model_spec import model_spec
+from ddapo.ms_swift.old_logps import OLD_LOGPS, ForwardPath, OldLogpsCapture, forward_path
 from ddapo.ms_swift.trainer_io import (enable_token_weights, image_merge_size, image_paths, last_user_turn,
                                        log_pictures, processed_images, rollout_engine, token_weight_store)
 
@@ -27,6 +28,8 @@ class SwiftTrainer:
         self.system_turns = SystemTurns(trainer.template)
         self.system_turns.check()
         self.forwards_are_collective = _forwards_are_collective(trainer.accelerator, trainer.template)
+        self.path = ForwardPath('own', 'not chosen yet')
+        self.capture: Optional[OldLogpsCapture] = None
         drift = version_drift()
         if drift:
             get_logger().warning(
@@ -72,6 +75,22 @@ class SwiftTrainer:
         """Every rank's ``values``, concatenated in rank order (one collective; every rank must call it)."""
         from accelerate.utils import gather_object
         return gather_object(values)
+
+    # where attention is read (DDAPO_FORWARD)
+    def choose_forward(self, config) -> ForwardPath:
+        """`forward_path` of ``config.forward`` in this run; for ``old_logps`` the capture hook is handed to the GRPO
+        patch, so the rewards are scored after the old log-prob forward and read it. Raises ValueError at start."""
+        from swift_patches import grpo_old_logps_scoring
+        self.path = forward_path(self.trainer, config.forward)
+        if self.path.name == OLD_LOGPS:
+            self.capture = OldLogpsCapture(self.trainer, self.spec, self.system_turns, config,
+                                           config.report_samples if config.report else 0)
+            grpo_old_logps_scoring.open_channel(self.trainer, self.capture)
+        return self.path
+
+    def captured(self) -> Dict[str, Any]:
+        """What the old log-prob forwards captured since the last call, by ``request_id`` (empty under ``own``)."""
+        return self.capture.take() if self.capture is not None else {}
 
     # encoding and forwards
     def rows(self, kwargs: Dict[str, Any], num_completions: int) -> List[Row]:

@@ -1,7 +1,12 @@
-"""The transformers side of the capture: the two attention functions registered with transformers'
+"""The transformers side of the capture: the attention functions registered with transformers'
 ``AttentionInterface`` (and their masks with ``AttentionMaskInterface``), and the switch of the language model's
-attention to them for the reward forward. Each function computes the layer's output as transformers does and hands
-the probabilities of the captured rows to the engine (`ddapo.engine.capture`).
+attention to them. Each function computes the layer's output as transformers does and hands the probabilities of the
+captured rows to the engine (`ddapo.engine.capture`):
+
+- ``ddapo_eager`` and ``ddapo_rows``: the reward's own forward (``DDAPO_FORWARD=own``);
+- ``ddapo_over_<implementation>`` (`wrapped_attention`): inside ms-swift's old log-prob forward
+  (``DDAPO_FORWARD=old_logps``), the trainer's own implementation (sdpa, eager, flash attention) for the layer's
+  output, unchanged, and the eager formula for the captured rows (the eager map itself when the trainer runs eager).
 
 transformers reads ``text_config._attn_implementation`` at every forward, and the vision tower reads its own
 ``vision_config``: switching the text config switches the language model alone, so only its layers are captured.
@@ -12,6 +17,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -46,6 +52,38 @@ def ddapo_rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     record_rows(module.layer_idx, query, key, attention_mask, kwargs.get('scaling') or query.shape[-1] ** -0.5,
                 getattr(module, 'num_key_value_groups', 1))
     return attn_output, None
+
+
+WRAPPED_PREFIX = 'ddapo_over_'
+# The trainer's implementations the old log-prob capture can wrap: their masks are tensors or None (a flex
+# attention BlockMask is neither), so the eager formula can be evaluated for the captured rows.
+WRAPPABLE = ('sdpa', 'eager', 'flash_attention_2', 'flash_attention_3')
+
+
+def wrapped_attention(original: str) -> str:
+    """Register ``ddapo_over_<original>``: the trainer's ``original`` implementation for the layer's output, unchanged,
+    and its probabilities of the captured rows handed to the active captures; its mask function is ``original``'s.
+    Returns the name (the name keeps ``original`` in it, for transformers' checks by substring such as ``flash``)."""
+    if original not in WRAPPABLE:
+        raise ValueError(f'the old log-prob capture wraps {", ".join(WRAPPABLE)}, not {original!r}')
+    name = WRAPPED_PREFIX + original
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], **kwargs):
+        if original == 'eager':  # the modeling file's own eager: its map is the reference itself
+            attn_output, attn_weights = _eager_attention_of(module)(module, query, key, value, attention_mask,
+                                                                    **kwargs)
+            record_probabilities(module.layer_idx, attn_weights, key.shape[2], query.shape[2])
+            return attn_output, attn_weights
+        attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[original](module, query, key, value, attention_mask,
+                                                                      **kwargs)
+        record_rows(module.layer_idx, query, key, attention_mask, kwargs.get('scaling') or query.shape[-1] ** -0.5,
+                    getattr(module, 'num_key_value_groups', 1))
+        return attn_output, attn_weights
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
 
 
 def register_attention() -> None:

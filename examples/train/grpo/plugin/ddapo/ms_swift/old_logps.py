@@ -1,0 +1,239 @@
+"""Reading attention inside ms-swift's old log-prob forward (``DDAPO_FORWARD=old_logps``): which path a run takes and
+why (`forward_path`), and `OldLogpsCapture`, the hook the third patch (``swift_patches/grpo_old_logps_scoring.py``)
+enters around that forward, micro-batch by micro-batch.
+
+GRPO's ``_prepare_batch_inputs`` encodes every sample with ``encode_sample`` (the exact ``response_token_ids``),
+collates each gradient-accumulation chunk and runs a no-grad forward of the policy for ``old_per_token_logps``.
+With the patch, the rewards are scored after it (nothing in it reads them), and during that forward only, the
+language model's attention runs ``ddapo_over_<the trainer's implementation>``: the layer's output is the trainer's
+own, and the Eq. (1) sums of the generated rows are captured as the ``rows`` path computes them. The reward then
+takes them by ``request_id`` and runs no forward of its own.
+
+    sample.encoded (the trainer's encoding) --encoding_of--> [q ; o_i], P, |o_i|, system turn --> T, V
+    the chunk's samples --micro_batch_placements--> batch row, start, rows s_{i,t} - 1 (right-padded or packed)
+    the old log-prob forward --ddapo_over_<impl>--> a LayerCapture per sample --> `Captured`, by request_id
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from swift.model.utils import AttnImpl
+
+from ddapo.core.key_sets import KeySets, build_key_sets
+from ddapo.core.packing import micro_batch_placements, split_image_grids
+from ddapo.core.row import Row
+from ddapo.engine.capture import ForwardCapture, LayerCapture, capturing
+from ddapo.ms_swift.attention import WRAPPABLE, attention_settings, language_attention, language_config, \
+    wrapped_attention
+from ddapo.ms_swift.encoding import (EncodedCompletion, GeneratedIdsMismatch, NotEncodable, SystemTurns,
+                                     generated_ids, template_state)
+from ddapo.ms_swift.forward_env import ForwardReport
+from ddapo.ms_swift.model_spec import unwrap_policy
+from ddapo.ms_swift.trainer_io import image_merge_size
+
+OLD_LOGPS, OWN = 'old_logps', 'own'
+
+
+@dataclass(frozen=True)
+class ForwardPath:
+    """Where a run reads attention: ``name`` (`OLD_LOGPS` or `OWN`) and ``why`` (for the start log and the report)."""
+    name: str
+    why: str
+
+    def describe(self) -> str:
+        """One line for the start log, the report's header and the debug lines."""
+        if self.name == OLD_LOGPS:
+            return (f"old_logps ({self.why}): attention read inside ms-swift's old log-prob forward, the reward runs "
+                    'no forward of its own (validation steps excepted)')
+        return f"own ({self.why}): the reward runs a forward of its own after the rollout"
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why the old log-prob forward cannot be read exactly in this run, and the fix where there is one. ``soft``:
+    a case that is exact by construction but not verified here, which ``DDAPO_FORWARD=old_logps`` may opt into."""
+    what: str
+    fix: str = ''
+    soft: bool = False
+
+    def __str__(self) -> str:
+        return self.what + (f' (fix: {self.fix})' if self.fix else '')
+
+
+def active_dropout(model: torch.nn.Module) -> List[str]:
+    """Names of the modules of ``model`` that drop activations in train mode (``nn.Dropout`` with ``p > 0``), and
+    the language config's ``attention_dropout`` when it is above 0: the old log-prob forward runs in train mode."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0]
+    config = getattr(model, 'config', None)
+    if config is not None and float(getattr(language_config(config), 'attention_dropout', 0.0) or 0.0) > 0:
+        names.append('config.attention_dropout')
+    return names
+
+
+def old_logps_blockers(trainer) -> List[Blocker]:
+    """Every reason the Eq. (1) sums read in the old log-prob forward would not be the reward's (empty: exact)."""
+    from swift_patches import grpo_old_logps_scoring
+    blockers = []
+    if not grpo_old_logps_scoring.is_applied():
+        blockers.append(Blocker(f'the ms-swift patch swift_patches/grpo_old_logps_scoring.py is not applied '
+                                f'({grpo_old_logps_scoring.UNAVAILABLE or "plugin.py was not loaded"})',
+                                'load examples/train/grpo/plugin/plugin.py with an ms-swift it supports, or apply '
+                                'swift_patches/ms_swift_4.6_grpo_old_logps_scoring.diff'))
+    from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
+    if not isinstance(trainer, GRPOTrainer):
+        blockers.append(Blocker(f'the trainer is a {type(trainer).__name__}, not ms-swift\'s GRPOTrainer, whose old '
+                                'log-prob forward the capture reads'))
+    args, template = trainer.args, trainer.template
+    if getattr(args, 'dynamic_sample', False):
+        blockers.append(Blocker('--dynamic_sample true lets the rewards choose the groups before any forward'))
+    if getattr(template, 'sequence_parallel_size', 1) > 1:
+        blockers.append(Blocker('--sequence_parallel_size > 1 splits each sequence across ranks'))
+    if getattr(trainer, 'dynamic_num_samples', False):
+        blockers.append(Blocker('multi-turn rollouts (--multi_turn_scheduler) chunk the batch of the old log-prob '
+                                'forward'))
+    implementation = getattr(language_config(unwrap_policy(trainer).config), '_attn_implementation', None)
+    if implementation not in WRAPPABLE:
+        blockers.append(Blocker(f'the trainer runs attention implementation {implementation!r}; the capture wraps '
+                                f'{", ".join(WRAPPABLE)}', '--attn_impl sdpa'))
+    dropout = active_dropout(trainer.accelerator.unwrap_model(trainer.model))
+    if dropout:
+        lora = any('lora_dropout' in name for name in dropout)
+        blockers.append(Blocker(f'dropout is active in the policy, and the old log-prob forward runs in train mode '
+                                f'({len(dropout)} module(s), e.g. {dropout[0]})',
+                                '--lora_dropout 0' if lora else 'dropout 0 in the model config'))
+    if getattr(template, 'padding_free', False):
+        blockers.append(Blocker('--padding_free packs the rows for flash attention, which is not verified on a GPU '
+                                'yet', 'DDAPO_FORWARD=old_logps opts in', soft=True))
+    return blockers
+
+
+def forward_path(trainer, setting: str) -> ForwardPath:
+    """The path of ``DDAPO_FORWARD=setting`` in this run: ``own`` as asked; ``old_logps`` wherever it is exact;
+    under ``auto`` ``own`` otherwise, saying why. Raises ValueError, at start, when ``old_logps`` was asked for and
+    cannot be exact here, naming the fix."""
+    if setting == OWN:
+        return ForwardPath(OWN, 'DDAPO_FORWARD=own')
+    blockers = old_logps_blockers(trainer)
+    if setting == OLD_LOGPS:
+        hard = [b for b in blockers if not b.soft]
+        if hard:
+            raise ValueError('DDAPO_FORWARD=old_logps cannot read the attention exactly in this run: ' +
+                             '; '.join(map(str, hard)) + '. Fix these, or set DDAPO_FORWARD=auto (or own) to let the '
+                             'reward run a forward of its own.')
+        return ForwardPath(OLD_LOGPS, 'DDAPO_FORWARD=old_logps' +
+                           ''.join(f'; opted into: {b.what}' for b in blockers))
+    if blockers:
+        return ForwardPath(OWN, 'DDAPO_FORWARD=auto, falling back: ' + '; '.join(map(str, blockers)))
+    return ForwardPath(OLD_LOGPS, 'DDAPO_FORWARD=auto')
+
+
+def encoding_of(sample, system_turns: SystemTurns) -> EncodedCompletion:
+    """``[q ; o_i]`` as the trainer encoded it for the old log-prob forward (``sample.encoded``): ``P`` is its first
+    labelled position, and ``o_i`` must be exactly the generated ids right after it. Raises `NotEncodable`."""
+    encoded = sample.encoded
+    input_ids = [int(t) for t in encoded['input_ids']]
+    labels = [int(t) for t in encoded['labels']]
+    prompt_len = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+    ids = generated_ids(sample.response_token_ids)
+    if input_ids[prompt_len:prompt_len + len(ids)] != ids:
+        raise GeneratedIdsMismatch(f'the trainer\'s encoding does not hold the {len(ids)} generated ids at position '
+                                   f'{prompt_len} (sequence length {len(input_ids)})')
+    labelled = all(label != -100 for label in labels[prompt_len:prompt_len + len(ids)])
+    system_turn = system_turns.span(Row(sample.to_reward_row()), input_ids[:prompt_len])
+    return EncodedCompletion(input_ids, prompt_len, len(ids), encoded, labelled, system_turn)
+
+
+@dataclass
+class Captured:
+    """One sample's attention, read in the old log-prob forward: its encoding, key sets and `LayerCapture`
+    (``None`` when the forward did not capture exactly ``L_att``: ``forward`` says which layers it saw), the length
+    of the micro-batch row it ran in, and what the debug report shows of that forward."""
+    encoded: EncodedCompletion
+    key_sets: KeySets
+    capture: Optional[LayerCapture]
+    forward: ForwardCapture = field(repr=False)
+    length: int
+    report: ForwardReport = field(repr=False)
+
+
+class OldLogpsCapture:
+    """The hook of ``swift_patches.grpo_old_logps_scoring``: ``capture(chunk_samples, model_inputs)`` is entered
+    around the old log-prob forward of each micro-batch and leaves a `Captured` (or the `NotEncodable` error) per
+    sample, by ``request_id``, for the reward call that follows (`take`). On validation steps
+    (``DDAPO_VALIDATE_STEPS``) it captures nothing: those calls run the reward's own forwards."""
+
+    def __init__(self, trainer, spec, system_turns: SystemTurns, config, report_samples: int):
+        self.trainer, self.spec, self.system_turns, self.config = trainer, spec, system_turns, config
+        self.report_samples = report_samples
+        self._captured: Dict[str, Union[Captured, NotEncodable]] = {}
+        self._kept = 0  # samples whose per-key attention is kept for the report, since the last `take`
+
+    def _step(self) -> int:
+        return int(getattr(getattr(self.trainer, 'state', None), 'global_step', 0) or 0)
+
+    def take(self) -> Dict[str, Union[Captured, NotEncodable]]:
+        """What the old log-prob forwards since the last call captured, by ``request_id``; the store is emptied."""
+        captured, self._captured, self._kept = self._captured, {}, 0
+        return captured
+
+    @contextmanager
+    def __call__(self, batch: Sequence[Any], model_inputs: Dict[str, Any]) -> Iterator[None]:
+        trainer = self.trainer
+        if self.config.validating(self._step()):
+            yield
+            return
+        encodings: List[Union[EncodedCompletion, NotEncodable]] = []
+        with template_state(trainer.template):
+            for sample in batch:
+                try:
+                    encodings.append(encoding_of(sample, self.system_turns))
+                except NotEncodable as error:
+                    encodings.append(error)
+        self._image_grids(batch, encodings, model_inputs.get('image_grid_thw'))
+        usable = [(s, e) for s, e in zip(batch, encodings) if isinstance(e, EncodedCompletion)]
+        placements = micro_batch_placements([len(s.encoded['input_ids']) for s in batch],
+                                            [e.prompt_len if isinstance(e, EncodedCompletion) else 0 for e in encodings],
+                                            [e.num_generated if isinstance(e, EncodedCompletion) else 0
+                                             for e in encodings],
+                                            packed=bool(getattr(trainer.template, 'padding_free', False)))
+        main = trainer.accelerator.is_main_process
+        captures: List[Tuple[Any, EncodedCompletion, KeySets, LayerCapture]] = []
+        for (sample, encoded), placement in zip(usable, [p for p, e in zip(placements, encodings)
+                                                         if isinstance(e, EncodedCompletion)]):
+            key_sets = build_key_sets(encoded.input_ids, encoded.prompt_len, self.spec.vision_token_ids,
+                                      self.spec.special_ids, encoded.system_turn)
+            keep = main and self._kept < self.report_samples
+            self._kept += keep
+            captures.append((sample, encoded, key_sets, LayerCapture(
+                key_sets, encoded.prompt_len, placement.rows, self.spec.attention_layers, placement.batch_index,
+                keep_key_attention=keep, start=placement.start)))
+        forward = ForwardCapture([c[3] for c in captures], self.spec.attention_layers)
+        config = unwrap_policy(trainer).config
+        keys = AttnImpl.attn_impl_keys
+        report = ForwardReport(attention_before=attention_settings(config, keys),
+                               gradient_checkpointing=getattr(trainer.model, 'is_gradient_checkpointing', None))
+        name = wrapped_attention(language_config(config)._attn_implementation)
+        with language_attention(config, keys, name), capturing(forward):
+            report.attention_during = attention_settings(config, keys)
+            yield
+        finished = forward.finish() if forward.complete else [None] * len(captures)
+        length = int(model_inputs['input_ids'].shape[-1])
+        for (sample, encoded, key_sets, _), capture in zip(captures, finished):
+            self._captured[str(sample.request_id)] = Captured(encoded, key_sets, capture, forward, length, report)
+        for sample, encoded in zip(batch, encodings):
+            if isinstance(encoded, NotEncodable):
+                self._captured[str(sample.request_id)] = encoded
+
+    def _image_grids(self, batch: Sequence[Any], encodings: List[Union[EncodedCompletion, NotEncodable]],
+                     grids) -> None:
+        """Give each encoding its own ``image_grid_thw`` (the report lays the heat maps out with it): ms-swift's
+        collator takes it out of the samples' encodings into the micro-batch's, every sample's images in order."""
+        if grids is None:
+            return
+        image_token = self.spec.image_token_id
+        counts = [sum(int(t) == image_token for t in sample.encoded['input_ids']) for sample in batch]
+        for encoded, rows in zip(encodings, split_image_grids(grids.tolist(), counts, image_merge_size(self.trainer))):
+            if isinstance(encoded, EncodedCompletion) and rows:
+                encoded.forward_kwargs = {**encoded.forward_kwargs, 'image_grid_thw': torch.tensor(rows)}
