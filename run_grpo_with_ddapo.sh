@@ -115,7 +115,7 @@ NPROCS=$NPROC_PER_NODE
 # where the reentrant kind warns "None of the inputs have requires_grad=True" on every step; gradients are the same.
 GRADIENT_CHECKPOINTING_KWARGS=${GRADIENT_CHECKPOINTING_KWARGS-'{"use_reentrant": false}'}
 export MAX_PIXELS=${MAX_PIXELS:-401408}   # Qwen-VL image budget (512 x 28 x 28): bounds vision tokens per image
-[ "$NPROC_PER_NODE" -gt 1 ] && export NPROC_PER_NODE || unset NPROC_PER_NODE
+[ "$NPROC_PER_NODE" -gt 1 ] 2>/dev/null && export NPROC_PER_NODE || unset NPROC_PER_NODE  # checked below
 
 if command -v swift >/dev/null 2>&1; then SWIFT=(swift); else SWIFT=(python3 -m swift.cli.main); fi
 # shellcheck disable=SC2206  # REWARD_FUNCS is a space-separated list on purpose
@@ -191,6 +191,9 @@ case "$ROLLOUT" in
         "this was tested with), or use Transformers rollouts: ROLLOUT=hf." ;;
   *) fail "ROLLOUT=$ROLLOUT: use vllm (vLLM rollouts) or hf (Transformers generate)." ;;
 esac
+# Processes per node: a non-number would silently run one process (and skip the GPU check below).
+is_uint "$NPROCS" && [ "$NPROCS" -ge 1 ] || fail "NPROC_PER_NODE=$NPROCS must be a whole number of processes per" \
+  "node, 1 or more (one per GPU)."
 # Several nodes: NNODES and NODE_RANK, and MASTER_ADDR with MASTER_PORT (node 0's address and a free port).
 is_uint "$NNODES" && [ "$NNODES" -ge 1 ] || fail "NNODES=$NNODES must be a whole number of nodes, 1 or more."
 if [ "$NNODES" != 1 ]; then

@@ -24,6 +24,14 @@ from tiny_qwen_vl import FAMILIES, MODEL_TYPES, build_shapes_dataset, build_tiny
 MODEL_TYPES = list(MODEL_TYPES)  # every family the reward supports
 
 
+@pytest.fixture(autouse=True)
+def no_caller_ddapo_settings(monkeypatch):
+    """In-process tests build the reward, which reads DDAPO_* from the environment (DDAPOConfig.from_env): the settings
+    of whoever runs the suite must not change what a test checks. Tests set their own with monkeypatch."""
+    for name in [k for k in os.environ if k.startswith('DDAPO_')]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(model_type) -> path``, each model built once per session."""

@@ -15,8 +15,11 @@ class TestDDAPOConfig:
                                                        token_weight_sigma=0.0)
 
     def test_report_settings(self):
-        config = DDAPOConfig.from_env({'DDAPO_REPORT': '0', 'DDAPO_REPORT_SAMPLES': '5'})
-        assert config.report is False and config.report_samples == 5
+        config = DDAPOConfig.from_env({'DDAPO_REPORT': '1', 'DDAPO_REPORT_SAMPLES': '5'})
+        assert config.report is True and config.report_samples == 5
+        assert DDAPOConfig.from_env({'DDAPO_REPORT': '0'}).report is False
+        with pytest.raises(ValueError, match='DDAPO_REPORT_SAMPLES is set but has no effect without DDAPO_REPORT=1'):
+            DDAPOConfig.from_env({'DDAPO_REPORT': '0', 'DDAPO_REPORT_SAMPLES': '5'})
 
     @pytest.mark.parametrize('raw', ['-1', 'two', '1.5', ''])
     def test_bad_count(self, raw):
@@ -47,8 +50,9 @@ class TestDDAPOConfig:
             'DDAPO_VALIDATE_STEPS=0')
 
     def test_paths(self):
-        config = DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Eager', 'DDAPO_PACK_TOKENS': '4096'})
-        assert (config.forward, config.attention, config.pack_tokens) == ('auto', 'eager', 4096)
+        config = DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Shared', 'DDAPO_PACK_TOKENS': '4096'})
+        assert (config.forward, config.attention, config.pack_tokens) == ('auto', 'shared', 4096)
+        assert DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Eager'}).attention == 'eager'
         assert DDAPOConfig.from_env({'DDAPO_FORWARD': 'Old_Logps'}).forward == 'old_logps'
         # the reward's own forwards read DDAPO_ATTENTION: under old_logps only on validation steps
         config = DDAPOConfig.from_env({'DDAPO_FORWARD': 'old_logps', 'DDAPO_ATTENTION': 'eager',
@@ -102,6 +106,9 @@ class TestTokenWeightSettings:
         ({'DDAPO_REWARD': 'group', 'DDAPO_GATE_REWARD': 'answer_match'}, 'DDAPO_GATE_REWARD is set but has no effect'),
         ({'DDAPO_FORWARD': 'old_logps', 'DDAPO_ATTENTION': 'rows'},
          'DDAPO_ATTENTION is set but has no effect without DDAPO_FORWARD=auto or own, or DDAPO_VALIDATE_STEPS'),
+        ({'DDAPO_ATTENTION': 'rows', 'DDAPO_PACK_TOKENS': '4096'},
+         'DDAPO_PACK_TOKENS is set but has no effect without DDAPO_ATTENTION=shared'),
+        ({'DDAPO_FORWARD': 'old_logps', 'DDAPO_PACK_TOKENS': '4096'}, 'DDAPO_PACK_TOKENS is set but has no effect'),
     ])
     def test_setting_without_effect(self, environ, message):
         with pytest.raises(ValueError, match=message):

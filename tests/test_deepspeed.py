@@ -10,8 +10,10 @@ without an accelerator accelerate counted one process and DeepSpeed stopped at i
 then counts one process itself). The launcher refuses that setup at start. ms-swift's fp16 default is turned off
 (`--fp16 false`): DeepSpeed's CPU accelerator has no fp16.
 """
+import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -136,37 +138,50 @@ def assert_rescored(model_dir, dump, output_dir):
     assert None in scored and any(r is not None for r in scored)  # text-only and image rows
 
 
+def launch_two_nodes(model_dir, dataset, tmp_path, port, env_extra):
+    """Two `swift rlhf` processes with NNODES=2, NODE_RANK 0 and 1, MASTER_ADDR=127.0.0.1, one process each (as
+    run_grpo_with_ddapo.sh exports them, and ms-swift's launcher hands them to torchrun), ZeRO-3 over gloo; returns
+    the processes and their log paths."""
+    nodes, logs = [], []
+    for rank in (0, 1):
+        node_dir = tmp_path / f'node{rank}'
+        node_dir.mkdir()
+        cmd = swift_command(model_dir, dataset, str(node_dir), '--deepspeed', 'zero3', '--fp16', 'false', '--bf16',
+                            'false', '--per_device_train_batch_size', '2', '--max_steps', '3', hooks=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_') and k != 'NPROC_PER_NODE'}
+        env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', NNODES='2', NODE_RANK=str(rank),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), DS_ACCELERATOR='cpu',
+                   DDAPO_PACK_TOKENS=PACK_TOKENS, PYTHONPATH=os.pathsep.join([SHIM, env.get('PYTHONPATH', '')]),
+                   **env_extra)
+        logs.append(str(node_dir / 'run.log'))
+        nodes.append(subprocess.Popen(cmd, stdout=open(logs[-1], 'w'), stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True))
+    return nodes, logs
+
+
+def wait_all(nodes, timeout):
+    """Wait for every process within ``timeout`` seconds in all; then kill whatever is left."""
+    deadline = time.monotonic() + timeout
+    try:
+        for node in nodes:
+            node.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for node in nodes:
+            kill(node)
+
+
 class TestTwoNodes:
-    """Two nodes of one process each, on loopback: two `swift rlhf` processes with NNODES=2, NODE_RANK 0 and 1,
-    MASTER_ADDR=127.0.0.1 (ms-swift's launcher hands them to torchrun, as run_grpo_with_ddapo.sh exports them),
-    DeepSpeed ZeRO-3 over gloo, image and text-only prompts mixed. Both nodes finish; the attention is read inside the
-    old log-prob forward, so no rank runs a forward of its own or a padding forward; and the first step's rewards
-    equal one-process re-scoring with the reward's own forward (1e-5)."""
+    """Two nodes of one process each, on loopback (`launch_two_nodes`), image and text-only prompts mixed. Both nodes
+    finish; the attention is read inside the old log-prob forward, so no rank runs a forward of its own or a padding
+    forward; and the first step's rewards equal one-process re-scoring with the reward's own forward (1e-5)."""
 
     def test_two_nodes(self, tiny_model_dir, alternating_dataset, tmp_path):
         model_dir = tiny_model_dir('qwen2_5_vl')
         dump = str(tmp_path / 'dump')
-        nodes, logs = [], []
-        for rank in (0, 1):
-            node_dir = tmp_path / f'node{rank}'
-            node_dir.mkdir()
-            cmd = swift_command(model_dir, alternating_dataset, str(node_dir), '--deepspeed', 'zero3', '--fp16',
-                                'false', '--bf16', 'false', '--per_device_train_batch_size', '2', '--max_steps', '3',
-                                hooks=True)
-            env = {k: v for k, v in os.environ.items() if not k.startswith('DDAPO_') and k != 'NPROC_PER_NODE'}
-            env.update(HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', NNODES='2', NODE_RANK=str(rank),
-                       MASTER_ADDR='127.0.0.1', MASTER_PORT='29549', DS_ACCELERATOR='cpu',
-                       DDAPO_PACK_TOKENS=PACK_TOKENS, TEST_DDAPO_DUMP_DIR=dump,
-                       PYTHONPATH=os.pathsep.join([SHIM, env.get('PYTHONPATH', '')]))
-            logs.append(str(node_dir / 'run.log'))
-            nodes.append(subprocess.Popen(cmd, stdout=open(logs[-1], 'w'), stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
-        try:
-            for node in nodes:
-                node.wait(timeout=400)
-        finally:
-            for node in nodes:
-                kill(node)
+        nodes, logs = launch_two_nodes(model_dir, alternating_dataset, tmp_path, 29549, {'TEST_DDAPO_DUMP_DIR': dump})
+        wait_all(nodes, 400)
         texts = [open(path).read() for path in logs]
         for node, text in zip(nodes, texts):
             assert node.returncode == 0, text[-5000:]
@@ -179,32 +194,90 @@ class TestTwoNodes:
         assert_rescored(model_dir, dump, str(tmp_path / 'one_process'))
 
 
+class TestStopsOnEveryRank:
+    """DDAPO_STRICT=1 on two nodes (ZeRO-3, the reward's own forwards, so its forward-count agreement and collective
+    forwards run in between): the first text-only row is met by one rank only, and both processes stop, each with
+    the same error naming that rank, within a bounded time. Before the error went through the call's gather, the
+    other rank waited in the gather for a rank that had raised."""
+
+    def test_one_rank_meets_the_error(self, tiny_model_dir, alternating_dataset, tmp_path):
+        nodes, logs = launch_two_nodes(tiny_model_dir('qwen2_5_vl'), alternating_dataset, tmp_path, 29551,
+                                       {'DDAPO_STRICT': '1', 'DDAPO_FORWARD': 'own'})
+        started = time.monotonic()
+        wait_all(nodes, 300)
+        assert time.monotonic() - started < 300, 'a node did not stop'
+        texts = [open(path).read() for path in logs]
+        messages = []
+        for node, text in zip(nodes, texts):
+            assert node.returncode not in (0, None, -signal.SIGKILL), text[-3000:]
+            found = [line[line.index('ddapo_attention stopped'):] for line in text.splitlines()
+                     if 'RuntimeError: ddapo_attention stopped the run on every rank: ' in line]
+            assert found, text[-5000:]
+            messages.append(found[0])
+        assert messages[0] == messages[1], messages  # both ranks stopped with the same decision
+        assert len(re.findall(r'rank \d+: ', messages[0])) == 1, messages[0]  # one rank met it
+        assert 'DDAPO_STRICT=1' in messages[0] and 'no_vision_keys' in messages[0]
+
+
+def rank_processes(process):
+    """The rank processes under a launched run (torchrun's children with LOCAL_RANK in their environment)."""
+    import psutil
+    ranks = []
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            if 'LOCAL_RANK' in child.environ() and 'swift' in ' '.join(child.cmdline()):
+                ranks.append(child)
+        except psutil.Error:
+            pass
+    return ranks
+
+
+def current_stacks(stacks_dir, ranks, count):
+    """Ask every rank for its stacks (SIGUSR1, tests/plugins: TEST_DDAPO_STACKS) and return each rank's ``count``-th
+    dump of the thread that received the signal, the main thread: ``{rank: [frames]}``."""
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    stacks = {}
+    for path in sorted(glob.glob(os.path.join(stacks_dir, 'stacks.rank*'))):
+        dumps = [block for block in open(path).read().split('Current thread')[1:]]
+        if len(dumps) >= count:
+            frames = dumps[count - 1].split('\n\n')[0].splitlines()[1:]
+            stacks[os.path.basename(path)] = [frame.strip() for frame in frames if frame.strip().startswith('File')]
+    return stacks
+
+
 class TestLockstepCanFail:
     """The same ZeRO-3 run, with the reward's own forwards (DDAPO_FORWARD=own) and the padding forwards skipped
-    (TEST_DDAPO_SKIP_PADDING=1 of tests/plugins), hangs: the
-    rank with fewer forwards waits in a collective the other never joins. Detected within a bounded time: after the
-    first skipped padding forward the run has not finished and its log has not grown for 20 s (a running step
-    writes its progress every few seconds; a whole normal run takes 40 to 55 s here), and it is killed."""
+    (TEST_DDAPO_SKIP_PADDING=1 of tests/plugins), hangs: the rank with fewer forwards waits in a collective that the
+    other never joins. Detected positively: after the skip, each rank's Python stack is dumped twice, 10 s apart
+    (faulthandler on SIGUSR1, TEST_DDAPO_STACKS); both ranks' main threads are where they were, and they wait inside
+    torch.distributed collectives. A slow healthy run would show progress between the dumps. The run is then killed."""
 
     def test_hangs_without_padding(self, tiny_model_dir, alternating_dataset, tmp_path):
+        stacks_dir = str(tmp_path / 'stacks')
         process, log_path = launch(tiny_model_dir('qwen2_5_vl'), alternating_dataset, str(tmp_path), 'zero3', 29545,
-                                   {'TEST_DDAPO_SKIP_PADDING': '1', 'DDAPO_FORWARD': 'own'})
-        skipped_at, size, grew_at = None, -1, time.monotonic()
+                                   {'TEST_DDAPO_SKIP_PADDING': '1', 'DDAPO_FORWARD': 'own',
+                                    'TEST_DDAPO_STACKS': stacks_dir})
+        first = second = None
         try:
             deadline = time.monotonic() + 400
             while time.monotonic() < deadline and process.poll() is None:
-                log = open(log_path).read()
-                if len(log) != size:
-                    size, grew_at = len(log), time.monotonic()
-                if skipped_at is None and 'TEST_DDAPO_SKIP_PADDING=1: skipping' in log:
-                    skipped_at = time.monotonic()
-                if skipped_at is not None and time.monotonic() - max(skipped_at, grew_at) > 20:
-                    break  # stalled since the skip
+                if 'TEST_DDAPO_SKIP_PADDING=1: skipping' in open(log_path).read():
+                    break
                 time.sleep(1)
+            time.sleep(10)  # the ranks reach their collectives
+            ranks = rank_processes(process)
+            if process.poll() is None and len(ranks) == 2:
+                first = current_stacks(stacks_dir, ranks, 1)
+                time.sleep(10)
+                second = current_stacks(stacks_dir, ranks, 2)
             finished = process.poll() is not None
         finally:
             kill(process)
         log = open(log_path).read()
-        assert skipped_at is not None, log[-5000:]
+        assert 'TEST_DDAPO_SKIP_PADDING=1: skipping' in log, log[-5000:]
         assert not finished, f'the run ended (rc {process.returncode}) although a rank skipped its padding forward'
+        assert first and len(first) == 2 and first == second, (first, second)  # no progress on either rank
+        assert all(any('torch/distributed/' in frame for frame in frames) for frames in first.values()), first
         assert 'End time of running main' not in log

@@ -73,9 +73,13 @@ class TestSequenceScores:
 
     def test_identities(self):
         s = sequence_scores(torch.tensor([0.9, 0.35, 0.5]), num_text_keys=7, num_vision_keys=64)
-        assert s.tdr == pytest.approx((s.M_text * 64) / (s.M_vis * 7))  # Eq. (5)
-        assert s.tdr == pytest.approx(s.eta_text / s.eta_vis)  # Eq. (6)
-        assert s.reward_balance == pytest.approx(1 / (1 + s.tdr))  # Eq. (7)
+        M_text = (0.9 + 0.35 + 0.5) / 3  # Eq. (5), from the inputs
+        rho_text, rho_vis = M_text / 7, (1 - M_text) / 64  # Eq. (2)
+        assert (s.M_text, s.M_vis) == pytest.approx((M_text, 1 - M_text))
+        assert (s.rho_text, s.rho_vis) == pytest.approx((rho_text, rho_vis))
+        assert s.tdr == pytest.approx(rho_text / rho_vis)  # Eq. (3)
+        assert (s.eta_text, s.eta_vis) == pytest.approx((M_text / (7 / 71), (1 - M_text) / (64 / 71)))  # Eq. (6)
+        assert s.reward_balance == pytest.approx(rho_vis / (rho_text + rho_vis))  # Eq. (7)
 
     def test_balance_is_one_half(self):
         s = sequence_scores(torch.tensor([0.25]), num_text_keys=10, num_vision_keys=30)  # 0.25/10 == 0.75/30

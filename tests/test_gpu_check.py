@@ -27,7 +27,8 @@ class TestCpuSmoke:
         assert result.returncode == 0, (out + result.stderr)[-5000:]
         assert 'GPU check on CPU (' in out and 'cores), tiny model' in out
         for row in ('| step time, median of steps 2.. (s) |', '| ddapo_attention call, median (s) | - |',
-                    '| added to the step: (step - step without) / step | - |',
+                    '| reward cost: call + _prepare_batch_inputs over the arm without (s) | - |',
+                    '| _prepare_batch_inputs (old log-prob forward), median (s) |',
                     '| peak GPU memory allocated (GiB) | n/a | n/a | n/a |',
                     '| rewards/DDAPOAttentionORM/mean per step |'):
             assert row in out, out
@@ -73,25 +74,26 @@ class TestGpuRun:
 
 
 class TestVerdicts:
-    """Edge cases: constant rewards fail, non-finite rewards fail; the targets (own 10%, old_logps 2% of a step,
-    measured against the step without the reward) are stated on a GPU only, against the vLLM step when the vLLM arms
-    ran."""
+    """Edge cases: constant rewards fail, non-finite rewards fail; the reward's cost is its call plus what it adds to
+    _prepare_batch_inputs (where the old_logps capture runs) against the arm without it; the targets (own 10%,
+    old_logps 2% of a step) are stated on a GPU only, against the vLLM step when the vLLM arms ran."""
 
     @staticmethod
-    def arm(rewards, stds, steps=(9.0, 2.0, 2.0), reward_times=(1.0, 0.1, 0.1)):
+    def arm(rewards, stds, steps=(9.0, 2.0, 2.0), reward_times=(1.0, 0.1, 0.1), prepare_times=(0.5, 0.3, 0.3)):
         return {'rewards': rewards, 'reward_stds': stds, 'step_times': list(steps), 'reward_times': list(reward_times),
-                'peak': None, 'lengths': [8.0, 8.0, 8.0]}
+                'prepare_times': list(prepare_times), 'peak': None, 'lengths': [8.0, 8.0, 8.0]}
 
     def runs(self, rewards, stds, **own_arm):
         return {('hf', 'without'): self.arm([], [], steps=(9.0, 1.9, 1.9), reward_times=()),
                 ('hf', 'own'): self.arm(rewards, stds, **own_arm),
-                ('hf', 'old_logps'): self.arm(rewards, stds, steps=(9.0, 1.92, 1.92), reward_times=(0.2, 0.01, 0.01))}
+                ('hf', 'old_logps'): self.arm(rewards, stds, steps=(9.0, 1.95, 1.95), reward_times=(0.2, 0.01, 0.01),
+                                              prepare_times=(0.5, 0.32, 0.32))}
 
     def test_varying(self):
         failures, notes = gpu_check.verdicts(self.runs([0.4, 0.45], [0.02, 0.03]), gpu=True)
         assert not failures
-        assert 'ddapo_attention (own) adds 5.0% to the hf GRPO step: within the 10% target' in notes
-        assert 'ddapo_attention (old_logps) adds 1.0% to the hf GRPO step: within the 2% target' in notes
+        assert 'ddapo_attention (own) costs 5.0% of the hf GRPO step: within the 10% target' in notes
+        assert 'ddapo_attention (old_logps) costs 1.5% of the hf GRPO step: within the 2% target' in notes
 
     def test_constant_and_non_finite(self):
         assert 'do not vary' in gpu_check.verdicts(self.runs([0.5, 0.5], [0.0, 0.0]), gpu=False)[0][0]
@@ -100,20 +102,23 @@ class TestVerdicts:
                                                                        gpu=False)[1])
 
     def test_above_target(self):
-        _, notes = gpu_check.verdicts(self.runs([0.4, 0.5], [0.1, 0.1], steps=(9.0, 2.5, 2.5)), gpu=True)
-        assert 'ddapo_attention (own) adds 24.0% to the hf GRPO step: ABOVE the 10% target' in notes
+        _, notes = gpu_check.verdicts(self.runs([0.4, 0.5], [0.1, 0.1], reward_times=(1, 0.5, 0.5)), gpu=True)
+        assert 'ddapo_attention (own) costs 25.0% of the hf GRPO step: ABOVE the 10% target' in notes
 
     def test_vllm_step_is_the_target(self):
         """With fast rollouts the same reward is a larger share of a shorter step."""
         runs = self.runs([0.4, 0.5], [0.1, 0.1])
-        runs[('vllm', 'without')] = self.arm([], [], steps=(5.0, 0.6, 0.6), reward_times=())
-        runs[('vllm', 'own')] = self.arm([0.4, 0.5], [0.1, 0.1], steps=(5.0, 0.7, 0.7))
-        runs[('vllm', 'old_logps')] = self.arm([0.4, 0.5], [0.1, 0.1], steps=(5.0, 0.61, 0.61))
+        runs[('vllm', 'without')] = self.arm([], [], steps=(5.0, 0.6, 0.6), reward_times=(),
+                                             prepare_times=(0.2, 0.1, 0.1))
+        runs[('vllm', 'own')] = self.arm([0.4, 0.5], [0.1, 0.1], steps=(5.0, 0.7, 0.7), prepare_times=(0.2, 0.1, 0.1))
+        runs[('vllm', 'old_logps')] = self.arm([0.4, 0.5], [0.1, 0.1], steps=(5.0, 0.61, 0.61),
+                                               reward_times=(0.2, 0.005, 0.005), prepare_times=(0.2, 0.105, 0.105))
         failures, notes = gpu_check.verdicts(runs, gpu=True)
-        assert not failures and 'ddapo_attention (own) adds 14.3% to the vllm GRPO step: ABOVE the 10% target' in notes
-        assert 'ddapo_attention (old_logps) adds 1.6% to the vllm GRPO step: within the 2% target' in notes
+        assert not failures and 'ddapo_attention (own) costs 14.3% of the vllm GRPO step: ABOVE the 10% target' in notes
+        assert 'ddapo_attention (old_logps) costs 1.6% of the vllm GRPO step: within the 2% target' in notes
         text = '\n'.join(gpu_check.table('GPU', runs))
         assert ('| measure | HF generate, no ddapo_attention | HF generate, ddapo_attention, own forward | '
                 'HF generate, ddapo_attention, old_logps | vLLM colocate, no ddapo_attention |') in text
-        assert '| ddapo_attention call, share of the step | - | 5.000% | 0.521% | - | 14.286% | 16.393% |' in text
+        assert '| reward cost, share of the step | - | 5.000% | 1.538% | - | 14.286% | 1.639% |' in text
+        assert '| _prepare_batch_inputs (old log-prob forward), median (s) | 0.300 | 0.300 | 0.320 |' in text
         assert 'vLLM colocate: step time ddapo_attention, own forward / without = 1.167x' in text

@@ -22,6 +22,17 @@ def run_script(*args, timeout=60, **env):
                           env={**base, **env})
 
 
+# A host with no visible GPU, whatever this machine has: torch counts no device for an invalid id (an empty value
+# would be replaced by the launcher's default 0,1).
+NO_GPU = {'CUDA_VISIBLE_DEVICES': '-1'}
+
+
+def hiding(folder, *modules) -> str:
+    """A PYTHONPATH entry whose sitecustomize makes ``modules`` not importable, whatever is installed."""
+    (folder / 'sitecustomize.py').write_text('import sys\n' + ''.join(f"sys.modules['{m}'] = None\n" for m in modules))
+    return str(folder)
+
+
 def composed(result):
     """(environment shown, argv) from the script's `+ ...` line."""
     line = next(line for line in result.stdout.splitlines() if line.startswith('+ '))
@@ -121,7 +132,7 @@ class TestDryRun:
     def test_demo_vllm_on_cpu(self, tmp_path):
         """ROLLOUT=vllm --demo on a machine without a GPU: the 32-wide-head build, vLLM's CPU settings (no sleep mode,
         eager, a small model length) and the plugin that keeps the weights its CPU kernels repack."""
-        env, argv = composed(run_script('--demo', '--dry-run', ROLLOUT='vllm', OUTPUT_DIR=str(tmp_path)))
+        env, argv = composed(run_script('--demo', '--dry-run', ROLLOUT='vllm', OUTPUT_DIR=str(tmp_path), **NO_GPU))
         assert flag(argv, '--model') == [str(tmp_path / 'tiny-qwen2_5_vl-head32-warm')]
         assert flag(argv, '--use_vllm') == ['true'] and flag(argv, '--vllm_mode') == ['colocate']
         assert flag(argv, '--sleep_level') == ['0'] and flag(argv, '--vllm_enforce_eager') == ['true']
@@ -131,19 +142,19 @@ class TestDryRun:
 
 
 class TestPrerequisites:
-    """Checked before anything starts, each naming its fix (this machine has no GPU): vllm not importable for
+    """Checked before anything starts, each naming its fix (on any host: the tests hide its GPUs and, where they need
+    it, vllm or deepspeed): vllm not importable for
     ROLLOUT=vllm; bad rollout and node settings; deepspeed not
     importable when DEEPSPEED asks for it (DEEPSPEED=none and an empty value run without it); a model or dataset
     that is neither a path nor a hub id; fewer visible GPUs than NPROC_PER_NODE."""
 
     @pytest.fixture()
     def no_deepspeed(self, tmp_path):
-        (tmp_path / 'sitecustomize.py').write_text("import sys\nsys.modules['deepspeed'] = None\n")
-        return str(tmp_path)
+        return hiding(tmp_path, 'deepspeed')
 
-    def test_vllm_missing(self):
-        """ROLLOUT=vllm (the default) where vllm is not importable (this environment): the fix is named."""
-        result = run_script()
+    def test_vllm_missing(self, tmp_path):
+        """ROLLOUT=vllm (the default) where vllm is not importable: the fix is named."""
+        result = run_script(PYTHONPATH=hiding(tmp_path, 'vllm'), **NO_GPU)
         assert result.returncode == 2, result.stderr
         assert 'ROLLOUT=vllm needs the vllm package' in result.stderr and 'pip install -e ".[vllm]"' in result.stderr
         assert 'ROLLOUT=hf' in result.stderr
@@ -156,10 +167,12 @@ class TestPrerequisites:
         ({'NNODES': '2', 'MASTER_ADDR': '10.0.0.1', 'MASTER_PORT': '29500'}, 'NNODES=2 needs NODE_RANK'),
         ({'NNODES': '2', 'NODE_RANK': '2', 'MASTER_ADDR': '10.0.0.1', 'MASTER_PORT': '29500'}, '0 to 1'),
         ({'NNODES': 'two'}, 'NNODES=two must be a whole number'),
+        ({'NPROC_PER_NODE': 'two'}, 'NPROC_PER_NODE=two must be a whole number of processes'),
+        ({'NPROC_PER_NODE': '0'}, 'NPROC_PER_NODE=0 must be a whole number of processes'),
         ({'NODE_RANK': '1'}, 'NODE_RANK=1 without NNODES')])
     def test_bad_settings(self, env, message):
         """Each stops the run before anything starts, naming the fix."""
-        result = run_script(**{'ROLLOUT': 'hf', **env})
+        result = run_script(**{'ROLLOUT': 'hf', **NO_GPU, **env})
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
     @pytest.mark.parametrize('env', [{'DS_ACCELERATOR': 'cpu', 'DEEPSPEED': 'zero3'}, {'DEEPSPEED': 'none'}])
@@ -168,34 +181,34 @@ class TestPrerequisites:
         process counted; without it each process trains alone, or ms-swift's advantage split stops under gloo):
         refused with the reasons and the fix before anything is built; a single CPU process with DeepSpeed is
         composed."""
-        result = run_script('--demo', NPROC_PER_NODE='2', OUTPUT_DIR=str(tmp_path), **env)
+        result = run_script('--demo', NPROC_PER_NODE='2', OUTPUT_DIR=str(tmp_path), **NO_GPU, **env)
         assert result.returncode == 2 and 'GRPO does not run data-parallel on CPU processes' in result.stderr
         assert 'NPROC_PER_NODE=1' in result.stderr and list(tmp_path.iterdir()) == []
         _, argv = composed(run_script('--demo', '--dry-run', DS_ACCELERATOR='cpu', DEEPSPEED='zero3',
-                                      OUTPUT_DIR=str(tmp_path)))
+                                      OUTPUT_DIR=str(tmp_path), **NO_GPU))
         assert flag(argv, '--deepspeed') == ['zero3'] and flag(argv, '--fp16') == ['false']
 
     def test_deepspeed_missing(self, no_deepspeed):
-        result = run_script(PYTHONPATH=no_deepspeed, ROLLOUT='hf')
+        result = run_script(PYTHONPATH=no_deepspeed, ROLLOUT='hf', **NO_GPU)
         assert result.returncode == 2 and 'DEEPSPEED=zero2 needs the deepspeed package' in result.stderr
         assert 'pip install -e ".[deepspeed]"' in result.stderr and 'DEEPSPEED=none' in result.stderr
 
     @pytest.mark.parametrize('value', ['none', ''])
     def test_without_deepspeed(self, no_deepspeed, value):
-        result = run_script(PYTHONPATH=no_deepspeed, DEEPSPEED=value, ROLLOUT='hf')
+        result = run_script(PYTHONPATH=no_deepspeed, DEEPSPEED=value, ROLLOUT='hf', **NO_GPU)
         assert '--deepspeed' not in composed(result)[1] and 'deepspeed' not in result.stderr
-        assert 'visible GPUs' in result.stderr  # the next check: this machine has none
+        assert 'visible GPUs' in result.stderr and result.returncode == 2  # the next check: no GPU is visible
 
     @pytest.mark.parametrize('name, value', [('MODEL', '/no/such/model'), ('MODEL', 'not a hub id'),
                                              ('DATASET', './missing.jsonl'), ('DATASET', 'AI-ModelScope/x /nope')])
     def test_model_and_dataset(self, name, value):
-        result = run_script(**{name: value, 'ROLLOUT': 'hf'})
+        result = run_script(**{name: value, 'ROLLOUT': 'hf', **NO_GPU})
         assert result.returncode == 2 and f'{name}=' in result.stderr and 'neither' in result.stderr, result.stderr
 
     def test_gpus(self, tmp_path):
         data = tmp_path / 'train.jsonl'
         data.write_text('{}\n')
-        result = run_script(MODEL=str(tmp_path), DATASET=f'{data}#100', ROLLOUT='hf')
+        result = run_script(MODEL=str(tmp_path), DATASET=f'{data}#100', ROLLOUT='hf', **NO_GPU)
         assert result.returncode == 2
         assert 'NPROC_PER_NODE=2 needs 2 visible GPUs and 0 are visible' in result.stderr and '--demo' in result.stderr
 

@@ -3,9 +3,7 @@ swift_patches/grpo_old_logps_scoring.py, and ddapo.ms_swift.old_logps), in proce
 old log-probs and loss are compared bit for bit with DDAPO_FORWARD=own, are in test_swift_rlhf_e2e.TestForwardPath.
 """
 import os
-import shutil
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -287,30 +285,25 @@ class TestRuntimePatch:
             grpo_old_logps_scoring.apply()
 
 
+def check_diff_installed():
+    """On an ms-swift with the diff applied: the runtime patch stands down and the stages run in the new order once
+    the channel is open (run by test_token_weights_patch.TestDiff on its copy with all three diffs)."""
+    from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
+
+    from swift_patches import grpo_old_logps_scoring
+    assert grpo_old_logps_scoring.apply() == 'diff installed' and grpo_old_logps_scoring.is_applied()
+    recorder = Recorder()
+    grpo_old_logps_scoring.open_channel(recorder, lambda batch, inputs: None)
+    GRPOTrainer._generate_and_score_completions(recorder, [])
+    assert recorder.calls[1:3] == ['_prepare_batch_inputs', '_score_completions'], recorder.calls
+
+
 class TestDiff:
-    """The unified diff applies to the installed ms-swift, alone and after the other two; on the patched copy the
-    runtime patch stands down ('diff installed') and the stages run in the reordered order once the channel is open."""
+    """The unified diff applies to the installed ms-swift. On a copy with it applied (after the other two), the
+    runtime patch stands down and the stages run reordered: `check_diff_installed`, run on the one patched copy of
+    test_token_weights_patch.TestDiff."""
 
     def test_dry_run_on_installed_swift(self):
         result = subprocess.run(['patch', '-p1', '--dry-run', '-i', DIFF], cwd=swift_site_dir(), capture_output=True,
                                 text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-
-    def test_patched_copy(self, tmp_path):
-        shutil.copytree(os.path.join(swift_site_dir(), 'swift'), tmp_path / 'swift',
-                        ignore=shutil.ignore_patterns('__pycache__'))
-        for name in ('reward_kwargs', 'token_weights', 'old_logps_scoring'):
-            diff = os.path.join(ROOT, 'swift_patches', f'ms_swift_4.6_grpo_{name}.diff')
-            result = subprocess.run(['patch', '-p1', '-i', diff], cwd=tmp_path, capture_output=True, text=True)
-            assert result.returncode == 0, result.stdout + result.stderr
-        code = ('import sys; sys.path[:0] = sys.argv[1:4]; import swift; '
-                'assert swift.__file__.startswith(sys.argv[1]), swift.__file__; '
-                'from swift_patches import grpo_old_logps_scoring as p; '
-                "assert p.apply() == 'diff installed' and p.is_applied(); "
-                'from swift.rlhf_trainers.grpo_trainer import GRPOTrainer; '
-                'from test_old_logps import Recorder; r = Recorder(); p.open_channel(r, lambda b, i: None); '
-                'GRPOTrainer._generate_and_score_completions(r, []); '
-                "assert r.calls[1:3] == ['_prepare_batch_inputs', '_score_completions'], r.calls")
-        result = subprocess.run([sys.executable, '-c', code, str(tmp_path), ROOT, os.path.dirname(__file__)],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]

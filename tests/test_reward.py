@@ -5,15 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import naive_reference
 from conftest import MODEL_TYPES, image, make_policy
 from ddapo.core.row import Row
 from ddapo.reward import DDAPOAttentionORM
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.formulas import layer_set
-from ddapo.core.key_sets import build_key_sets
-from ddapo.ms_swift.encoding import TEMPLATE_MODE, SystemTurns, encode_completion
+from ddapo.ms_swift.encoding import TEMPLATE_MODE
 from ddapo.ms_swift.model_spec import model_spec
-from ddapo.ms_swift.forward_env import policy_forward
 
 COMPLETIONS = ['The answer is red', 'It is a square, I think', 'blue', 'Think step by step. The shape is yellow']
 
@@ -34,41 +33,16 @@ def reward_kwargs(policy, completions=COMPLETIONS, images_per_row=1, text_only_r
 
 
 def naive_reward(policy, row, num_layers_read=8, layers=None):
-    """Eq. (1)-(7) written out from `output_attentions=True` of the unwrapped eager model, all layers kept."""
-    m_text, ks = naive_token_text_mass(policy, row, num_layers_read, layers)
-    M_text = m_text.mean().item()  # Eq. (5)
-    rho_text, rho_vis = M_text / ks.num_text_keys, (1 - M_text) / ks.num_vision_keys  # Eq. (2)
-    return rho_vis / (rho_text + rho_vis)  # Eq. (7)
+    """Eq. (1)-(7) written out from `output_attentions=True` of the unwrapped eager model, with the suite's own key sets
+    and system turn (tests/naive_reference.py: nothing of the product)."""
+    return naive_reference.balance_reward(policy, row, num_layers_read, layers)
 
 
 def naive_token_text_mass(policy, row, num_layers_read=8, layers=None):
-    """``m^T_{i,t}`` (Eq. 1 + 4) from `output_attentions=True`, and the key sets. ``layers``: positions in the
-    attention layers L_att, which is what eager returns attentions for (Qwen3.5: its softmax layers only)."""
-    spec = model_spec(policy)
-    with policy_forward(policy):  # the template's train-mode encoding
-        encoded = encode_completion(policy, row, SystemTurns(policy.template))
-    model, config = policy.model, policy.model.config
-    kwargs = {k: v for k, v in encoded.forward_kwargs.items()
-              if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids',
-                       'pixel_values_videos', 'video_grid_thw', 'second_per_grid_ts')}
-    handles = policy.template.remove_post_encode_hook()  # the hook would drop output_attentions
-    saved = config._attn_implementation
-    try:
-        config._attn_implementation = 'eager'
-        model.eval()
-        with torch.no_grad():
-            attentions = model(**kwargs, output_attentions=True).attentions
-    finally:
-        config._attn_implementation = saved
-        model.train()
-        policy.template.register_post_encode_hook(handles)
-    assert len(attentions) == len(spec.attention_layers)
-    P, n = encoded.prompt_len, encoded.num_generated
-    ks = build_key_sets(encoded.input_ids, P, spec.vision_token_ids, spec.special_ids, encoded.system_turn)
-    read = [attentions[l] for l in layers] if layers is not None else attentions[-num_layers_read:]
-    rows = torch.stack(read)[:, 0, :, P:P + n, :].double().mean(dim=1)  # [L, n, S]
-    text_mass, vision_mass = rows[..., ks.text_keys].sum(-1), rows[..., ks.vision_keys].sum(-1)
-    return (text_mass / (text_mass + vision_mass)).mean(dim=0), ks  # Eq. (1) + (4)
+    """``m^T_{i,t}`` (Eq. 1 + 4) from `output_attentions=True`, and the key sets (tests/naive_reference.py).
+    ``layers``: positions in the attention layers L_att, which is what eager returns attentions for (Qwen3.5: its
+    softmax layers only)."""
+    return naive_reference.token_text_mass(policy, row, num_layers_read, layers)
 
 
 def rows_of(columns):
@@ -214,29 +188,25 @@ class TestVariants:
     # Eq. (8) / (9) act on the R^bal values, whatever the family: one standard and one hybrid family (suite time)
     @pytest.mark.parametrize('policy', ['qwen2_5_vl', 'qwen3_5'], indirect=True)
     def test_group_and_gated(self, policy, monkeypatch):
-        import math
-
         from swift.rewards import orms
 
         from ddapo.answer_match import AnswerMatchORM
-        from ddapo.core.formulas import gated_rewards, group_robust_rewards
         monkeypatch.setitem(orms, 'answer_match', AnswerMatchORM)  # as plugin.py does, without applying its patch
         completions = ['<answer>red</answer>', 'blue', '<answer>red</answer> sure', 'red?', 'no']
         columns = reward_kwargs(policy, completions, text_only_rows=(4,))
         columns['prompt_id'] = ['p', 'p', 'p', 'q', 'q']
         columns['solution'] = ['red'] * 5
         balance = DDAPOAttentionORM()(completions, **columns)
-        tdr = [None if r is None else (1 - r) / r for r in balance]  # R^bal = 1 / (1 + TDR)
-        logs = [None if t is None else math.log(t) for t in tdr]
-        expected_group = group_robust_rewards(logs, columns['prompt_id'])
+        # Eq. (8) and (9) as the suite writes them (tests/naive_reference.py), from the balance rewards
+        expected_group = naive_reference.group_rewards(balance, columns['prompt_id'])
         group = DDAPOAttentionORM(config=DDAPOConfig(reward='group'))(completions, **columns)
         assert group == pytest.approx(expected_group, abs=1e-6)
         assert group[3] == 0.0 and group[4] is None  # q has one valid output; the text-only row stays None
         monkeypatch.setenv('DDAPO_REWARD', 'gated')  # the environment, the way in from swift rlhf
         monkeypatch.setenv('DDAPO_GATE_REWARD', 'answer_match')
         gated = DDAPOAttentionORM()(completions, **columns)
-        assert gated == pytest.approx(gated_rewards(expected_group, [True, False, True, True, False],
-                                                    columns['prompt_id']), abs=1e-6)
+        assert gated == pytest.approx(naive_reference.gated_rewards(expected_group, [True, False, True, True, False],
+                                                                    columns['prompt_id']), abs=1e-6)
         assert gated[1] == 0.0 and gated[0] == pytest.approx(expected_group[0], abs=1e-6)
 
     def test_unknown_gate_reward(self, monkeypatch):
@@ -255,10 +225,18 @@ class TestVariants:
 
 
 @pytest.fixture()
-def token_weights_on(monkeypatch):
+def token_weights_on(policy, monkeypatch):
+    """DDAPO_TOKEN_WEIGHTS=1 and the token-weights patch applied as plugin.py does; afterwards, passed or failed, the
+    GRPO trainer's method is the one before and the policy has no token-weight store."""
+    from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
+
     from swift_patches import grpo_token_weights
-    grpo_token_weights.apply()  # as plugin.py does
+    monkeypatch.setattr(GRPOTrainer, '_postprocess_batch', GRPOTrainer._postprocess_batch)  # restored afterwards
+    grpo_token_weights.apply()
     monkeypatch.setenv('DDAPO_TOKEN_WEIGHTS', '1')
+    yield
+    if getattr(policy, grpo_token_weights.STORE, None) is not None:
+        delattr(policy, grpo_token_weights.STORE)
 
 
 def weighted_kwargs(policy, completions, **kwargs):
@@ -297,7 +275,6 @@ class TestTokenWeights:
         assert metrics['ddapo/token_weight/min'] == pytest.approx(min(everything))
         assert metrics['ddapo/token_weight/max'] == pytest.approx(max(everything))
         assert 'advantage weight w per generated token' in (tmp_path / 'ddapo' / 'report.md').read_text()
-        store.clear()
 
     def test_unmatched_tokens(self, policy, token_weights_on):
         """A two-turn completion keeps its reward and gets no token weights, counted once in ``unweighted``."""
@@ -310,7 +287,6 @@ class TestTokenWeights:
         assert all(r is not None for r in rewards)
         assert set(token_weight_store(policy)) == {'one-turn'}
         assert orm.unweighted == {'multi_turn_completion': 1}
-        token_weight_store(policy).clear()
 
     def test_patch_missing(self, policy, token_weights_on, monkeypatch):
         from swift_patches import grpo_token_weights

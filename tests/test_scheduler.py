@@ -89,3 +89,12 @@ class TestRun:
         _, runs, _ = self.run([output(0, [1, 2]), output(1, [1, 2])], None, 'shared', out_of_memory)
         assert len(runs) == 1 and runs[0].captures is None and runs[0].out_of_memory and not runs[0].complete
         assert 'ran out of memory' in runs[0].detail and 'DDAPO_PACK_TOKENS' in runs[0].detail
+
+    def test_oom_without_message(self):
+        """An OutOfMemoryError raised with no message (some allocators do) is still this unit's None with a detail,
+        not an IndexError in the handler."""
+        def out_of_memory(**kwargs):
+            raise torch.OutOfMemoryError()
+
+        _, runs, _ = self.run([output(0, [1, 2])], None, 'rows', out_of_memory)
+        assert runs[0].out_of_memory and 'ran out of memory (no message)' in runs[0].detail

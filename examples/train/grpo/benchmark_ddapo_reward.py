@@ -8,6 +8,8 @@ the Qwen2-VL image processor, one prompt with G generated outputs. Measures, eac
                  | reward rows on a validation step (DDAPO_VALIDATE_STEPS: the masked-prompt forward and Eq. 12 too)
     per group:   G plain sdpa forwards | reward eager x G | reward rows x G | reward shared (one forward per pack)
                  | reward shared on a validation step
+                 | the G outputs as one micro-batch, as GRPO's old log-prob forward runs them (sdpa, the logits of the
+                   completion rows), without and with the DDAPO_FORWARD=old_logps capture inside it
 
 and the largest reward difference between the paths (reference: the reward's eager path). Prints one
 JSON document. ``--smoke`` runs a tiny configuration on the CPU in seconds (a test runs it).
@@ -28,8 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'plugin'))
 
-from ddapo.engine.capture import EAGER_ATTENTION, ROWS_ATTENTION, captured_forward  # noqa: E402
-from ddapo.ms_swift.attention import language_attention  # noqa: E402
+from ddapo.engine.capture import (EAGER_ATTENTION, ROWS_ATTENTION, ForwardCapture, LayerCapture,  # noqa: E402
+                                  captured_forward, capturing)
+from ddapo.ms_swift.attention import language_attention, wrapped_attention  # noqa: E402
 from ddapo.core.formulas import layer_set, sequence_scores, token_text_mass  # noqa: E402
 from ddapo.core.key_sets import build_key_sets  # noqa: E402
 from ddapo.core.packing import Member, shared_prompt_units  # noqa: E402
@@ -50,6 +53,11 @@ MODELS = {  # Qwen2.5-VL-3B / -7B-Instruct config.json, random weights
                 num_key_value_heads=2, tie_word_embeddings=True), dict(VISION_7B, out_hidden_size=2048)),
     '7b': (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, tie_word_embeddings=False), dict(VISION_7B, out_hidden_size=3584)),
+    # 8 layers, 1024 wide (head dim 64): forwards that dominate a CPU GRPO step (gpu_check.py --cpu-size medium)
+    'medium': (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                    num_key_value_heads=4, tie_word_embeddings=True),
+               dict(VISION_7B, depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1],
+                    out_hidden_size=1024)),
     'tiny': (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=True),
              dict(VISION_7B, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1],
@@ -191,7 +199,8 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
     def validated(path, batch):
         """A validation step's forwards (DDAPO_VALIDATE_STEPS) through the engine's own scheduler: the reward's forward
         with the output rows' logits kept, the masked-prompt forward, D_{i,t} (Eq. 12); its rewards and D_i."""
-        scheduler = ForwardScheduler(DDAPOConfig(attention=path, pack_tokens=args.pack_tokens), attention, hybrid=False)
+        packing = {'pack_tokens': args.pack_tokens} if path == 'shared' else {}  # read by shared only
+        scheduler = ForwardScheduler(DDAPOConfig(attention=path, **packing), attention, hybrid=False)
         outputs = [Output(i, Row({}), Member(*m[:3]), m[3]) for i, m in enumerate(batch)]
         environment = SimpleNamespace(forward=forward, gather=None, padding_encoding=None, collective=False)
         with language_attention(model.config, ATTN_KEYS, scheduler.implementation):
@@ -199,6 +208,26 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
         runs = [(capture, d) for run in call.runs for capture, d in zip(run.captures, run.dependencies)]
         return (rewards_from_captures([c for c, _ in runs], batch, layers),
                 [round(float(d.mean()), 6) for _, d in runs])
+
+    def micro_batch(batch):
+        """The outputs as one micro-batch (equal lengths here: no padding), as GRPO's old log-prob forward runs them;
+        the logits of the completion rows only (ms-swift's logits_to_keep)."""
+        kwargs = {key: torch.cat([m[0][key] for m in batch], dim=1 if key == 'position_ids' else 0)
+                  for key in batch[0][0] if key != 'logits_to_keep'}
+        return dict(kwargs, logits_to_keep=completion_tokens + 1)
+
+    batched = micro_batch(members)
+
+    def old_logps_plain():
+        return forward(**batched).logits
+
+    def old_logps_captured():
+        """The same forward through ``ddapo_over_sdpa`` with a capture per output (DDAPO_FORWARD=old_logps)."""
+        capture = ForwardCapture([LayerCapture(m[3], m[1], range(m[1], m[1] + m[2]), attention, batch_index=b,
+                                               keep_key_attention=False) for b, m in enumerate(members)], attention)
+        with language_attention(model.config, ATTN_KEYS, wrapped_attention('sdpa')), capturing(capture):
+            forward(**batched)
+        return rewards_from_captures(capture.finish(), members, layers)
 
     one, result = members[:1], {}
     w, r = args.warmup, args.repeats
@@ -210,6 +239,9 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
     per_group[f'reward_eager_x{args.group}'], ref_group = measure(lambda: reward('eager', members), device, w, r)
     per_group[f'reward_rows_x{args.group}'], rows_group = measure(lambda: reward('rows', members), device, w, r)
     per_group['reward_shared'], shared_group = measure(lambda: reward('shared', members), device, w, r)
+    # GRPO's old log-prob forward of the group as one micro-batch, then the same with the old_logps capture in it
+    per_group['old_logps_forward'] = measure(old_logps_plain, device, w, r)[0]
+    per_group['old_logps_forward_captured'], old_logps_group = measure(old_logps_captured, device, w, r)
     # a validation step: one more forward per unit on the masked prompt, and the output rows' logits in both
     per_output['reward_rows_validate'], (rows_validated, _) = measure(lambda: validated('rows', one), device, w, r)
     per_group['reward_shared_validate'], (shared_validated, dependency) = measure(
@@ -235,6 +267,10 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
             'naive_memory_vs_plain': ratio(per_output['naive_eager_all_attentions'], base, 'extra_peak_mib'),
             'shared_group_time_vs_plain_group': ratio(per_group['reward_shared'], base_group, 'ms'),
             'rows_group_time_vs_plain_group': ratio(per_group[f'reward_rows_x{args.group}'], base_group, 'ms'),
+            'old_logps_capture_time_vs_forward': ratio(per_group['old_logps_forward_captured'],
+                                                       per_group['old_logps_forward'], 'ms'),
+            'old_logps_capture_memory_vs_forward': ratio(per_group['old_logps_forward_captured'],
+                                                         per_group['old_logps_forward'], 'extra_peak_mib'),
             'validate_rows_time_vs_rows': ratio(per_output['reward_rows_validate'], per_output['reward_rows'], 'ms'),
             'validate_rows_memory_vs_rows': ratio(per_output['reward_rows_validate'], per_output['reward_rows'],
                                                   'extra_peak_mib'),
@@ -247,6 +283,7 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
             'eager_vs_naive': diff(ref_one, naive),
             'rows_vs_eager': max(diff(rows_one, ref_one), diff(rows_group, ref_group)),
             'shared_vs_eager': diff(shared_group, ref_group),
+            'old_logps_vs_eager': diff(old_logps_group, ref_group),
             # validation never changes a reward
             'validate_vs_no_validate': max(diff(rows_validated, rows_one), diff(shared_validated, shared_group)),
         },
@@ -266,9 +303,9 @@ def run_config(model, size: str, prompt_tokens: int, completion_tokens: int, arg
 def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--sizes', nargs='+', default=['3b:1420+384', '7b:2620+1024'],
-                        help='SIZE:PROMPT+COMPLETION, SIZE in 3b, 7b, tiny')
+                        help='SIZE:PROMPT+COMPLETION, SIZE in 3b, 7b, medium (CPU), tiny')
     parser.add_argument('--group', type=int, default=8, help='outputs per prompt (G)')
-    parser.add_argument('--image-side', default='3b=812,7b=1148,tiny=112',
+    parser.add_argument('--image-side', default='3b=812,7b=1148,medium=224,tiny=112',
                         help='image side in pixels per size (812 px: 841 vision tokens, 1148 px: 1681)')
     parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

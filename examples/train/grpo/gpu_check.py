@@ -56,14 +56,17 @@ QWEN2_5_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_
 QWEN2_5_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
                             window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
 
-TIMING_PLUGIN = '''"""gpu_check.py's timing plugin: times each ddapo_attention call, records the peak GPU memory at exit."""
+TIMING_PLUGIN = '''"""gpu_check.py's timing plugin: times each ddapo_attention call and each _prepare_batch_inputs (where the
+old log-prob forward, and under DDAPO_FORWARD=old_logps the capture, run), records the peak GPU memory at exit."""
 import atexit
+import functools
 import json
 import os
 import time
 
 import torch
 from swift.rewards import orms
+from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
 
 OUT = os.environ['GPU_CHECK_OUT']
 
@@ -87,6 +90,22 @@ if 'ddapo_attention' in orms:
         return result
 
     reward.__call__ = timed
+
+prepare = GRPOTrainer._prepare_batch_inputs
+
+
+@functools.wraps(prepare)  # keeps the old-logps patch's flag: the patched method still runs inside
+def timed_prepare(self, samples):
+    _sync()
+    start = time.perf_counter()
+    result = prepare(self, samples)
+    _sync()
+    with open(os.path.join(OUT, 'prepare_times.jsonl'), 'a') as f:
+        f.write(json.dumps({'seconds': time.perf_counter() - start}) + '\\n')
+    return result
+
+
+GRPOTrainer._prepare_batch_inputs = timed_prepare
 
 
 @atexit.register
@@ -161,10 +180,13 @@ def read_run(output_dir: str) -> Dict:
     steps = [r for r in records if 'step_time' in r]
     times_path = os.path.join(output_dir, 'reward_times.jsonl')
     reward_times = [json.loads(line)['seconds'] for line in open(times_path)] if os.path.exists(times_path) else []
+    prepare_path = os.path.join(output_dir, 'prepare_times.jsonl')
+    prepare_times = [json.loads(line)['seconds'] for line in open(prepare_path)] if os.path.exists(prepare_path) else []
     peak_path = os.path.join(output_dir, 'peak_memory.json')
     peak = json.load(open(peak_path)) if os.path.exists(peak_path) else None
     return {'step_times': [r['step_time'] for r in steps], 'rewards': [r.get(DDAPO_MEAN) for r in steps],
             'reward_stds': [r.get('rewards/DDAPOAttentionORM/std') for r in steps], 'reward_times': reward_times,
+            'prepare_times': prepare_times,
             'peak': peak, 'lengths': [r.get('completions/mean_length') for r in steps]}
 
 
@@ -195,12 +217,15 @@ def table(device: str, runs: Dict[str, Dict]) -> List[str]:
         rows.append(f'| {label} | ' + ' | '.join(values) + ' |')
 
     row('step time, median of steps 2.. (s)', [show(steady(runs[k]['step_times'])) for k in keys])
-    row('added to the step: (step - step without) / step',
-        [show(added(runs, k), '%') if k[1] != 'without' else '-' for k in keys])
+    row('_prepare_batch_inputs (old log-prob forward), median (s)',
+        [show(steady(runs[k].get('prepare_times', []))) for k in keys])
     row('ddapo_attention call, median (s)',
         [show(steady(runs[k]['reward_times'])) if k[1] != 'without' else '-' for k in keys])
-    row('ddapo_attention call, share of the step',
-        [show(share(runs[k]), '%') if k[1] != 'without' else '-' for k in keys])
+    row('reward cost: call + _prepare_batch_inputs over the arm without (s)',
+        [show(cost(runs, k)) if k[1] != 'without' else '-' for k in keys])
+    row('reward cost, share of the step', [show(cost_share(runs, k), '%') if k[1] != 'without' else '-' for k in keys])
+    row('step time over the arm without: (step - step without) / step',
+        [show(added(runs, k), '%') if k[1] != 'without' else '-' for k in keys])
     row('peak GPU memory allocated (GiB)', [show(gib(runs[k]['peak'])) for k in keys])
     row('completion length, mean tokens', [show(steady(runs[k]['lengths'])) for k in keys])
     row(f'{DDAPO_MEAN} per step',
@@ -219,6 +244,24 @@ def share(run: Dict) -> Optional[float]:
     """The median ddapo_attention call as a percentage of the median step (steps 2..)."""
     reward_time, step = steady(run['reward_times']), steady(run['step_times'])
     return reward_time / step * 100 if reward_time and step else None
+
+
+def cost(runs: Dict, key: Tuple[str, str]) -> Optional[float]:
+    """What the reward costs a step, in seconds: its call (median) plus what it adds to ``_prepare_batch_inputs``
+    (median, against the same rollout's arm without the reward), where under old_logps the capture runs inside the old
+    log-prob forward. Less noisy than whole steps, which hold the rollout's sampling."""
+    call = steady(runs[key]['reward_times']) or 0.0
+    base = runs.get((key[0], 'without'))
+    mine, theirs = steady(runs[key].get('prepare_times', [])), steady(base.get('prepare_times', [])) if base else None
+    if mine is None or theirs is None:
+        return None
+    return call + mine - theirs
+
+
+def cost_share(runs: Dict, key: Tuple[str, str]) -> Optional[float]:
+    """`cost` as a percentage of the arm's median step."""
+    seconds, step = cost(runs, key), steady(runs[key]['step_times'])
+    return seconds / step * 100 if seconds is not None and step else None
 
 
 def added(runs: Dict, key: Tuple[str, str]) -> Optional[float]:
@@ -248,10 +291,10 @@ def verdicts(runs: Dict, gpu: bool) -> Tuple[List[str], List[str]]:
                          f'{min(rewards):.4f}..{max(rewards):.4f}, largest in-step std {max(stds, default=0):.4f}')
     rollout = 'vllm' if ('vllm', 'without') in runs else 'hf'
     for arm, target in TARGETS.items():
-        percent = added(runs, (rollout, arm)) if gpu and (rollout, arm) in runs else None
+        percent = cost_share(runs, (rollout, arm)) if gpu and (rollout, arm) in runs else None
         if percent is not None:
             word = 'within' if percent <= target * 100 else 'ABOVE'
-            notes.append(f'ddapo_attention ({arm}) adds {percent:.1f}% to the {rollout} GRPO step: {word} the '
+            notes.append(f'ddapo_attention ({arm}) costs {percent:.1f}% of the {rollout} GRPO step: {word} the '
                          f'{target * 100:.0f}% target')
     return failures, notes
 
@@ -297,7 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 env.setdefault('CUDA_VISIBLE_DEVICES', '')
                 env.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')
             os.makedirs(out, exist_ok=True)
-            for stale in ('reward_times.jsonl', 'peak_memory.json'):
+            for stale in ('reward_times.jsonl', 'prepare_times.jsonl', 'peak_memory.json'):
                 if os.path.exists(os.path.join(out, stale)):
                     os.remove(os.path.join(out, stale))
             with open(os.path.join(out, 'run.log'), 'w') as log:

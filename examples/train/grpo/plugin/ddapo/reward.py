@@ -33,7 +33,8 @@ Needs the trainer in the reward kwargs (``trainer``), which the ms-swift patch i
 them.
 """
 from collections import Counter
-from typing import Any, Dict, List, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from swift.rewards import ORM
@@ -48,7 +49,7 @@ from ddapo.core.scorer import (RankShare, Scored, SharedOutput, WeightSettings, 
                                token_weight_block)
 from ddapo.core.validity import OutputValidity, output_validity
 from ddapo.step_log import StepLogger, debug_lines, layers_note
-from ddapo.ms_swift.encoding import NotEncodable
+from ddapo.ms_swift.encoding import EncodingFailed, NotEncodable
 from ddapo.ms_swift.adapter import SwiftTrainer
 from ddapo.ms_swift.trainer_io import registered_reward
 
@@ -104,6 +105,10 @@ class DDAPOAttentionORM(ORM):
         self.unweighted: Counter = Counter()  # outputs with a reward but no token weights, by reason
         self.validity_undefined: Counter = Counter()  # validation steps: 'statistic/reason' -> steps or outputs
         self.uncaptured = 0  # rows the old log-prob forward did not capture (scored with a forward of its own)
+        self.diagnostics_failed: Counter = Counter()  # report, pictures, trackers: failures over the run, by kind
+        self._warned: set = set()
+        self._stop: Optional[str] = None
+        self._step_failures: Counter = Counter()
         # this rank's outputs of the last call on a validation step, by position: Eq. (12)-(14), D_{i,t}
         self.last_validity: Dict[int, OutputValidity] = {}
         self.last_dependencies: Dict[int, torch.Tensor] = {}
@@ -112,10 +117,6 @@ class DDAPOAttentionORM(ORM):
     @property
     def last_metrics(self) -> Dict[str, float]:
         return self.step_log.last_metrics
-
-    @property
-    def padding_forwards(self) -> int:
-        return self.scheduler.padding_forwards if self.scheduler is not None else 0
 
     def on_trainer_init(self, trainer) -> None:
         """Called by the patched trainer once its rewards exist: validate the policy model (and, with
@@ -134,33 +135,62 @@ class DDAPOAttentionORM(ORM):
     def __call__(self, completions: List[str], **kwargs) -> List[Optional[float]]:
         trainer = kwargs.get('trainer')
         if trainer is None:
-            raise RuntimeError(MISSING_TRAINER)
+            raise RuntimeError(MISSING_TRAINER)  # the same on every rank, before any collective
         if self.swift is None or self.swift.trainer is not trainer:
             self.on_trainer_init(trainer)
         swift, scheduler = self.swift, self.scheduler
+        # Why this call must stop (DDAPO_STRICT, a missing request_id, an incomplete capture, ...): never raised where
+        # it is met, since the other ranks would wait in the call's collectives; every rank still runs its forwards and
+        # joins the one gather, which carries it, and then every rank raises (`_share`).
+        self._stop: Optional[str] = None
+        self._step_failures: Counter = Counter()  # diagnostics that failed in this call, by kind
         rows = swift.rows(kwargs, len(completions))
         layers = layer_set(len(swift.spec.attention_layers), self.config.layers)  # positions in L_att
         results: List[Optional[Scored]] = [None] * len(rows)
         validate = self.config.validating(swift.step)
-        # rows the old log-prob forward captured (never on validation steps), by position; the others get forwards
-        captured = self._captured(rows, swift.captured(), results, validate)
+        captured: Dict[int, ForwardRun] = {}
+        outputs: List[Output] = []
+        titles: Dict[int, str] = {}
+        with self._stopping('reading the old log-prob forward'):
+            # rows the old log-prob forward captured (never on validation steps), by position; the others get forwards
+            captured = self._captured(rows, swift.captured(), results, validate)
         # ms-swift side: rows encoded with their key sets; engine: every forward of the call, in the forward context
         with swift.policy_forward(scheduler.implementation) as (env, report):
-            outputs = [output for output in (self._output(position, row, results) for position, row in enumerate(rows)
-                                             if position not in captured and results[position] is None)
-                       if output is not None]
-            shown = sorted([run.unit[0] for run in captured.values()] + outputs, key=lambda o: o.position)
-            titles = self.step_log.choose(shown, swift.is_main_process, swift.step, swift.logging_steps, validate)
+            with self._stopping('encoding the rows'):
+                outputs = [output for output in (self._output(position, row, results)
+                                                 for position, row in enumerate(rows)
+                                                 if position not in captured and results[position] is None)
+                           if output is not None]
+                shown = sorted([run.unit[0] for run in captured.values()] + outputs, key=lambda o: o.position)
+                titles = self.step_log.choose(shown, swift.is_main_process, swift.step, swift.logging_steps, validate)
+            # every rank runs this, whatever happened above: under ZeRO-3 its forward count is agreed in a collective
             call = scheduler.run(outputs, env, report=titles, validate=validate)
-        runs = [captured[p] for p in sorted(captured)] + call.runs
-        incomplete = next((run for run in runs if not run.out_of_memory and not run.complete), None)
-        if incomplete is not None:
-            self._debug(incomplete.report or report, incomplete, layers, None)
-            raise RuntimeError(scheduler.incomplete_message(incomplete))
         self._note_padding(call.padding, scheduler.last_forwards)
-        # core: each output's reward from its captured sums
-        samples = {}  # the report's outputs, by position
+        runs = [captured[p] for p in sorted(captured)] + call.runs
+        samples: Dict[int, Any] = {}  # the report's outputs, by position
         validity, dependencies = {}, {}  # on validation steps: Eq. (12)-(14) and D_{i,t} per output, by position
+        with self._stopping('scoring the outputs'):
+            incomplete = next((run for run in runs if not run.out_of_memory and not run.complete), None)
+            if incomplete is not None:
+                self._debug(incomplete.report or report, incomplete, layers, None)
+                self._stop_call(scheduler.incomplete_message(incomplete))
+            else:
+                self._score_runs(runs, layers, report, titles, validate, results, samples, validity, dependencies)
+            if validate:  # outputs that never reached a forward (not encodable)
+                validity.update({p: OutputValidity.left_out('reward_not_applicable')
+                                 for p in range(len(rows)) if p not in validity})
+            self.last_validity, self.last_dependencies = validity, dependencies
+            # ms-swift side: token weights, the one gather, the step's metrics and report
+            if self.config.token_weights and self._stop is None:
+                swift.hand_over_token_weights(rows, [r.token_weights for r in results])
+        return self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)],
+                           validity if validate else None, scheduler.last_forwards + scheduler.last_padding)
+
+    def _score_runs(self, runs: List[ForwardRun], layers: List[int], report, titles: Dict[int, str], validate: bool,
+                    results: List[Optional[Scored]], samples: Dict[int, Any], validity: Dict[int, OutputValidity],
+                    dependencies: Dict[int, torch.Tensor]) -> None:
+        """Each output's reward from its captured sums (core), and what the report and validity take of it."""
+        swift = self.swift
         for run in runs:
             for k, output in enumerate(run.unit):
                 scored = results[output.position] = self._score(output, run, k, layers, run.report or report)
@@ -169,20 +199,41 @@ class DDAPOAttentionORM(ORM):
                     validity[output.position] = output_validity_of(scored, dependency)
                     if dependency is not None:
                         dependencies[output.position] = dependency
+                    elif run.validation_detail and 'validation_forward' not in self._warned:
+                        self._warned.add('validation_forward')
+                        logger.warning(f'[DDAPO] DDAPO_VALIDATE_STEPS: an output has no D_{{i,t}}: '
+                                       f'{run.validation_detail}. Left out of the validity statistics (counted in '
+                                       'ddapo/validity/left_out/*); warned once.')
                 if output.position in titles and scored.reward is not None:
-                    samples[output.position] = self.step_log.report_sample(
-                        output, run.captures[k], layers, scored, titles[output.position],
-                        swift.sample_view(output.row, output.generated, output.encoded.forward_kwargs),
-                        swift.spec.image_token_id, swift.merge_size, dependency)
-        if validate:  # outputs that never reached a forward (not encodable)
-            validity.update({p: OutputValidity.left_out('reward_not_applicable')
-                             for p in range(len(rows)) if p not in validity})
-        self.last_validity, self.last_dependencies = validity, dependencies
-        # ms-swift side: token weights, the one gather, the step's metrics and report
-        if self.config.token_weights:
-            swift.hand_over_token_weights(rows, [r.token_weights for r in results])
-        return self._share(completions, kwargs, rows, results, swift.mode, [samples[p] for p in sorted(samples)],
-                           validity if validate else None, scheduler.last_forwards + scheduler.last_padding)
+                    try:  # a diagnostic: its failure is counted, never the step's
+                        samples[output.position] = self.step_log.report_sample(
+                            output, run.captures[k], layers, scored, titles[output.position],
+                            swift.sample_view(output.row, output.generated, output.encoded.forward_kwargs),
+                            swift.spec.image_token_id, swift.merge_size, dependency)
+                    except Exception as error:
+                        self._diagnostic_failed('report_sample', error)
+
+    @contextmanager
+    def _stopping(self, stage: str) -> Iterator[None]:
+        """Run ``stage``; an exception in it becomes the reason this call stops (raised on every rank after the
+        gather), not an exception on this rank alone."""
+        try:
+            yield
+        except Exception as error:
+            self._stop_call(f'{stage}: {type(error).__name__}: {error}')
+
+    def _stop_call(self, reason: str) -> None:
+        if self._stop is None:
+            self._stop = reason
+
+    def _diagnostic_failed(self, kind: str, error: Exception) -> None:
+        """A report, picture or tracker failure: warned once per kind, counted in ddapo/diagnostics_failed/<kind>; the
+        rewards and the run go on."""
+        if kind not in self.diagnostics_failed:
+            logger.warning(f'[DDAPO] the {kind.replace("_", " ")} failed ({type(error).__name__}: {error}); the rewards '
+                           f'are unaffected. Counted in ddapo/diagnostics_failed/{kind}; warned once.')
+        self.diagnostics_failed[kind] += 1
+        self._step_failures[kind] += 1
 
     def _captured(self, rows: List[Row], captured: Dict[str, Any], results: List[Optional[Scored]],
                   validate: bool) -> Dict[int, ForwardRun]:
@@ -216,6 +267,10 @@ class DDAPOAttentionORM(ORM):
         except NotEncodable as error:
             results[position] = self._not_applicable(Scored.not_applicable(error.reason, str(error)))
             return None
+        except Exception as error:  # an image file that cannot be read, ...: this row only
+            failed = EncodingFailed(f'the row could not be encoded ({type(error).__name__}: {error})')
+            results[position] = self._not_applicable(Scored.not_applicable(failed.reason, str(failed)))
+            return None
         key_sets = build_key_sets(encoded.input_ids, encoded.prompt_len, spec.vision_token_ids, spec.special_ids,
                                   encoded.system_turn)
         return Output(position, row, encoded, key_sets)
@@ -244,9 +299,9 @@ class DDAPOAttentionORM(ORM):
 
     def _not_applicable(self, scored: Scored) -> Scored:
         reason = scored.diagnostics.reason
-        if self.config.strict:
-            raise RuntimeError(f'DDAPO_STRICT=1: the ddapo_attention reward is not applicable ({reason}): '
-                               f'{scored.detail}')
+        if self.config.strict:  # stops the call on every rank, after the gather
+            self._stop_call(f'DDAPO_STRICT=1: the ddapo_attention reward is not applicable ({reason}): '
+                            f'{scored.detail}')
         if reason not in self.not_applicable:
             logger.warning(f'[DDAPO] reward is None ({reason}): {scored.detail}. Counted in not_applicable and '
                            'ddapo/not_applicable_frac; warned once per reason.')
@@ -260,14 +315,23 @@ class DDAPOAttentionORM(ORM):
         Eq. 14, and the forwards each rank ran itself), then the step's log."""
         grouped = self.config.reward != 'balance'
         if grouped and any(row.prompt_id is None for row in rows):
-            raise RuntimeError(f'DDAPO_REWARD={self.config.reward} groups outputs by prompt_id, and the reward kwargs '
-                               'have rows without one; run it under ms-swift GRPO, which sets prompt_id on every row.')
-        verdicts = self.gate(completions, **kwargs) if self.gate is not None else [1.0] * len(rows)
+            self._stop_call(f'DDAPO_REWARD={self.config.reward} groups outputs by prompt_id, and the reward kwargs have '
+                            'rows without one; run it under ms-swift GRPO, which sets prompt_id on every row.')
+        verdicts = [1.0] * len(rows)
+        if self.gate is not None and self._stop is None:
+            with self._stopping(f'the gate reward DDAPO_GATE_REWARD={self.config.gate_reward}'):
+                verdicts = list(self.gate(completions, **kwargs))
+                if len(verdicts) != len(rows):
+                    raise ValueError(f'it returned {len(verdicts)} values for {len(rows)} completions')
         rank = self.swift.rank
-        ranks = self.swift.gather([RankShare(own_forwards, [
+        mine = [] if self._stop is not None else [
             SharedOutput(rank, i, r.diagnostics, row.prompt_id, v is not None and v >= 1.0,
                          None if validity is None else validity[i])
-            for i, (row, r, v) in enumerate(zip(rows, results, verdicts))])])
+            for i, (row, r, v) in enumerate(zip(rows, results, verdicts))]
+        ranks = self.swift.gather([RankShare(own_forwards, mine, rank, self._stop)])
+        stops = [f'rank {share.rank}: {share.stop}' for share in ranks if share.stop is not None]
+        if stops:  # every rank has now joined the gather: all of them stop, with the same message
+            raise RuntimeError('ddapo_attention stopped the run on every rank: ' + '; '.join(stops))
         shared = [output for share in ranks for output in share.outputs]
         swift = self.swift
         record = self.step_log.log(mode, [s.diagnostics for s in shared], samples, swift.step, swift.output_dir,
@@ -277,9 +341,15 @@ class DDAPOAttentionORM(ORM):
         for statistic, reasons in record.undefined.items():
             for reason in reasons:
                 self._warn_validity(statistic, reason, UNDEFINED.get(reason, reason))
-        swift.log_metrics(mode, record.metrics)
+        if record.failure is not None:
+            self._diagnostic_failed('report', record.failure)
         if record.pictures:  # the report's pictures in TensorBoard / wandb / swanlab
-            swift.log_pictures(swift.step + 1, record.pictures)
+            try:
+                swift.log_pictures(swift.step + 1, record.pictures)
+            except Exception as error:
+                self._diagnostic_failed('trackers', error)
+        record.metrics.update({f'ddapo/diagnostics_failed/{kind}': float(n) for kind, n in self._step_failures.items()})
+        swift.log_metrics(mode, record.metrics)
         if not grouped:
             return [r.reward for r in results]
         return group_variant(shared, rank, len(rows), self.config.sigma, gated=self.gate is not None)

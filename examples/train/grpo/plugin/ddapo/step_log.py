@@ -92,11 +92,13 @@ def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: For
 
 @dataclass
 class StepLog:
-    """A call's ``ddapo/*`` metrics, the report's pictures ``{tag: PNG path}`` when it wrote a report step, and on
-    validation steps the undefined statistics' reasons (`ValidityStatistics.undefined`)."""
+    """A call's ``ddapo/*`` metrics, the report's pictures ``{tag: PNG path}`` when it wrote a report step, on
+    validation steps the undefined statistics' reasons (`ValidityStatistics.undefined`), and the error that stopped
+    the report's writing, if one did (a diagnostic: the metrics are complete either way)."""
     metrics: Dict[str, float]
     pictures: Dict[str, str] = field(default_factory=dict)
     undefined: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    failure: Optional[Exception] = None
 
 
 class StepLogger:
@@ -107,16 +109,26 @@ class StepLogger:
         self.last_metrics: Dict[str, float] = {}
         self._last_report_step: Optional[int] = None
 
+    @staticmethod
+    def logged(step: int, logging_steps: int) -> bool:
+        """Whether the trainer logs its scalars for the rewards computed at ``global_step`` ``step`` (logged as step
+        ``step + 1``): the first step, which ms-swift logs, and every ``logging_steps``-th.
+
+        >>> [step + 1 for step in range(8) if StepLogger.logged(step, 3)]
+        [1, 3, 6]
+        """
+        return step == 0 or (step + 1) % logging_steps == 0
+
     def choose(self, outputs: List[Output], main_process: bool, step: int, logging_steps: int,
                validate: bool = False) -> Dict[int, str]:
         """The outputs this call shows in the report, ``{position: title}``: the first ``DDAPO_REPORT_SAMPLES`` on the
-        main process, once per ``logging_steps`` steps and on every validation step (``validate``); empty otherwise."""
+        main process, on the steps the trainer logs its scalars (`logged`) and on every validation step
+        (``validate``), once per step; empty otherwise."""
         config = self.config
         if not config.report or not config.report_samples or not main_process:
             return {}
-        last = self._last_report_step
         # one report per step (a step may call the reward more than once: gradient accumulation)
-        if last is not None and (step == last or (not validate and step - last < logging_steps)):
+        if step == self._last_report_step or not (validate or self.logged(step, logging_steps)):
             return {}
         return {output.position: sample_title(outputs, output, k)
                 for k, output in enumerate(outputs[:config.report_samples])}
@@ -170,6 +182,9 @@ class StepLogger:
             return StepLog(self.last_metrics, undefined=undefined)
         self._last_report_step = step
         header = [f'- completions from: {rollout}', f'- attention read: {forward}']
-        pictures = ReportWriter(os.path.join(output_dir, 'ddapo'), header).write_step(
-            step + 1, mode, self.last_metrics, samples, layers_note(spec), statistics)
+        try:  # a diagnostic: a failure here is the caller's to count, never the step's
+            pictures = ReportWriter(os.path.join(output_dir, 'ddapo'), header).write_step(
+                step + 1, mode, self.last_metrics, samples, layers_note(spec), statistics)
+        except Exception as error:
+            return StepLog(self.last_metrics, undefined=undefined, failure=error)
         return StepLog(self.last_metrics, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()}, undefined)

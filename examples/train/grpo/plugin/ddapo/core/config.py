@@ -107,6 +107,10 @@ _ONLY_WITH: Dict[str, Tuple[str, Callable[['DDAPOConfig'], bool]]] = {
     # the reward's own forwards: every call under own, fallbacks under auto, validation steps under old_logps
     'attention': ('DDAPO_FORWARD=auto or own, or DDAPO_VALIDATE_STEPS',
                   lambda c: c.forward != 'old_logps' or c.validate_steps > 0),
+    'pack_tokens': ('DDAPO_ATTENTION=shared and forwards of the reward\'s own (DDAPO_FORWARD=auto or own, or '
+                    'DDAPO_VALIDATE_STEPS)',
+                    lambda c: c.attention == 'shared' and (c.forward != 'old_logps' or c.validate_steps > 0)),
+    'report_samples': ('DDAPO_REPORT=1', lambda c: c.report),
 }
 
 
@@ -135,8 +139,9 @@ class DDAPOConfig:
     token_weight_sigma: float = _setting(0.0, _parse_nonnegative,
                                          'std (in tokens) of the Gaussian smoothing of the token weights; 0: none')
     validate_steps: int = _setting(0, _parse_count,
-                                   'every N-th global step, Eq. (12)-(14): one more forward per output on the masked '
-                                   'prompt, the ddapo/validity/* metrics and report; 0: never')
+                                   'every N-th global step, Eq. (12)-(14): one more forward per forward unit (a '
+                                   'prompt\'s pack under shared, an output otherwise) on the masked prompt, the '
+                                   'ddapo/validity/* metrics and report; 0: never')
 
     def validating(self, step: int) -> bool:
         """Whether the rewards computed at ``global_step`` ``step`` (logged as step ``step + 1``) are a validation

@@ -125,10 +125,13 @@ class SharedOutput:
 
 @dataclass(frozen=True)
 class RankShare:
-    """One rank's part of the gather: the forwards the reward ran itself in the call (padding included), and its
-    outputs' `SharedOutput`."""
+    """One rank's part of the gather: the forwards the reward ran itself in the call (padding included), its
+    outputs' `SharedOutput`, its rank, and why it must stop the call (``None``: it need not), so that every rank
+    stops together."""
     own_forwards: int
     outputs: List[SharedOutput]
+    rank: int = 0
+    stop: Optional[str] = None
 
 
 def group_variant(shared: Sequence[SharedOutput], rank: int, count: int, sigma: float,

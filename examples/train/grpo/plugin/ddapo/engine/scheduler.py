@@ -146,7 +146,8 @@ class ForwardScheduler:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        detail = f'{what} of a {length}-token sequence ran out of memory ({str(error).splitlines()[0][:200]})'
+        first_line = (str(error).splitlines() or ['no message'])[0][:200]  # an OutOfMemoryError may have none
+        detail = f'{what} of a {length}-token sequence ran out of memory ({first_line})'
         if self.config.attention == 'shared':
             detail += '; a lower DDAPO_PACK_TOKENS packs fewer outputs per forward'
         return detail

@@ -57,8 +57,13 @@ class EncodedCompletion:
 
 
 class NotEncodable(ValueError):
-    """A row whose encoding the reward cannot use; ``reason`` is its not-applicable reason."""
-    reason = 'not_encodable'
+    """A row whose encoding the reward cannot use; ``reason`` (each subclass's) is its not-applicable reason."""
+    reason: str
+
+
+class EncodingFailed(NotEncodable):
+    """The template could not encode the row at all (an image file that cannot be read, ...)."""
+    reason = 'encoding_failed'
 
 
 class GeneratedIdsMismatch(NotEncodable):

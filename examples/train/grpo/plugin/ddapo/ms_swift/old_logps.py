@@ -26,8 +26,8 @@ from ddapo.core.row import Row
 from ddapo.engine.capture import ForwardCapture, LayerCapture, capturing
 from ddapo.ms_swift.attention import WRAPPABLE, attention_settings, language_attention, language_config, \
     wrapped_attention
-from ddapo.ms_swift.encoding import (EncodedCompletion, GeneratedIdsMismatch, NotEncodable, SystemTurns,
-                                     generated_ids, template_state)
+from ddapo.ms_swift.encoding import (EncodedCompletion, EncodingFailed, GeneratedIdsMismatch, NotEncodable,
+                                     SystemTurns, generated_ids, template_state)
 from ddapo.ms_swift.forward_env import ForwardReport
 from ddapo.ms_swift.model_spec import unwrap_policy
 from ddapo.ms_swift.trainer_io import image_merge_size
@@ -191,6 +191,9 @@ class OldLogpsCapture:
                     encodings.append(encoding_of(sample, self.system_turns))
                 except NotEncodable as error:
                     encodings.append(error)
+                except Exception as error:  # this sample only; the trainer's forward runs as it would
+                    encodings.append(EncodingFailed(f'the trainer\'s encoding could not be read '
+                                                    f'({type(error).__name__}: {error})'))
         self._image_grids(batch, encodings, model_inputs.get('image_grid_thw'))
         usable = [(s, e) for s, e in zip(batch, encodings) if isinstance(e, EncodedCompletion)]
         placements = micro_batch_placements([len(s.encoded['input_ids']) for s in batch],

@@ -1,0 +1,157 @@
+"""The suite's one independent reference for the reward, written from docs/notation.md: the key sets ``T`` and ``V``,
+the system turn, and Eq. (1)-(7) from ``output_attentions=True`` of the eager model. It imports nothing of the product
+(``ddapo``, ``swift_patches``): ``[q ; o_i]`` is ms-swift's own encoding (``encode_sample`` and the template's
+collator), and everything after it is written here, so a bug in the product's ``T``, ``V`` or system turn shows as a
+difference.
+
+Every supported family renders ChatML, so the system turn is, per the notation, the positions from the first
+``<|im_start|>`` through its ``<|im_end|>`` when that turn's role is ``system`` (the row's system message or the
+template's default).
+"""
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Tuple
+
+import torch
+
+
+@dataclass
+class NaiveKeys:
+    text_keys: torch.Tensor  # [S] bool
+    vision_keys: torch.Tensor  # [S] bool
+    prompt_len: int
+    num_generated: int
+    system_turn: range
+
+    @property
+    def num_text_keys(self) -> int:
+        return int(self.text_keys.sum())
+
+    @property
+    def num_vision_keys(self) -> int:
+        return int(self.vision_keys.sum())
+
+
+def _columns(row) -> Mapping[str, Any]:
+    return getattr(row, 'columns', row)
+
+
+def encode(policy, row) -> Tuple[dict, List[int], List[int]]:
+    """ms-swift's GRPO encoding of the row's prompt and its last generated turn, as training encodes it (train mode,
+    no truncation): the collated forward kwargs, the input ids and the labels."""
+    from swift.rl_core.data import GRPOSample
+    from swift.rlhf_trainers.utils import encode_sample
+    template = policy.template
+    sample = GRPOSample.from_row(dict(_columns(row)))
+    turns = sample.response_token_ids
+    sample.response_token_ids = [list(turns[-1])] if turns and isinstance(turns[0], (list, tuple)) else [list(turns)]
+    saved = template.mode, template.max_length, template.padding_free
+    template.set_mode('train')
+    template.max_length, template.padding_free = None, False
+    try:
+        encoded = encode_sample(sample, template)
+        encoded.pop('_extra_kwargs', None)
+        batch = template.data_collator([encoded])
+    finally:
+        template.set_mode(saved[0])
+        template.max_length, template.padding_free = saved[1:]
+    return batch, [int(t) for t in encoded['input_ids']], [int(t) for t in encoded['labels']]
+
+
+def chatml_system_turn(input_ids: List[int], tokenizer) -> range:
+    """From the first ``<|im_start|>`` through its ``<|im_end|>``, when that turn's role is ``system``."""
+    start_id, end_id = (tokenizer.convert_tokens_to_ids(t) for t in ('<|im_start|>', '<|im_end|>'))
+    if start_id not in input_ids:
+        return range(0)
+    first = input_ids.index(start_id)
+    end = input_ids.index(end_id, first)
+    return range(first, end + 1) if tokenizer.decode(input_ids[first + 1:end]).startswith('system') else range(0)
+
+
+def key_sets(policy, input_ids: List[int], labels: List[int], generated: List[int]) -> NaiveKeys:
+    """``V``: prompt positions holding the config's image or video token; ``T``: the other prompt positions that are not
+    special tokens of the tokenizer and not in the system turn. ``P``: the first labelled position."""
+    config, tokenizer = policy.model.config, policy.processor.tokenizer
+    prompt_len = next(i for i, label in enumerate(labels) if label != -100)
+    assert input_ids[prompt_len:prompt_len + len(generated)] == list(generated), 'the generated ids follow the prompt'
+    vision_ids = {getattr(config, 'image_token_id', None), getattr(config, 'video_token_id', None)} - {None}
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    system = chatml_system_turn(input_ids, tokenizer)
+    vision = [p < prompt_len and t in vision_ids for p, t in enumerate(input_ids)]
+    text = [p < prompt_len and t not in vision_ids and t not in special and p not in system
+            for p, t in enumerate(input_ids)]
+    return NaiveKeys(torch.tensor(text), torch.tensor(vision), prompt_len, len(generated), system)
+
+
+def generated_ids(row) -> List[int]:
+    turns = _columns(row)['response_token_ids']
+    return list(turns[-1]) if turns and isinstance(turns[0], (list, tuple)) else list(turns)
+
+
+def eager_attentions(policy, batch) -> Tuple[torch.Tensor, ...]:
+    """Every softmax-attention layer's ``[1, H, S, S]`` map from ``output_attentions=True`` of the eager model, in eval
+    mode, without ms-swift's template hook (it would drop ``output_attentions``)."""
+    model, config = policy.model, policy.model.config
+    kwargs = {k: v for k, v in batch.items()
+              if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids',
+                       'pixel_values_videos', 'video_grid_thw', 'second_per_grid_ts')}
+    handles = policy.template.remove_post_encode_hook()
+    saved = config._attn_implementation
+    try:
+        config._attn_implementation = 'eager'
+        model.eval()
+        with torch.no_grad():
+            return model(**kwargs, output_attentions=True).attentions
+    finally:
+        config._attn_implementation = saved
+        model.train()
+        policy.template.register_post_encode_hook(handles)
+
+
+def token_text_mass(policy, row, num_layers_read: int = 8, layers=None) -> Tuple[torch.Tensor, NaiveKeys]:
+    """``m^T_{i,t}`` (Eq. 1, then 4, float64) over the last ``num_layers_read`` attention layers (or the positions
+    ``layers`` among them), and the key sets."""
+    batch, input_ids, labels = encode(policy, row)
+    keys = key_sets(policy, input_ids, labels, generated_ids(row))
+    attentions = eager_attentions(policy, batch)
+    read = [attentions[l] for l in layers] if layers is not None else attentions[-num_layers_read:]
+    P, n = keys.prompt_len, keys.num_generated
+    rows = torch.stack(read)[:, 0, :, P:P + n, :].double().mean(dim=1)  # [layers, n, S]: Eq. (1)'s head mean
+    text, vision = rows[..., keys.text_keys].sum(-1), rows[..., keys.vision_keys].sum(-1)
+    return (text / (text + vision)).mean(dim=0), keys  # Eq. (1) renormalised, Eq. (4) over the layers
+
+
+def balance_reward(policy, row, num_layers_read: int = 8, layers=None) -> float:
+    """``R^bal_i = rho_vis / (rho_text + rho_vis)`` (Eq. 2, 5, 7)."""
+    m_text, keys = token_text_mass(policy, row, num_layers_read, layers)
+    M_text = float(m_text.mean())
+    rho_text, rho_vis = M_text / keys.num_text_keys, (1 - M_text) / keys.num_vision_keys
+    return rho_vis / (rho_text + rho_vis)
+
+
+def _median(values: List[float]) -> float:
+    ordered, n = sorted(values), len(values)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def group_rewards(balance: List[float], groups: List[Any], sigma: float = 1.0, eps: float = 1e-6) -> List[Any]:
+    """Eq. (8) from the outputs' ``R^bal`` (``None``: not applicable): ``TDR = (1 - R^bal) / R^bal`` (Eq. 7 inverted),
+    clipped to ``[1e-6, 1e6]``, its log; per group of valid outputs ``z = (median - log TDR) / (1.4826 MAD + eps)``,
+    ``0.5 tanh(z / sigma)``; 0 in a group with fewer than two valid outputs or ``MAD < eps``."""
+    import math
+    logs = [None if r is None else math.log(min(max((1 - r) / r if r > 0 else 1e6, 1e-6), 1e6)) for r in balance]
+    out = [None] * len(balance)
+    for group in set(groups):
+        members = [i for i, g in enumerate(groups) if g == group and logs[i] is not None]
+        values = [logs[i] for i in members]
+        center = _median(values) if values else 0.0
+        mad = _median([abs(v - center) for v in values]) if len(values) >= 2 else 0.0
+        for i in members:
+            out[i] = 0.0 if len(values) < 2 or mad < eps else 0.5 * math.tanh(
+                (center - logs[i]) / (1.4826 * mad + eps) / sigma)
+    return out
+
+
+def gated_rewards(group: List[Any], correct: List[bool], groups: List[Any]) -> List[Any]:
+    """Eq. (9): ``R^grp`` for correct outputs, 0 for the others and for a group with fewer than two correct."""
+    counts = {g: sum(ok for ok, h in zip(correct, groups) if h == g) for g in set(groups)}
+    return [None if r is None else (r if ok and counts[g] >= 2 else 0.0) for r, ok, g in zip(group, correct, groups)]
