@@ -24,7 +24,7 @@ import inspect
 from contextvars import ContextVar
 from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple
 
-from swift_patches import PatchError, is_patched, require  # noqa: F401 (PatchError: for callers)
+from swift_patches import PatchError, is_patched, require, standing  # noqa: F401 (PatchError: for callers)
 
 CHANNEL = 'old_logps_capture'
 PATCH_FLAG = '__ddapo_old_logps_scoring_patch__'
@@ -77,10 +77,9 @@ def apply() -> str:
     skeleton = getattr(trainer_cls, '_generate_and_score_completions', None)
     _expect(None not in (prepare, logps, skeleton), 'GRPOTrainer has no _prepare_batch_inputs / '
             '_get_per_token_logps_and_entropies / _generate_and_score_completions')
-    if getattr(prepare, PATCH_FLAG, False):
-        return 'already applied'
-    if DIFF_MARKER in inspect.getsource(prepare):
-        return 'diff installed'
+    state = standing(prepare, PATCH_FLAG, DIFF_MARKER)
+    if state is not None:
+        return state
     _expect(_statements(skeleton) == list(SKELETON),
             '_generate_and_score_completions is not the rollout / score / prepare / postprocess / log skeleton')
     _expect(list(inspect.signature(prepare).parameters) == ['self', 'samples'],

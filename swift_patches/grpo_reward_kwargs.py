@@ -18,7 +18,7 @@ import inspect
 from contextvars import ContextVar
 from typing import Any, Callable, List, Optional
 
-from swift_patches import PatchError, is_patched, require  # noqa: F401 (PatchError: for callers)
+from swift_patches import PatchError, is_patched, require, standing  # noqa: F401 (PatchError: for callers)
 
 PATCH_FLAG = '__ddapo_reward_kwargs_patch__'
 DIFF_MARKER = "extra_reward_kwargs = {'trainer': self}"
@@ -67,11 +67,10 @@ def apply() -> str:
     prepare = getattr(trainer_cls, '_prepare_rewards', None)
     _expect(compute is not None and prepare is not None,
             'GRPOTrainer has no _compute_rewards_per_func / _prepare_rewards')
-    if getattr(compute, PATCH_FLAG, False):
-        return 'already applied'
+    state = standing(compute, PATCH_FLAG, DIFF_MARKER)
+    if state is not None:
+        return state
     compute_source = inspect.getsource(compute)
-    if DIFF_MARKER in compute_source:
-        return 'diff installed'
     _expect(_params(compute) == ['self', 'samples'], f'_compute_rewards_per_func{inspect.signature(compute)}')
     _expect('score_completions(' in compute_source and hasattr(grpo_trainer, 'score_completions'),
             '_compute_rewards_per_func no longer calls score_completions')

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from swift_patches import PatchError, is_patched, require  # noqa: F401 (PatchError: for callers)
+from swift_patches import PatchError, is_patched, require, standing  # noqa: F401 (PatchError: for callers)
 
 STORE = 'token_advantage_weights'
 PATCH_FLAG = '__ddapo_token_weights_patch__'
@@ -87,11 +87,10 @@ def apply() -> str:
     trainer_cls = grpo_trainer.GRPOTrainer
     postprocess = getattr(trainer_cls, '_postprocess_batch', None)
     _expect(postprocess is not None, 'GRPOTrainer has no _postprocess_batch')
-    if getattr(postprocess, PATCH_FLAG, False):
-        return 'already applied'
+    state = standing(postprocess, PATCH_FLAG, DIFF_MARKER)
+    if state is not None:
+        return state
     source = inspect.getsource(postprocess)
-    if DIFF_MARKER in source:
-        return 'diff installed'
     params = list(inspect.signature(postprocess).parameters)
     _expect(params == ['self', 'samples', 'batch_encoded_inputs'],
             f'_postprocess_batch{inspect.signature(postprocess)}')

@@ -130,6 +130,30 @@ class TestCaptureInsideOldLogpsForward:
         assert reward.uncaptured == 1 and reward.scheduler.last_forwards == 1
 
 
+    def test_setup_failure_leaves_the_forward_alone(self, policy, monkeypatch):
+        """A failure while the capture is set up never reaches the trainer's forward: its logits are the same, and the
+        micro-batch's rows are scored with forwards of the reward's own (counted), equal to the own path."""
+        from ddapo.ms_swift import old_logps
+        columns = reward_kwargs(policy, COMPLETIONS[:2])
+        columns['request_id'] = ['r0', 'r1']
+        samples, model_inputs = micro_batch(policy, columns)
+        capture, reward = capture_for(policy)
+        plain = old_logps_logits(policy, dict(model_inputs))
+
+        def broken(original):
+            raise RuntimeError('cannot register')
+
+        monkeypatch.setattr(old_logps, 'wrapped_attention', broken)
+        with capture(samples, model_inputs):
+            captured = old_logps_logits(policy, dict(model_inputs))
+        assert torch.equal(plain, captured) and capture.take() == {}
+        rewards = reward(COMPLETIONS[:2], **columns)
+        assert reward.uncaptured == 2 and reward.last_metrics['ddapo/own_forwards'] > 0
+        from ddapo.core.config import DDAPOConfig
+        from ddapo.reward import DDAPOAttentionORM
+        assert rewards == DDAPOAttentionORM(config=DDAPOConfig(forward='own'))(COMPLETIONS[:2], **columns)
+
+
 class TestPackedRows:
     """--padding_free packs the samples of a micro-batch into one row with no mask (flash attention): the eager
     formula of a later sample's rows, from its start, equals the same rows of its own sequence. Edge cases: a

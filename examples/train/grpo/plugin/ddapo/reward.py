@@ -44,7 +44,7 @@ from ddapo.core.config import DDAPOConfig
 from ddapo.core.formulas import layer_set
 from ddapo.core.key_sets import build_key_sets
 from ddapo.core.row import Row
-from ddapo.engine.scheduler import ForwardRun, ForwardScheduler, Output
+from ddapo.engine.scheduler import ForwardCall, ForwardRun, ForwardScheduler, Output
 from ddapo.core.scorer import (RankShare, Scored, SharedOutput, WeightSettings, group_variant, score_output,
                                token_weight_block)
 from ddapo.core.validity import OutputValidity, output_validity
@@ -163,8 +163,12 @@ class DDAPOAttentionORM(ORM):
                            if output is not None]
                 shown = sorted([run.unit[0] for run in captured.values()] + outputs, key=lambda o: o.position)
                 titles = self.step_log.choose(shown, swift.is_main_process, swift.step, swift.logging_steps, validate)
-            # every rank runs this, whatever happened above: under ZeRO-3 its forward count is agreed in a collective
-            call = scheduler.run(outputs, env, report=titles, validate=validate)
+            # every rank runs this, whatever happened above: under ZeRO-3 its forward count is agreed in a collective.
+            # A failure inside a forward stops the call too (where a forward is itself a collective, ZeRO-3, the
+            # other ranks are inside it: no reward can repair that, docs/scale.md)
+            call = ForwardCall([])
+            with self._stopping('the reward forwards'):
+                call = scheduler.run(outputs, env, report=titles, validate=validate)
         self._note_padding(call.padding, scheduler.last_forwards)
         runs = [captured[p] for p in sorted(captured)] + call.runs
         samples: Dict[int, Any] = {}  # the report's outputs, by position

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from swift.model.utils import AttnImpl
+from swift.utils import get_logger
 
 from ddapo.core.key_sets import KeySets, build_key_sets
 from ddapo.core.packing import micro_batch_placements, split_image_grids
@@ -169,6 +170,7 @@ class OldLogpsCapture:
         self.report_samples = report_samples
         self._captured: Dict[str, Union[Captured, NotEncodable]] = {}
         self._kept = 0  # samples whose per-key attention is kept for the report, since the last `take`
+        self._warned = False
 
     def _step(self) -> int:
         return int(getattr(getattr(self.trainer, 'state', None), 'global_step', 0) or 0)
@@ -180,10 +182,39 @@ class OldLogpsCapture:
 
     @contextmanager
     def __call__(self, batch: Sequence[Any], model_inputs: Dict[str, Any]) -> Iterator[None]:
-        trainer = self.trainer
         if self.config.validating(self._step()):
             yield
             return
+        try:
+            encodings, captures, forward, report, name = self._prepare(batch, model_inputs)
+        except Exception as error:  # never the trainer's forward: these rows get a forward of their own instead
+            self._failed(error)
+            yield
+            return
+        config = unwrap_policy(self.trainer).config
+        keys = AttnImpl.attn_impl_keys
+        with language_attention(config, keys, name), capturing(forward):
+            report.attention_during = attention_settings(config, keys)
+            yield
+        finished = forward.finish() if forward.complete else [None] * len(captures)
+        length = int(model_inputs['input_ids'].shape[-1])
+        for (sample, encoded, key_sets, _), capture in zip(captures, finished):
+            self._captured[str(sample.request_id)] = Captured(encoded, key_sets, capture, forward, length, report)
+        for sample, encoded in zip(batch, encodings):
+            if isinstance(encoded, NotEncodable):
+                self._captured[str(sample.request_id)] = encoded
+
+    def _failed(self, error: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            get_logger().warning(f'[DDAPO] the capture in the old log-prob forward could not be set up '
+                                 f'({type(error).__name__}: {error}): that micro-batch\'s rows are scored with a '
+                                 'forward of their own (ddapo/own_forwards); warned once.')
+
+    def _prepare(self, batch: Sequence[Any], model_inputs: Dict[str, Any]):
+        """Each sample's encoding (or why it has none), its `LayerCapture` at its place in the micro-batch, the
+        forward's `ForwardCapture`, what the debug report shows, and the wrapper of the trainer's implementation."""
+        trainer = self.trainer
         encodings: List[Union[EncodedCompletion, NotEncodable]] = []
         with template_state(trainer.template):
             for sample in batch:
@@ -195,7 +226,6 @@ class OldLogpsCapture:
                     encodings.append(EncodingFailed(f'the trainer\'s encoding could not be read '
                                                     f'({type(error).__name__}: {error})'))
         self._image_grids(batch, encodings, model_inputs.get('image_grid_thw'))
-        usable = [(s, e) for s, e in zip(batch, encodings) if isinstance(e, EncodedCompletion)]
         placements = micro_batch_placements([len(s.encoded['input_ids']) for s in batch],
                                             [e.prompt_len if isinstance(e, EncodedCompletion) else 0 for e in encodings],
                                             [e.num_generated if isinstance(e, EncodedCompletion) else 0
@@ -203,8 +233,9 @@ class OldLogpsCapture:
                                             packed=bool(getattr(trainer.template, 'padding_free', False)))
         main = trainer.accelerator.is_main_process
         captures: List[Tuple[Any, EncodedCompletion, KeySets, LayerCapture]] = []
-        for (sample, encoded), placement in zip(usable, [p for p, e in zip(placements, encodings)
-                                                         if isinstance(e, EncodedCompletion)]):
+        for sample, encoded, placement in zip(batch, encodings, placements):
+            if not isinstance(encoded, EncodedCompletion):
+                continue
             key_sets = build_key_sets(encoded.input_ids, encoded.prompt_len, self.spec.vision_token_ids,
                                       self.spec.special_ids, encoded.system_turn)
             keep = main and self._kept < self.report_samples
@@ -214,20 +245,10 @@ class OldLogpsCapture:
                 keep_key_attention=keep, start=placement.start)))
         forward = ForwardCapture([c[3] for c in captures], self.spec.attention_layers)
         config = unwrap_policy(trainer).config
-        keys = AttnImpl.attn_impl_keys
-        report = ForwardReport(attention_before=attention_settings(config, keys),
+        report = ForwardReport(attention_before=attention_settings(config, AttnImpl.attn_impl_keys),
                                gradient_checkpointing=getattr(trainer.model, 'is_gradient_checkpointing', None))
         name = wrapped_attention(language_config(config)._attn_implementation)
-        with language_attention(config, keys, name), capturing(forward):
-            report.attention_during = attention_settings(config, keys)
-            yield
-        finished = forward.finish() if forward.complete else [None] * len(captures)
-        length = int(model_inputs['input_ids'].shape[-1])
-        for (sample, encoded, key_sets, _), capture in zip(captures, finished):
-            self._captured[str(sample.request_id)] = Captured(encoded, key_sets, capture, forward, length, report)
-        for sample, encoded in zip(batch, encodings):
-            if isinstance(encoded, NotEncodable):
-                self._captured[str(sample.request_id)] = encoded
+        return encodings, captures, forward, report, name
 
     def _image_grids(self, batch: Sequence[Any], encodings: List[Union[EncodedCompletion, NotEncodable]],
                      grids) -> None:
