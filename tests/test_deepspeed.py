@@ -250,7 +250,8 @@ def current_stacks(stacks_dir, ranks, count):
 class TestLockstepCanFail:
     """The same ZeRO-3 run, with the reward's own forwards (DDAPO_FORWARD=own) and the padding forwards skipped
     (TEST_DDAPO_SKIP_PADDING=1 of tests/plugins), hangs: the rank with fewer forwards waits in a collective that the
-    other never joins. Detected positively: after the skip, each rank's Python stack is dumped twice, 10 s apart
+    other never joins. Detected positively: after the skip, each rank's Python stack is dumped twice, 8 s apart (a
+    healthy step takes about 2 s)
     (faulthandler on SIGUSR1, TEST_DDAPO_STACKS); both ranks' main threads are where they were, and they wait inside
     torch.distributed collectives. A slow healthy run would show progress between the dumps. The run is then killed."""
 
@@ -266,11 +267,11 @@ class TestLockstepCanFail:
                 if 'TEST_DDAPO_SKIP_PADDING=1: skipping' in open(log_path).read():
                     break
                 time.sleep(1)
-            time.sleep(10)  # the ranks reach their collectives
+            time.sleep(5)  # the ranks reach their collectives
             ranks = rank_processes(process)
             if process.poll() is None and len(ranks) == 2:
                 first = current_stacks(stacks_dir, ranks, 1)
-                time.sleep(10)
+                time.sleep(5)  # a healthy step of this model takes about 2 s
                 second = current_stacks(stacks_dir, ranks, 2)
             finished = process.poll() is not None
         finally:

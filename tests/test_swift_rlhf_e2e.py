@@ -69,7 +69,7 @@ TOKEN_WEIGHT_ARGS = ['--max_steps', '2', '--save_strategy', 'steps', '--save_ste
 # The same seeded run under DDAPO_FORWARD=auto (old_logps) and own, with ddapo_attention weighted 0 and another reward
 # steering (test_steer, from the test hooks), two micro-batches per generation, text-only rows mixed in; GRPO's old
 # log-probs and every row's reward dumped.
-FORWARD_ARGS = ['--max_steps', '3', '--gradient_accumulation_steps', '2', '--reward_funcs', 'ddapo_attention',
+FORWARD_ARGS = ['--max_steps', '2', '--gradient_accumulation_steps', '2', '--reward_funcs', 'ddapo_attention',
                 'test_steer', '--reward_weights', '0', '1']
 FORWARD_DUMPS = {'TEST_DDAPO_DUMP_DIR': 'dump', 'TEST_DDAPO_OLD_LOGPS_DUMP': 'old_logps'}
 # the trainer's attention implementation -> (model type, extra arguments)
@@ -441,7 +441,7 @@ def steps_of(output_dir):
 class TestForwardPath:
     """DDAPO_FORWARD=auto (which takes old_logps here: LoRA with --lora_dropout 0, or full tuning) against own, in the
     same seeded run with ddapo_attention weighted 0 and test_steer steering, two micro-batches per generation,
-    text-only rows mixed in, 3 steps; the trainer on sdpa (Qwen2.5-VL, LoRA) and on eager (the hybrid Qwen3.5, full
+    text-only rows mixed in, 2 steps; the trainer on sdpa (Qwen2.5-VL, LoRA) and on eager (the hybrid Qwen3.5, full
     tuning). GRPO is unchanged: the old log-probs GRPO recorded and the logged loss are identical bit for bit, step by
     step, and so are the completions. The rewards are the same: every row's reward equals the own path's (1e-5), the
     text-only rows are None on both, and the first step's equal the naive eager computation (fp32, 1e-5). The reward
@@ -455,12 +455,12 @@ class TestForwardPath:
         assert "attention read: old_logps (DDAPO_FORWARD=auto)" in auto_result.stderr + auto_result.stdout
         assert "attention read: own (DDAPO_FORWARD=own)" in own_result.stderr + own_result.stdout
         old = [old_logps_records(d) for d in (auto, own)]
-        assert len(old[0]) == 6 and old[0] == old[1]  # 3 steps x 2 micro-batches, bit for bit
+        assert len(old[0]) == 4 and old[0] == old[1]  # 2 steps x 2 micro-batches, bit for bit
         steps = [steps_of(d) for d in (auto, own)]
-        assert sorted(steps[0]) == [1, 2, 3]
-        assert [steps[0][k]['loss'] for k in (1, 2, 3)] == [steps[1][k]['loss'] for k in (1, 2, 3)]
-        assert [steps[0][k]['ddapo/own_forwards'] for k in (1, 2, 3)] == [0.0] * 3
-        assert all(steps[1][k]['ddapo/own_forwards'] > 0 for k in (1, 2, 3))
+        assert sorted(steps[0]) == [1, 2]
+        assert [steps[0][k]['loss'] for k in (1, 2)] == [steps[1][k]['loss'] for k in (1, 2)]
+        assert [steps[0][k]['ddapo/own_forwards'] for k in (1, 2)] == [0.0] * 2
+        assert all(steps[1][k]['ddapo/own_forwards'] > 0 for k in (1, 2))
 
     @pytest.mark.parametrize('implementation', list(FORWARD_PAIRS))
     def test_same_rewards(self, implementation, runs, tiny_model_dir, tmp_path):
@@ -470,7 +470,7 @@ class TestForwardPath:
         dumps = [[json.loads(line) for line in open(os.path.join(runs.result(f'forward_{p}_{implementation}')[0],
                                                                  'dump', 'rank0.jsonl'))] for p in ('auto', 'own')]
         auto, own = dumps
-        assert len(auto) == len(own) == 24  # 3 steps x 8 completions
+        assert len(auto) == len(own) == 16  # 2 steps x 8 completions
         assert [r['response_token_ids'] for r in auto] == [r['response_token_ids'] for r in own]
         assert [r['reward'] is None for r in auto] == [r['reward'] is None for r in own]
         scored = [i for i, r in enumerate(auto) if r['reward'] is not None]
