@@ -188,17 +188,29 @@ def encode_completion(trainer, row: Row, system_turns: Optional[SystemTurns] = N
         sample.messages[-1] = {**sample.messages[-1], 'content': ''}
     encoded = encode_sample(sample, template)
     encoded.pop('_extra_kwargs', None)
-    input_ids, labels = list(encoded['input_ids']), list(encoded['labels'])
+    completion = locate_completion(encoded, ids, row, system_turns)  # raises before the collator's work
+    batch = template.data_collator([encoded])
+    batch.pop('labels', None)
+    batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
+    completion.forward_kwargs = batch
+    return completion
+
+
+def locate_completion(encoded: Dict[str, Any], ids: Sequence[int], row: Row,
+                      system_turns: Optional[SystemTurns]) -> EncodedCompletion:
+    """Where ``o_i`` sits in an ``encode_sample`` encoding (the reward's own, or the trainer's for the old log-prob
+    forward): ``P`` is the first labelled position, the generated ids must follow it exactly (`GeneratedIdsMismatch`),
+    and the system turn is located (`SystemTurnNotFound`). ``forward_kwargs`` is the encoding itself."""
+    input_ids = [int(t) for t in encoded['input_ids']]
+    labels = [int(t) for t in encoded['labels']]
+    ids = [int(t) for t in ids]
     prompt_len = next((i for i, label in enumerate(labels) if label != -100), len(labels))
     if input_ids[prompt_len:prompt_len + len(ids)] != ids:
         raise GeneratedIdsMismatch(f'encoded sequence does not hold the {len(ids)} generated ids at position '
                                    f'{prompt_len} (sequence length {len(input_ids)})')
-    batch = template.data_collator([encoded])
-    batch.pop('labels', None)
-    batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
     labelled = all(label != -100 for label in labels[prompt_len:prompt_len + len(ids)])
     system_turn = system_turns.span(row, input_ids[:prompt_len]) if system_turns is not None else range(0)
-    return EncodedCompletion(input_ids, prompt_len, len(ids), batch, labelled, system_turn)
+    return EncodedCompletion(input_ids, prompt_len, len(ids), encoded, labelled, system_turn)
 
 
 def padding_row(trainer) -> Row:

@@ -27,8 +27,8 @@ from ddapo.core.row import Row
 from ddapo.engine.capture import ForwardCapture, LayerCapture, capturing
 from ddapo.ms_swift.attention import WRAPPABLE, attention_settings, language_attention, language_config, \
     wrapped_attention
-from ddapo.ms_swift.encoding import (EncodedCompletion, EncodingFailed, GeneratedIdsMismatch, NotEncodable,
-                                     SystemTurns, generated_ids, template_state)
+from ddapo.ms_swift.encoding import (EncodedCompletion, EncodingFailed, NotEncodable, SystemTurns, generated_ids,
+                                     locate_completion, template_state)
 from ddapo.ms_swift.forward_env import ForwardReport
 from ddapo.ms_swift.model_spec import unwrap_policy
 from ddapo.ms_swift.trainer_io import image_merge_size
@@ -131,19 +131,10 @@ def forward_path(trainer, setting: str) -> ForwardPath:
 
 
 def encoding_of(sample, system_turns: SystemTurns) -> EncodedCompletion:
-    """``[q ; o_i]`` as the trainer encoded it for the old log-prob forward (``sample.encoded``): ``P`` is its first
-    labelled position, and ``o_i`` must be exactly the generated ids right after it. Raises `NotEncodable`."""
-    encoded = sample.encoded
-    input_ids = [int(t) for t in encoded['input_ids']]
-    labels = [int(t) for t in encoded['labels']]
-    prompt_len = next((i for i, label in enumerate(labels) if label != -100), len(labels))
-    ids = generated_ids(sample.response_token_ids)
-    if input_ids[prompt_len:prompt_len + len(ids)] != ids:
-        raise GeneratedIdsMismatch(f'the trainer\'s encoding does not hold the {len(ids)} generated ids at position '
-                                   f'{prompt_len} (sequence length {len(input_ids)})')
-    labelled = all(label != -100 for label in labels[prompt_len:prompt_len + len(ids)])
-    system_turn = system_turns.span(Row(sample.to_reward_row()), input_ids[:prompt_len])
-    return EncodedCompletion(input_ids, prompt_len, len(ids), encoded, labelled, system_turn)
+    """``[q ; o_i]`` as the trainer encoded it for the old log-prob forward (``sample.encoded``), located as the
+    reward's own encoding is (`locate_completion`). Raises `NotEncodable`."""
+    return locate_completion(sample.encoded, generated_ids(sample.response_token_ids), Row(sample.to_reward_row()),
+                             system_turns)
 
 
 @dataclass
