@@ -8,6 +8,7 @@
 #   bash run_grpo_with_ddapo.sh --demo          # offline demo: tiny random Qwen2.5-VL + generated shapes, CPU ok
 #   bash run_grpo_with_ddapo.sh --dry-run       # print the command, run nothing (works with --demo too)
 #   bash run_grpo_with_ddapo.sh --gpu-check     # one GPU: step time and memory with and without the reward
+#   MODEL=OpenGVLab/InternVL3_5-8B-HF bash run_grpo_with_ddapo.sh   # any supported family: --model_type, --template
 #   MODEL=/path/to/Qwen2-VL-7B NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash run_grpo_with_ddapo.sh --num_train_epochs 2
 #
 # Every default below can be overridden by the environment variable of the same name; any other
@@ -144,8 +145,16 @@ CMD=("${SWIFT[@]}" rlhf
   --report_to "$REPORT_TO"
   --dataloader_num_workers "$DATALOADER_WORKERS"
   --output_dir "$OUTPUT_DIR/train")
-# ms-swift's template of a MoE family is the dense one's (qwen3_vl_moe -> qwen3_vl, qwen3_5_moe -> qwen3_5)
-TEMPLATE=${TEMPLATE:-${MODEL_TYPE%_moe}}
+# --model_type and --template from the reward's families table (examples/train/grpo/plugin/ddapo/ms_swift/families.py):
+# a released model's name gives both (GLM-4.6V-Flash: glm4v with glm4_5v; MiMo-VL: qwen2_5_vl with mimo_vl), a
+# MODEL_TYPE its template; TEMPLATE overrides. A model of no family leaves both to ms-swift.
+if [ -z "${TEMPLATE:-}" ]; then
+  if ! RESOLVED=$(python3 "$ROOT/examples/train/grpo/plugin/ddapo/ms_swift/families.py" "$MODEL" "$MODEL_TYPE"); then
+    echo "run_grpo_with_ddapo.sh: MODEL=$MODEL MODEL_TYPE=$MODEL_TYPE: see above." >&2
+    exit 2
+  fi
+  read -r MODEL_TYPE TEMPLATE <<< "$RESOLVED" || true
+fi
 case "$ROLLOUT" in
   hf) CMD+=(--use_vllm false) ;;
   vllm)
@@ -206,7 +215,17 @@ if [ "$NNODES" != 1 ]; then
 elif [ -n "${NODE_RANK:-}" ] && [ "$NODE_RANK" != 0 ]; then
   fail "NODE_RANK=$NODE_RANK without NNODES: set NNODES to the number of nodes (NODE_RANK counts from 0)."
 fi
-GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+# One interpreter (each start imports torch, seconds) for the visible GPUs and, with DEEPSPEED set, whether deepspeed
+# imports; its last line is "GPUS IMPORTS".
+read -r GPUS DEEPSPEED_IMPORTS <<< "$( { python3 -c '
+import sys, torch
+imports = 1
+if sys.argv[1]:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        imports = 0
+print(torch.cuda.device_count(), imports)' "$DEEPSPEED" 2>/dev/null || echo '0 0'; } | tail -n 1)"
 if [ "$DEMO" = 1 ] && [ "$GPUS" = 0 ] && { [ "$NPROCS" -gt 1 ] || [ "$NNODES" != 1 ]; }; then
   # Neither way runs data-parallel on CPU processes with ms-swift 4.6 and transformers 5.19: DeepSpeed's processes
   # get no backend (transformers passes --ddp_backend only without DeepSpeed), so DeepSpeed counts one process;
@@ -218,7 +237,7 @@ if [ "$DEMO" = 1 ] && [ "$GPUS" = 0 ] && { [ "$NPROCS" -gt 1 ] || [ "$NNODES" !=
     "data, and with --ddp_backend gloo ms-swift stops at 'assert len(local_advantages) == len(samples)'. Use one" \
     "process on CPU (NPROC_PER_NODE=1, the demo's default) or GPUs."
 fi
-if [ -n "$DEEPSPEED" ] && ! python3 -c 'import deepspeed' >/dev/null 2>&1; then
+if [ -n "$DEEPSPEED" ] && [ "$DEEPSPEED_IMPORTS" != 1 ]; then
   fail "DEEPSPEED=$DEEPSPEED needs the deepspeed package, which is not importable: pip install -e \".[deepspeed]\"" \
     "(or run without DeepSpeed: DEEPSPEED=none)."
 fi

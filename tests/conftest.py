@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random models of every supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE,
-Qwen3.5 dense and MoE) built offline, ms-swift's real template and hook.
+"""Shared fixtures: tiny random models of every supported family built offline (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense
+and MoE, Qwen3.5 dense and MoE: `MODEL_TYPES`; InternVL3 and InternVL3.5 with a Qwen3-MoE language model, GLM-4.1V,
+GLM-4.5V, Gemma 3: `OTHER_MODEL_TYPES`), ms-swift's real template and hook.
 
 The reward code touches the trainer only through ``trainer.model``, ``trainer.template``,
 ``trainer.accelerator`` and ``trainer.args.gradient_checkpointing_kwargs``; `policy` hands it those
@@ -19,9 +20,21 @@ for path in (PLUGIN_DIR, GRPO_DIR, ROOT):
         sys.path.insert(0, path)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+import tiny_vlm  # noqa: E402
 from tiny_qwen_vl import FAMILIES, MODEL_TYPES, build_shapes_dataset, build_tiny_qwen_vl  # noqa: E402
 
-MODEL_TYPES = list(MODEL_TYPES)  # every family the reward supports
+MODEL_TYPES = list(MODEL_TYPES)  # the Qwen families: the tests parametrized over families run on each
+OTHER_MODEL_TYPES = list(tiny_vlm.FAMILIES)  # the other families: tests/test_families.py
+# build name -> (ms-swift --model_type, --template)
+SWIFT_ARGS = {**{m: (m, f.template) for m, f in FAMILIES.items()},
+              **{m: (tiny_vlm.SWIFT_MODEL_TYPE[m], f.template) for m, f in tiny_vlm.FAMILIES.items()}}
+
+
+def build_tiny(path: str, model_type: str) -> str:
+    """A tiny build of any family (`MODEL_TYPES` or `OTHER_MODEL_TYPES`)."""
+    if model_type in tiny_vlm.FAMILIES:
+        return tiny_vlm.build_tiny_vlm(path, model_type)
+    return build_tiny_qwen_vl(path, model_type)
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +51,7 @@ def tiny_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny_models')
 
     def build(model_type: str = 'qwen2_5_vl') -> str:
-        return build_tiny_qwen_vl(str(root / model_type), model_type)
+        return build_tiny(str(root / model_type), model_type)
 
     return build
 
@@ -56,9 +69,10 @@ def make_policy(model_dir: str, model_type: str, output_dir: str, gradient_check
     from accelerate import Accelerator
     from swift.model import get_model_processor
     from swift.template import get_template
-    model, processor = get_model_processor(model_dir, check_model=False, model_type=model_type,
+    swift_model_type, template_type = SWIFT_ARGS[model_type]
+    model, processor = get_model_processor(model_dir, check_model=False, model_type=swift_model_type,
                                            torch_dtype=torch.float32)
-    template = get_template(processor, template_type=FAMILIES[model_type].template,
+    template = get_template(processor, template_type=template_type,
                             **({'default_system': default_system} if default_system else {}))
     template.set_mode('train')
     template.model = model  # as ms-swift's pipelines do; Qwen2-VL's collator uses it for rope indices

@@ -4,9 +4,11 @@ the system turn, and Eq. (1)-(7) from ``output_attentions=True`` of the eager mo
 collator), and everything after it is written here, so a bug in the product's ``T``, ``V`` or system turn shows as a
 difference.
 
-Every supported family renders ChatML, so the system turn is, per the notation, the positions from the first
-``<|im_start|>`` through its ``<|im_end|>`` when that turn's role is ``system`` (the row's system message or the
-template's default).
+The system turn is written here per chat format, from what each renders (docs/notation.md): ChatML (Qwen, InternVL)
+from the first ``<|im_start|>`` through its ``<|im_end|>`` when that turn's role is ``system``; GLM from
+``<|system|>`` up to the first ``<|user|>``; Gemma 3, which has no system role and writes a row's system text and a
+blank line at the start of the first user turn, the system text's tokens there (ms-swift renders a default system set
+with ``--system`` as a turn of its own: ``<start_of_turn>system`` through its ``<end_of_turn>``).
 """
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Tuple
@@ -67,7 +69,43 @@ def chatml_system_turn(input_ids: List[int], tokenizer) -> range:
     return range(first, end + 1) if tokenizer.decode(input_ids[first + 1:end]).startswith('system') else range(0)
 
 
-def key_sets(policy, input_ids: List[int], labels: List[int], generated: List[int]) -> NaiveKeys:
+def glm_system_turn(input_ids: List[int], tokenizer) -> range:
+    """From ``<|system|>`` up to the first ``<|user|>``."""
+    system_id, user_id = (tokenizer.convert_tokens_to_ids(t) for t in ('<|system|>', '<|user|>'))
+    if system_id not in input_ids:
+        return range(0)
+    start = input_ids.index(system_id)
+    return range(start, input_ids.index(user_id, start))
+
+
+def gemma_system_turn(input_ids: List[int], tokenizer, system: str) -> range:
+    """A ``<start_of_turn>system`` turn through its ``<end_of_turn>`` (how ms-swift renders a default system set with
+    ``--system``); otherwise the tokens of the row's ``system`` right after the first ``<start_of_turn>user\\n``."""
+    turn_start, turn_end = (tokenizer.convert_tokens_to_ids(t) for t in ('<start_of_turn>', '<end_of_turn>'))
+    first = input_ids.index(turn_start)
+    if tokenizer.decode(input_ids[first + 1:input_ids.index(turn_end, first)]).startswith('system\n'):
+        return range(first, input_ids.index(turn_end, first) + 1)
+    if not system:
+        return range(0)
+    head = tokenizer.encode('<start_of_turn>user\n', add_special_tokens=False)
+    start = next(i for i in range(len(input_ids)) if input_ids[i:i + len(head)] == head) + len(head)
+    ids = tokenizer.encode(system, add_special_tokens=False)
+    assert input_ids[start:start + len(ids)] == ids, 'the system text opens the first user turn'
+    return range(start, start + len(ids))
+
+
+def system_turn(policy, input_ids: List[int], row) -> range:
+    tokenizer = policy.processor.tokenizer
+    vocabulary = tokenizer.get_vocab()
+    if '<|im_start|>' in vocabulary:
+        return chatml_system_turn(input_ids, tokenizer)
+    if '<|system|>' in vocabulary:
+        return glm_system_turn(input_ids, tokenizer)
+    messages = _columns(row)['messages']
+    return gemma_system_turn(input_ids, tokenizer, messages[0]['content'] if messages[0]['role'] == 'system' else '')
+
+
+def key_sets(policy, input_ids: List[int], labels: List[int], generated: List[int], row) -> NaiveKeys:
     """``V``: prompt positions holding the config's image or video token; ``T``: the other prompt positions that are not
     special tokens of the tokenizer and not in the system turn. ``P``: the first labelled position."""
     config, tokenizer = policy.model.config, policy.processor.tokenizer
@@ -75,7 +113,7 @@ def key_sets(policy, input_ids: List[int], labels: List[int], generated: List[in
     assert input_ids[prompt_len:prompt_len + len(generated)] == list(generated), 'the generated ids follow the prompt'
     vision_ids = {getattr(config, 'image_token_id', None), getattr(config, 'video_token_id', None)} - {None}
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    system = chatml_system_turn(input_ids, tokenizer)
+    system = system_turn(policy, input_ids, row)
     vision = [p < prompt_len and t in vision_ids for p, t in enumerate(input_ids)]
     text = [p < prompt_len and t not in vision_ids and t not in special and p not in system
             for p, t in enumerate(input_ids)]
@@ -89,11 +127,15 @@ def generated_ids(row) -> List[int]:
 
 def eager_attentions(policy, batch) -> Tuple[torch.Tensor, ...]:
     """Every softmax-attention layer's ``[1, H, S, S]`` map from ``output_attentions=True`` of the eager model, in eval
-    mode, without ms-swift's template hook (it would drop ``output_attentions``)."""
+    mode, without ms-swift's template hook (it would drop ``output_attentions``). GLM's M-RoPE needs the processor's
+    ``mm_token_type_ids`` for the whole sequence, which its templates do not return: made here by its processor."""
     model, config = policy.model, policy.model.config
     kwargs = {k: v for k, v in batch.items()
               if k in ('input_ids', 'attention_mask', 'pixel_values', 'image_grid_thw', 'mm_token_type_ids',
-                       'pixel_values_videos', 'video_grid_thw', 'second_per_grid_ts')}
+                       'pixel_values_videos', 'video_grid_thw', 'second_per_grid_ts', 'token_type_ids')}
+    if hasattr(policy.processor, 'create_mm_token_type_ids') and 'image_grid_thw' in kwargs:
+        kwargs['mm_token_type_ids'] = torch.tensor(policy.processor.create_mm_token_type_ids(
+            kwargs['input_ids'].tolist()))
     handles = policy.template.remove_post_encode_hook()
     saved = config._attn_implementation
     try:
@@ -107,12 +149,23 @@ def eager_attentions(policy, batch) -> Tuple[torch.Tensor, ...]:
         policy.template.register_post_encode_hook(handles)
 
 
+def full_attention_maps(policy, attentions) -> List[torch.Tensor]:
+    """The maps of the layers whose ``layer_types`` entry is ``full_attention`` (every layer without the list).
+    ``attentions`` holds one map per decoder layer, or, in a model with linear-attention layers, one per softmax layer
+    (full or sliding window)."""
+    text = policy.model.config.get_text_config()
+    types = list(getattr(text, 'layer_types', None) or ['full_attention'] * text.num_hidden_layers)
+    returned = types if len(attentions) == len(types) else [t for t in types if t != 'linear_attention']
+    assert len(returned) == len(attentions)
+    return [a for a, t in zip(attentions, returned) if t == 'full_attention']
+
+
 def token_text_mass(policy, row, num_layers_read: int = 8, layers=None) -> Tuple[torch.Tensor, NaiveKeys]:
-    """``m^T_{i,t}`` (Eq. 1, then 4, float64) over the last ``num_layers_read`` attention layers (or the positions
+    """``m^T_{i,t}`` (Eq. 1, then 4, float64) over the last ``num_layers_read`` full-attention layers (or the positions
     ``layers`` among them), and the key sets."""
     batch, input_ids, labels = encode(policy, row)
-    keys = key_sets(policy, input_ids, labels, generated_ids(row))
-    attentions = eager_attentions(policy, batch)
+    keys = key_sets(policy, input_ids, labels, generated_ids(row), row)
+    attentions = full_attention_maps(policy, eager_attentions(policy, batch))
     read = [attentions[l] for l in layers] if layers is not None else attentions[-num_layers_read:]
     P, n = keys.prompt_len, keys.num_generated
     rows = torch.stack(read)[:, 0, :, P:P + n, :].double().mean(dim=1)  # [layers, n, S]: Eq. (1)'s head mean

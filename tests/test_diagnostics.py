@@ -8,7 +8,7 @@ import torch
 
 from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, segments, step_metrics, weight_stats
 from ddapo.core.formulas import head_average, layer_key_attention, sequence_scores
-from ddapo.core.report import ReportSample, ReportWriter, image_heatmaps, token_line
+from ddapo.core.report import ReportSample, ReportWriter, TokenGrid, image_heatmaps, token_line
 
 
 def scored(m_text, num_text=10, num_vision=30, segment=None):
@@ -82,12 +82,24 @@ class TestTokenWeightMetrics:
 
 
 class TestImageHeatmaps:
-    """Edge cases (the worked example is a doctest): two images split in order; all vision mass on one key lights
-    exactly that merged patch (through layer_key_attention); a count that does not match the grids raises."""
+    """Edge cases (the worked examples are doctests): two images split in order; tiles placed row-major, each its own
+    block; frames averaged; all vision mass on one key lights exactly that merged patch (through
+    layer_key_attention); a count that does not match the grids raises."""
 
     def test_two_images(self):
-        maps = image_heatmaps(torch.arange(16.), [(1, 4, 4), (1, 4, 12)], merge_size=2)
+        maps = image_heatmaps(torch.arange(16.), [TokenGrid(2, 2), TokenGrid(2, 6)])
         assert [m.shape for m in maps] == [(2, 2), (2, 6)] and maps[1][0, 0] == 4
+
+    def test_tiles(self):
+        # 2 x 2 tiles of 1 x 2 tokens: tile k holds 2k, 2k + 1 -> tile 1 right of tile 0, tile 2 under it
+        heat = image_heatmaps(torch.arange(8.), [TokenGrid(1, 2, tiles=(2, 2))])[0]
+        assert heat.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        heat = image_heatmaps(torch.arange(4.), [TokenGrid(2, 1, tiles=(1, 2))])[0]
+        assert heat.tolist() == [[0, 2], [1, 3]]
+
+    def test_frames_averaged(self):
+        heat = image_heatmaps(torch.tensor([0., 2., 4., 6.]), [TokenGrid(1, 2, frames=2)])[0]
+        assert heat.tolist() == [[2.0, 4.0]]
 
     def test_one_patch_lights_up(self):
         text, vision = torch.zeros(20, dtype=torch.bool), torch.zeros(20, dtype=torch.bool)
@@ -96,13 +108,13 @@ class TestImageHeatmaps:
         attention[..., 0] = 0.5
         attention[..., 4 + 5] = 0.5  # every head, every generated token: all vision mass on vision token 5
         key_attention = layer_key_attention(head_average(attention), text, vision)
-        heat = image_heatmaps(key_attention[vision], [(1, 4, 6)], merge_size=2)[0]
+        heat = image_heatmaps(key_attention[vision], [TokenGrid(2, 3)])[0]
         assert heat.shape == (2, 3) and heat[1, 2] == pytest.approx(0.5)
         assert heat.sum() == pytest.approx(0.5) and (heat > 0).sum() == 1
 
     def test_count_mismatch(self):
         with pytest.raises(ValueError):
-            image_heatmaps(torch.arange(5.), [(1, 4, 6)], merge_size=2)
+            image_heatmaps(torch.arange(5.), [TokenGrid(2, 3)])
 
 
 class TestTokenLine:
@@ -121,7 +133,7 @@ class TestReportWriter:
         from PIL import Image
         sample = ReportSample(title='prompt p0', tokens=['Red', '!'], m_vis=[0.4, 0.6], tdr=1.5, reward_balance=0.4,
                               images=[Image.new('RGB', (56, 84), (200, 0, 0))],
-                              heatmaps=image_heatmaps(torch.arange(6.), [(1, 4, 6)], 2))
+                              heatmaps=image_heatmaps(torch.arange(6.), [TokenGrid(2, 3)]))
         writer = ReportWriter(str(tmp_path / 'ddapo'))
         pictures = writer.write_step(5, 'train', {'ddapo/tdr/mean': 1.5}, [sample])
         writer.write_step(10, 'train', {'ddapo/tdr/mean': 1.2}, [])

@@ -85,15 +85,43 @@ class TestDryRun:
         assert argv[-2:] == ['--num_train_epochs', '3']
 
     @pytest.mark.parametrize('model_type, template', [('qwen3_5_moe', 'qwen3_5'), ('qwen3_vl_moe', 'qwen3_vl'),
-                                                      ('qwen3_5', 'qwen3_5'), ('', None)])
+                                                      ('qwen3_5', 'qwen3_5'), ('internvl', 'internvl_hf'),
+                                                      ('glm4v_moe', 'glm4_5v'), ('gemma3_vision', 'gemma3_vision')])
     def test_model_type_and_template(self, model_type, template):
-        """A MoE family's template is its dense family's; no MODEL_TYPE leaves both to ms-swift."""
-        result = run_script('--dry-run', MODEL_TYPE=model_type)
+        """A MoE family's template is its dense family's; a MODEL_TYPE whose family has one template gets it."""
+        result = run_script('--dry-run', MODEL_TYPE=model_type, MODEL='/ckpt/step-100')
         _, argv = composed(result)
-        if template is None:
+        assert flag(argv, '--model_type') == [model_type] and flag(argv, '--template') == [template]
+
+    # released models, as their hub ids name them -> ms-swift's --model_type and --template (ms-swift 4.6.0's
+    # register_model lists, swift/model/models/*.py)
+    @pytest.mark.parametrize('model, model_type, template', [
+        ('Qwen/Qwen2.5-VL-3B-Instruct', 'qwen2_5_vl', 'qwen2_5_vl'), ('Qwen/Qwen2-VL-7B-Instruct', 'qwen2_vl', 'qwen2_vl'),
+        ('XiaomiMiMo/MiMo-VL-7B-RL', 'qwen2_5_vl', 'mimo_vl'), ('Qwen/Qwen3-VL-8B-Instruct', 'qwen3_vl', 'qwen3_vl'),
+        ('Qwen/Qwen3-VL-30B-A3B-Thinking', 'qwen3_vl_moe', 'qwen3_vl'), ('Qwen/Qwen3.5-35B-A3B', 'qwen3_5_moe', 'qwen3_5'),
+        ('OpenGVLab/InternVL3-8B-hf', 'internvl', 'internvl_hf'),
+        ('/models/InternVL3_5-30B-A3B-HF', 'internvl', 'internvl_hf'),
+        ('zai-org/GLM-4.1V-9B-Thinking', 'glm4v', 'glm4v'), ('zai-org/GLM-4.6V-Flash', 'glm4v', 'glm4_5v'),
+        ('zai-org/GLM-4.5V', 'glm4v_moe', 'glm4_5v'), ('zai-org/GLM-4.6V', 'glm4v_moe', 'glm4_5v'),
+        ('google/gemma-3-12b-it', 'gemma3_vision', 'gemma3_vision'),
+        ('google/medgemma-4b-it', 'gemma3_vision', 'gemma3_vision'), ('meta-llama/Llama-3.1-8B', None, None)])
+    def test_model_names_its_family(self, model, model_type, template):
+        """MODEL alone composes the family's --model_type and --template (ms-swift cannot choose GLM-4.1V's template
+        from GLM-4.6V-Flash's, nor Qwen2.5-VL's from MiMo-VL's); a model of no family leaves both to ms-swift."""
+        _, argv = composed(run_script('--dry-run', MODEL=model))
+        assert flag(argv, '--model') == [model]
+        if model_type is None:
             assert '--model_type' not in argv and '--template' not in argv
         else:
             assert flag(argv, '--model_type') == [model_type] and flag(argv, '--template') == [template]
+
+    def test_ambiguous_template(self):
+        """MODEL_TYPE=glm4v with a name that does not say which GLM: refused, naming TEMPLATE and its choices; with
+        TEMPLATE set, it runs."""
+        result = run_script('--dry-run', MODEL_TYPE='glm4v', MODEL='/ckpt/step-100')
+        assert result.returncode == 2 and 'set TEMPLATE (glm4v for glm-4.1v-*; glm4_5v for' in result.stderr
+        _, argv = composed(run_script('--dry-run', MODEL_TYPE='glm4v', MODEL='/ckpt/step-100', TEMPLATE='glm4_5v'))
+        assert flag(argv, '--model_type') == ['glm4v'] and flag(argv, '--template') == ['glm4_5v']
 
     def test_template_override(self):
         _, argv = composed(run_script('--dry-run', MODEL_TYPE='qwen3_5_moe', TEMPLATE='qwen3_8'))

@@ -154,16 +154,18 @@ class TestFailsClearly:
 
     def test_unsupported_family(self, policy, monkeypatch):
         from ddapo.ms_swift import compat, model_spec
-        assert compat.SUPPORTED_MODEL_TYPES == tuple(MODEL_TYPES)
+        assert set(compat.SUPPORTED_MODEL_TYPES) == set(MODEL_TYPES) | {'internvl', 'glm4v', 'glm4v_moe', 'gemma3'}
         monkeypatch.setattr(model_spec, 'SUPPORTED_MODEL_TYPES', ('gemma3', 'glm4v'))
         with pytest.raises(ValueError, match=f"supports the model families gemma3, glm4v; .*model_type='{policy.model_type}'"):
             DDAPOAttentionORM().on_trainer_init(policy)
 
-    def test_no_attention_layer(self, policy, monkeypatch):
+    @pytest.mark.parametrize('kind', ['linear_attention', 'sliding_attention'])
+    def test_no_attention_layer(self, policy, monkeypatch, kind):
+        """No full-attention layer (all linear, or all sliding-window: neither is in L_att): refused at start."""
         text_config = policy.model.config.text_config
-        monkeypatch.setattr(text_config, 'layer_types', ['linear_attention'] * text_config.num_hidden_layers,
-                            raising=False)
-        with pytest.raises(ValueError, match='no softmax-attention layer'):
+        monkeypatch.setattr(text_config, 'layer_types', [kind] * text_config.num_hidden_layers, raising=False)
+        with pytest.raises(ValueError, match=f"has none \\(layer types \\['{kind}'\\]; L_att is the layers of type "
+                                             "'full_attention'\\)"):
             DDAPOAttentionORM().on_trainer_init(policy)
 
     def test_unknown_setting(self, monkeypatch):

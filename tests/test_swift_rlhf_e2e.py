@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from tiny_qwen_vl import FAMILIES
+from conftest import ROOT, SWIFT_ARGS
 
 pytestmark = pytest.mark.slow  # real swift rlhf runs
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
@@ -26,8 +25,9 @@ TEST_HOOKS = os.path.join(ROOT, 'tests', 'plugins', 'ddapo_test_hooks.py')
 
 def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', hooks=False):
     plugins = [PLUGIN, TEST_HOOKS] if hooks else [PLUGIN]
+    swift_model_type, template = SWIFT_ARGS[model_type]
     return [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
-           '--model_type', model_type, '--template', FAMILIES[model_type].template, '--check_model', 'false',
+           '--model_type', swift_model_type, '--template', template, '--check_model', 'false',
            '--use_vllm', 'false',
            '--external_plugins', *plugins, '--reward_funcs', 'ddapo_attention', '--dataset', dataset,
            '--tuner_type', 'lora', '--lora_dropout', '0', '--torch_dtype', 'float32', '--num_generations', '2',
@@ -63,7 +63,14 @@ def logged_means(output_dir):
     return records, [r['rewards/DDAPOAttentionORM/mean'] for r in records if 'rewards/DDAPOAttentionORM/mean' in r]
 
 
-FAMILY_TYPES = ('qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe')
+FAMILY_TYPES = ('qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe', 'internvl', 'internvl_qwen3_moe', 'glm4v',
+                'glm4v_moe', 'gemma3_vision')
+# L_att of each family run's tiny build, and its share of the decoder layers
+FAMILY_LAYERS = {'qwen3_5': ([1, 3, 5], 6), 'qwen3_5_moe': ([1, 3, 5], 6), 'gemma3_vision': ([1, 3, 5], 6)}
+# family runs read from another run of this module: Qwen3.5's is the eager full-tuning run of TestForwardPath
+FAMILY_SHARED = {'qwen3_5': 'forward_auto_eager'}
+# what the start log says L_att leaves out
+LEFT_OUT = {'qwen3_5': 'linear_attention', 'qwen3_5_moe': 'linear_attention', 'gemma3_vision': 'sliding_attention'}
 TOKEN_WEIGHT_ARGS = ['--max_steps', '2', '--save_strategy', 'steps', '--save_steps', '2', '--save_only_model', 'true',
                      '--lr_scheduler_type', 'constant', '--learning_rate', '1e-3']
 # The same seeded run under DDAPO_FORWARD=auto (old_logps) and own, with ddapo_attention weighted 0 and another reward
@@ -97,18 +104,22 @@ RUNS = {
                                               '--bf16', 'false'],
                       {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DS_ACCELERATOR': 'cpu',
                        'DDAPO_TOKEN_WEIGHTS': '1', 'TEST_DDAPO_DUMP_DIR': 'dump'}),
-    **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES},
+    **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES if m not in FAMILY_SHARED},
     **{f'forward_{path}_{impl}': (model_type, 'mixed', FORWARD_ARGS + extra,
                                   {**FORWARD_DUMPS, **({'DDAPO_FORWARD': 'own'} if path == 'own' else {})})
        for impl, (model_type, extra) in FORWARD_PAIRS.items() for path in ('auto', 'own')},
 }
 
 
+def family_run(model_type: str) -> str:
+    return FAMILY_SHARED.get(model_type, f'family_{model_type}')
+
+
 def runs_of(item) -> list:
     """The runs a collected test of this module reads."""
     name = item.cls.__name__ if getattr(item, 'cls', None) else ''
     params = getattr(getattr(item, 'callspec', None), 'params', {})
-    return {'TestTrainingVariants': [params.get('variant')], 'TestModelFamilies': [f"family_{params.get('model_type')}"],
+    return {'TestTrainingVariants': [params.get('variant')], 'TestModelFamilies': [family_run(params.get('model_type'))],
             'TestSwiftRlhfGrpo': ['grpo'],
             'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted'],
             'TestForwardPath': [f"forward_{p}_{params.get('implementation')}" for p in ('auto', 'own')],
@@ -219,21 +230,26 @@ class TestSwiftRlhfGrpo:
 
 
 class TestModelFamilies:
-    """One short real run per family added after Qwen2-VL / Qwen2.5-VL (the suite's other runs cover those): Qwen3-VL
-    dense and MoE, Qwen3.5 dense and MoE (hybrid: three Gated DeltaNet and three softmax-attention layers, L_att =
-    decoder layers 1, 3, 5). The reward is logged, finite and not constant, the capture covers exactly L_att, and the
-    layer-third metrics are logged with the decoder layers they read named in the log."""
+    """One short real run per family beyond Qwen2-VL / Qwen2.5-VL (the suite's other runs cover those): Qwen3-VL dense
+    and MoE, Qwen3.5 dense and MoE (hybrid: three Gated DeltaNet and three softmax-attention layers, L_att = decoder
+    layers 1, 3, 5), InternVL3 and InternVL3.5 with a Qwen3-MoE language model, GLM-4.1V, GLM-4.5V (MoE), Gemma 3
+    (eager; sliding-window layers 0, 2, 4 left out of L_att). Qwen3.5's is TestForwardPath's eager full-tuning run.
+    The reward is logged, finite and not constant, the capture covers exactly L_att, the start log names the layer
+    rule, and the layer-third metrics are logged."""
 
     @pytest.mark.parametrize('model_type', FAMILY_TYPES)
     def test_family(self, model_type, runs):
-        output_dir, result = runs.result(f'family_{model_type}')
+        output_dir, result = runs.result(family_run(model_type))
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-5000:]
-        hybrid = model_type.startswith('qwen3_5')
-        assert ('[DDAPO_DEBUG] layers captured: 3 of 3, the attention layers L_att = decoder layers [1, 3, 5] '
-                '(3 of 6, counted from 0); thirds of L_att: early = [1], middle = [3], late = [5]' in log) == hybrid, log
-        assert ('[DDAPO_DEBUG] layers captured: 4 of 4, the attention layers L_att = decoder layers [0, 1, 2, 3]'
-                in log) != hybrid
+        layers, total = FAMILY_LAYERS.get(model_type, ([0, 1, 2, 3], 4))
+        assert (f'[DDAPO_DEBUG] layers captured: {len(layers)} of {len(layers)}, the attention layers L_att = decoder '
+                f'layers {layers} ({len(layers)} of {total}, counted from 0)') in log, log[-5000:]
+        if model_type in LEFT_OUT:
+            assert f"L_att is the layers of type 'full_attention' in layer_types ({LEFT_OUT[model_type]} left out)" in log
+        else:
+            assert "L_att is the layers of type 'full_attention' in layer_types;" in log or \
+                'L_att is every decoder layer: the config has no layer_types' in log
         records, means = logged_means(output_dir)
         assert len(means) == 2 and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'

@@ -213,7 +213,7 @@ class DDAPOAttentionORM(ORM):
                         samples[output.position] = self.step_log.report_sample(
                             output, run.captures[k], layers, scored, titles[output.position],
                             swift.sample_view(output.row, output.generated, output.encoded.forward_kwargs),
-                            swift.spec.image_token_id, swift.merge_size, dependency)
+                            swift.spec.image_token_id, dependency)
                     except Exception as error:
                         self._diagnostic_failed('report_sample', error)
 

@@ -38,7 +38,7 @@ def layers_note(spec) -> str:
     n = len(spec.attention_layers)
     thirds = ', '.join(f'{name} = {spec.decoder_layers(layer_set(n, name))}' for name in segments(n)[1:])
     return (f'attention layers L_att = decoder layers {list(spec.attention_layers)} ({n} of {spec.num_layers}, '
-            'counted from 0)' + (f'; thirds of L_att: {thirds}' if thirds else ''))
+            'counted from 0)' + (f'; thirds of L_att: {thirds}' if thirds else '') + f'; L_att is {spec.layer_rule}')
 
 
 def sample_title(outputs: Sequence[Output], output: Output, k: int) -> str:
@@ -82,8 +82,9 @@ def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: For
         f'layers captured: {len(seen & set(spec.attention_layers))} of {len(spec.attention_layers)}, the '
         f'{layers_note(spec)}; layers read (Lambda, DDAPO_LAYERS={config.layers}): decoder layers '
         f'{spec.decoder_layers(layers)}'
-        + ('; shared packing off: linear-attention layers carry state along the whole sequence, one output per '
-           'forward' if spec.hybrid and config.attention == 'shared' else ''),
+        + ('; shared packing off: layers that are not full attention (linear attention carries state along the '
+           'whole sequence, a sliding window counts positions) need one output per forward'
+           if spec.hybrid and config.attention == 'shared' else ''),
         f'first sample: P={output.encoded.prompt_len}, |o_i|={output.encoded.num_generated}, '
         f'|T|={output.key_sets.num_text_keys}, |V|={output.key_sets.num_vision_keys}, ' +
         (f'TDR={scores.tdr:.4f}, R^bal={scores.reward_balance:.4f}' if scores else 'reward not applicable'),
@@ -135,19 +136,18 @@ class StepLogger:
 
     @staticmethod
     def report_sample(output: Output, capture: LayerCapture, layers: List[int], scored: Scored, title: str,
-                      view: SampleView, image_token_id: Optional[int], merge_size: int,
+                      view: SampleView, image_token_id: Optional[int],
                       dependency: Optional[torch.Tensor] = None) -> ReportSample:
-        """The report's view of one scored output (``scored.reward`` defined); ``view``: its tokens, images and texts;
-        ``dependency``: its ``D_{i,t}`` (Eq. 12) on validation steps."""
+        """The report's view of one scored output (``scored.reward`` defined); ``view``: its tokens, pictures with their
+        token grids, and texts; ``dependency``: its ``D_{i,t}`` (Eq. 12) on validation steps."""
         encoded, scores, row = output.encoded, scored.diagnostics.scores, output.row
-        grid = encoded.forward_kwargs.get('image_grid_thw')
         images, heatmaps = view.images, []
         if images:
             ids = encoded.input_ids[:encoded.prompt_len]
             image_positions = [p for p, token in enumerate(ids) if token == image_token_id]
             key_attention = capture.key_attention[layers].mean(dim=0)
             heatmaps = [fair_shares(heat, scores.num_text_keys, scores.num_vision_keys) for heat in
-                        image_heatmaps(key_attention[image_positions], grid.tolist(), merge_size)]
+                        image_heatmaps(key_attention[image_positions], view.grids)]
         return ReportSample(
             title=title,
             tokens=view.tokens,

@@ -25,10 +25,12 @@ HEAT_SCALE = (0.0, 4.0)  # heat-map colours, in fair shares: fixed so that pictu
 @dataclass
 class SampleView:
     """What the ms-swift side shows of one output for the report: its generated tokens decoded one by one and as a
-    whole, its images as the processor saw them (resized to the patch grid), the question and the image paths."""
+    whole, its pictures as the processor saw them (each image resized to its token grid; InternVL's thumbnail is a
+    picture of its own) with how their vision tokens lie on them, the question and the image paths."""
     tokens: List[str]
     completion: str
     images: List = field(default_factory=list)
+    grids: List['TokenGrid'] = field(default_factory=list)  # per picture, in the order of its tokens
     question: str = ''
     image_paths: List[str] = field(default_factory=list)
 
@@ -60,28 +62,44 @@ def fair_shares(values: np.ndarray, num_text_keys: int, num_vision_keys: int) ->
     return np.asarray(values, dtype=float) * (num_text_keys + num_vision_keys)
 
 
-def image_heatmaps(vision_values: torch.Tensor, grids: Sequence[Tuple[int, int, int]], merge_size: int) -> List[np.ndarray]:
-    """Lay one value per image token back onto each image's grid of merged patches.
+@dataclass(frozen=True)
+class TokenGrid:
+    """How one picture's vision tokens lie on it: ``tiles = (R, C)`` tiles, row-major, each a ``rows x cols`` grid of
+    tokens, row-major; ``frames`` temporal slices one after the other (averaged). Qwen and GLM: one tile of
+    ``h / merge x w / merge`` merged patches and ``t`` frames; InternVL: ``R x C`` tiles of ``s x s`` tokens (its
+    thumbnail is a picture of its own); Gemma 3: one square grid of pooled tokens."""
+    rows: int
+    cols: int
+    tiles: Tuple[int, int] = (1, 1)
+    frames: int = 1
 
-    ``vision_values``: the values of the image tokens in sequence order; ``grids``: ``image_grid_thw`` rows
-    ``(t, h, w)`` in patches; the processor merges ``merge_size x merge_size`` patches into one token, row-major.
-    Returns ``[h / merge_size, w / merge_size]`` arrays (temporal slices averaged; 1 for an image).
-    Example: grid ``(1, 4, 6)`` (one image, 4 x 6 patches), merge 2, values ``0..5``:
+    @property
+    def count(self) -> int:
+        return self.frames * self.tiles[0] * self.tiles[1] * self.rows * self.cols
 
-    >>> image_heatmaps(torch.arange(6.), [(1, 4, 6)], merge_size=2)[0].tolist()
+
+def image_heatmaps(vision_values: torch.Tensor, grids: Sequence[TokenGrid]) -> List[np.ndarray]:
+    """Lay one value per vision token back onto each picture: ``[R * rows, C * cols]`` arrays, tile ``(r, c)`` at
+    rows ``r * rows ..`` and columns ``c * cols ..`` (frames averaged).
+
+    ``vision_values``: the values of the pictures' tokens in sequence order. Example: two tiles side by side, each
+    ``1 x 2`` tokens, values ``0..3``:
+
+    >>> image_heatmaps(torch.arange(4.), [TokenGrid(1, 2, tiles=(1, 2))])[0].tolist()
+    [[0.0, 1.0, 2.0, 3.0]]
+    >>> image_heatmaps(torch.arange(6.), [TokenGrid(2, 3)])[0].tolist()  # Qwen: 4 x 6 patches merged 2 x 2
     [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     """
     maps, start = [], 0
     values = vision_values.detach().float().cpu().numpy()
-    for t, h, w in grids:
-        rows, cols = h // merge_size, w // merge_size
-        count = t * rows * cols
-        if start + count > len(values):
-            raise ValueError(f'{len(values)} image-token values do not cover the grids {list(grids)}')
-        maps.append(values[start:start + count].reshape(t, rows, cols).mean(axis=0))
-        start += count
-    if start != len(values):
-        raise ValueError(f'{len(values)} image-token values, the grids {list(grids)} hold {start}')
+    total = sum(grid.count for grid in grids)
+    if total != len(values):
+        raise ValueError(f'{len(values)} vision-token values, the pictures {list(grids)} hold {total}')
+    for grid in grids:
+        (tile_rows, tile_cols), rows, cols = grid.tiles, grid.rows, grid.cols
+        block = values[start:start + grid.count].reshape(grid.frames, tile_rows, tile_cols, rows, cols).mean(axis=0)
+        maps.append(block.transpose(0, 2, 1, 3).reshape(tile_rows * rows, tile_cols * cols))
+        start += grid.count
     return maps
 
 

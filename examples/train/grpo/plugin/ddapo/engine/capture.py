@@ -96,8 +96,9 @@ class ForwardCapture:
 
     @property
     def complete(self) -> bool:
-        """Exactly the attention layers ``L_att`` ran through the DDAPO attention, each of them."""
-        return sorted(set(self.layers_seen)) == sorted(self.attention_layers)
+        """Every attention layer of ``L_att`` ran through the DDAPO attention (other softmax layers, such as Gemma 3's
+        sliding-window ones, run through it too and are not read)."""
+        return set(self.attention_layers) <= set(self.layers_seen)
 
     def finish(self) -> List[LayerCapture]:
         return [capture.finish() for capture in self.captures]
@@ -111,7 +112,7 @@ _ACTIVE: ContextVar[Optional[ForwardCapture]] = ContextVar('ddapo_active_capture
 
 def _active_for(layer_idx: int) -> Optional['ForwardCapture']:
     """The active capture if decoder layer ``layer_idx`` is one of ``L_att`` to capture. Every layer that runs through
-    a DDAPO attention is noted, so a layer outside ``L_att`` fails the completeness check instead of being read."""
+    a DDAPO attention is noted, for the completeness check."""
     active = _ACTIVE.get()
     if active is None:
         return None

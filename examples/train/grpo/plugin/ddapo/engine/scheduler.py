@@ -45,8 +45,8 @@ class Output:
 @dataclass
 class ForwardRun:
     """One forward of a unit of outputs, and its captures in the unit's order. ``out_of_memory``: the forward ran out
-    of memory (``captures`` None, ``detail`` says so); otherwise ``complete`` says whether exactly the attention
-    layers ``L_att`` were captured (``captures`` None when not)."""
+    of memory (``captures`` None, ``detail`` says so); otherwise ``complete`` says whether every attention layer
+    of ``L_att`` was captured (``captures`` None when not)."""
     unit: List[Output]
     captures: Optional[List[LayerCapture]]
     capture: Optional[ForwardCapture] = None
@@ -207,6 +207,6 @@ class ForwardScheduler:
         seen = sorted(set(run.capture.layers_seen))
         return (f'ddapo_attention captured {len(set(seen) & set(self.attention_layers))} of '
                 f'{len(self.attention_layers)} attention layers (decoder layers {seen} ran through it, L_att is '
-                f'{list(self.attention_layers)}): the model did not run the attention of exactly its '
-                f'softmax-attention layers through the {self.implementation!r} attention function. '
+                f'{list(self.attention_layers)}): the model did not run the attention of every layer of L_att '
+                f'through the {self.implementation!r} attention function. '
                 'This model is not supported; see the [DDAPO_DEBUG] lines above.')

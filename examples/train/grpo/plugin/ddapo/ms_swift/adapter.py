@@ -4,7 +4,6 @@ import math
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
 from swift.utils import get_logger
 
 from ddapo.core.report import SampleView
@@ -14,8 +13,8 @@ from ddapo.ms_swift.encoding import EncodedCompletion, SystemTurns, encode_compl
 from ddapo.ms_swift.forward_env import PolicyForwards, _forwards_are_collective, policy_forward
 from ddapo.ms_swift.model_spec import model_spec
 from ddapo.ms_swift.old_logps import OLD_LOGPS, ForwardPath, OldLogpsCapture, forward_path
-from ddapo.ms_swift.trainer_io import (enable_token_weights, image_merge_size, image_paths, last_user_turn,
-                                       log_pictures, processed_images, rollout_engine, token_weight_store)
+from ddapo.ms_swift.trainer_io import (enable_token_weights, image_paths, last_user_turn, log_pictures,
+                                       rollout_engine, token_weight_store, vision_pictures)
 
 
 class SwiftTrainer:
@@ -113,21 +112,14 @@ class SwiftTrainer:
         return self.trainer.template.tokenizer.decode(list(ids))
 
     # the report
-    def images(self, row: Row, image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
-        return processed_images(self.trainer, row, image_grid_thw)
-
     image_paths = staticmethod(image_paths)
 
     def sample_view(self, row: Row, generated: Sequence[int], forward_kwargs: Dict[str, Any]) -> SampleView:
-        """One output as the report shows it: tokens decoded one by one and as a whole, its images at the patch grid,
-        the question and the image paths."""
+        """One output as the report shows it: tokens decoded one by one and as a whole, its pictures as the processor
+        saw them with their token grids (`vision_pictures`), the question and the image paths."""
+        images, grids = vision_pictures(self.trainer, row, forward_kwargs)
         return SampleView(tokens=[self.decode([token]) for token in generated], completion=self.decode(generated),
-                          images=self.images(row, forward_kwargs.get('image_grid_thw')),
-                          question=last_user_turn(row), image_paths=image_paths(row))
-
-    @property
-    def merge_size(self) -> int:
-        return image_merge_size(self.trainer)
+                          images=images, grids=grids, question=last_user_turn(row), image_paths=image_paths(row))
 
     def log_pictures(self, step: int, pictures: Dict[str, str]) -> List[str]:
         return log_pictures(self.trainer, step, pictures)

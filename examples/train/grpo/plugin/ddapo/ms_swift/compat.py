@@ -4,6 +4,9 @@ transformers and accelerate name the project relies on, with the versions it was
 installed versions differ)."""
 from typing import Dict, Tuple
 
+# The transformers config model_types of the supported families (ddapo.ms_swift.families, the one table of them).
+from ddapo.ms_swift.families import SUPPORTED_MODEL_TYPES  # noqa: F401
+
 # The versions every name of `INTERNALS` was checked against (tests/test_swift_adapter.py checks them again).
 CHECKED_AGAINST = {'ms-swift': '4.6.0', 'transformers': '5.19.0', 'accelerate': '1.16.0', 'peft': '0.20.0'}
 # (module, attribute path, what relies on it): private or undocumented names. Instance attributes (``_metrics``,
@@ -21,7 +24,9 @@ INTERNALS = (
     ('swift.template', 'Template.padding_free', 'policy_forward: no packing for the reward forward'),
     ('swift.template', 'Template.sequence_parallel_size', 'enable_token_weights, _forwards_are_collective'),
     ('swift.rlhf_trainers.utils', 'encode_sample', 'encode_completion: the GRPO encoding of one sample'),
-    ('swift.rlhf_trainers.utils', 'load_pil_img', 'processed_images: the row images of the report'),
+    ('swift.rlhf_trainers.utils', 'load_pil_img', 'vision_pictures: the row images of the report'),
+    ('transformers.models.got_ocr2.image_processing_got_ocr2', 'get_optimal_tiled_canvas',
+     "vision_pictures: InternVL's tile canvas for the report's heat maps"),
     ('swift.rl_core.data', 'GRPOSample.from_row', 'encode_completion: a row as GRPO samples are built'),
     ('swift.dataset', 'RowPreprocessor.batched_to_rows', 'reward_rows: the inverse of how ms-swift batches rows'),
     ('swift.trainers.utils', 'disable_gradient_checkpointing', 'policy_forward'),
@@ -67,8 +72,6 @@ INTERNALS = (
     ('transformers.integrations', 'TensorBoardCallback.tb_writer', 'tracker_runs (tests: TestTrackers)'),
 )
 
-# HF config model_type, which is also ms-swift's model_type for these.
-SUPPORTED_MODEL_TYPES = ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe')
 
 
 def version_drift() -> Dict[str, Tuple[str, str]]:

@@ -110,7 +110,9 @@ class SystemTurns:
         self._blocks: Dict[str, Tuple[int, Tuple[int, ...]]] = {}
 
     def _render(self, system: Optional[str], extra: Dict[str, Any], drop_system: bool) -> List[int]:
-        messages = [{'role': 'system', 'content': system}] if system is not None else []
+        # Without the system turn, the system message is left out too: a template without a system role (Gemma 3)
+        # folds it into the first user turn itself, not through `_get_system`.
+        messages = [{'role': 'system', 'content': system}] if system is not None and not drop_system else []
         messages += [{'role': 'user', 'content': PROBE_TEXT}, {'role': 'assistant', 'content': PROBE_TEXT}]
         with _without_system(self.template, drop_system):
             return list(self.template.encode({'messages': messages, **extra})['input_ids'])
@@ -173,8 +175,8 @@ def encode_completion(trainer, row: Row, system_turns: Optional[SystemTurns] = N
     """Encode the prompt with the trainer's template followed by exactly ``response_token_ids``.
 
     ms-swift's own `encode_sample` does what the training forward does (response ids injected, never
-    re-tokenised text); the template then appends ``<|im_end|>\\n``, so ``o_i`` is the ``|o_i|``
-    positions right after the prompt, the first labelled position. A thinking template's response prefix
+    re-tokenised text); the template then appends its end of turn (``<|im_end|>\\n`` in ChatML), so ``o_i`` is the
+    ``|o_i|`` positions right after the prompt, the first labelled position. A thinking template's response prefix
     (``<think>`` and a newline, or an empty think block with thinking off) was prompt context during rollout:
     `encode_sample` puts it before the generated ids without a label, so it is part of ``q``. An empty
     completion encodes the prompt with an empty answer (``|o_i| = 0``). The batch stays on the CPU until its
@@ -216,7 +218,7 @@ def locate_completion(encoded: Dict[str, Any], ids: Sequence[int], row: Row,
 def padding_row(trainer) -> Row:
     """A minimal row whose forward keeps a rank in step with the others (ZeRO-3 gathers in every forward;
     ms-swift runs the vision tower on a dummy image for text-only rows, so the same modules run)."""
-    eos = trainer.template.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    eos = trainer.template.tokenizer.eos_token_id  # any family's: <|im_end|>, GLM's <|endoftext|>, Gemma's <eos>
     return Row({'messages': [{'role': 'user', 'content': '.'}, {'role': 'assistant', 'content': ''}],
                 'response_token_ids': [[eos]]})
 

@@ -31,7 +31,6 @@ from ddapo.ms_swift.encoding import (EncodedCompletion, EncodingFailed, NotEncod
                                      locate_completion, template_state)
 from ddapo.ms_swift.forward_env import ForwardReport
 from ddapo.ms_swift.model_spec import unwrap_policy
-from ddapo.ms_swift.trainer_io import image_merge_size
 
 OLD_LOGPS, OWN = 'old_logps', 'own'
 
@@ -249,6 +248,7 @@ class OldLogpsCapture:
             return
         image_token = self.spec.image_token_id
         counts = [sum(int(t) == image_token for t in sample.encoded['input_ids']) for sample in batch]
-        for encoded, rows in zip(encodings, split_image_grids(grids.tolist(), counts, image_merge_size(self.trainer))):
+        merge = int(self.trainer.template.processor.image_processor.merge_size)  # families with grids merge patches
+        for encoded, rows in zip(encodings, split_image_grids(grids.tolist(), counts, merge)):
             if isinstance(encoded, EncodedCompletion) and rows:
                 encoded.forward_kwargs = {**encoded.forward_kwargs, 'image_grid_thw': torch.tensor(rows)}

@@ -1,12 +1,15 @@
 """What goes between the reward and the trainer besides the forward: the rollout engine's name, the report's images
 and row texts, the trackers' runs and their image APIs, the token-weight channel of the GRPO patch, and the reward
 registry."""
-from typing import Any, Dict, List, Optional
+import math
+from typing import Any, Dict, List, Tuple
 
-import torch
 from swift.rlhf_trainers.utils import load_pil_img
 
+from ddapo.core.report import TokenGrid
 from ddapo.core.row import Row
+from ddapo.ms_swift.families import MERGED_PATCHES, POOLED_GRID, TILES, family_of
+from ddapo.ms_swift.model_spec import unwrap_policy
 
 
 def rollout_engine(args) -> str:
@@ -40,13 +43,64 @@ def rollout_engine(args) -> str:
     return f'vLLM, colocate mode ({", ".join(flags)})'
 
 
-def processed_images(trainer, row: Row, image_grid_thw: Optional[torch.Tensor]) -> List[Any]:
-    """The row's images (PIL, path, or ``{'bytes', 'path'}`` as rows carry them) resized to the patch grid."""
-    if image_grid_thw is None or not row.images:
+def _size(setting, default: int) -> Tuple[int, int]:
+    """``(height, width)`` of an image processor's ``size`` (a dict or an object with height / width)."""
+    if isinstance(setting, dict):
+        return int(setting.get('height', default)), int(setting.get('width', default))
+    return int(getattr(setting, 'height', default)), int(getattr(setting, 'width', default))
+
+
+def _merged_patches(trainer, images: List[Any], forward_kwargs: Dict[str, Any]) -> List[Tuple[Any, TokenGrid]]:
+    """Qwen, GLM: each image resized to its ``image_grid_thw`` patches, one token per ``merge x merge`` of them."""
+    grids = forward_kwargs.get('image_grid_thw')
+    if grids is None:
         return []
-    patch = trainer.template.processor.image_processor.patch_size
-    return [load_pil_img(image).convert('RGB').resize((int(w) * patch, int(h) * patch))
-            for image, (_, h, w) in zip(row.images, image_grid_thw.tolist())]
+    processor = trainer.template.processor.image_processor
+    patch, merge = int(processor.patch_size), int(processor.merge_size)
+    return [(image.resize((w * patch, h * patch)), TokenGrid(h // merge, w // merge, frames=t))
+            for image, (t, h, w) in zip(images, grids.tolist())]
+
+
+def _tiles(trainer, images: List[Any], forward_kwargs: Dict[str, Any]) -> List[Tuple[Any, TokenGrid]]:
+    """InternVL: each image resized to a canvas of ``C x R`` tiles (GotOcr2's choice for its aspect ratio), a square of
+    ``image_seq_length`` tokens per tile, row-major; with more than one tile, a thumbnail of the whole image follows."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+    processor = trainer.template.processor
+    image_processor = processor.image_processor
+    side = math.isqrt(int(processor.image_seq_length))
+    tile_h, tile_w = _size(image_processor.size, 448)
+    pictures = []
+    for image in images:  # ms-swift's internvl_hf template always crops to tiles (crop_to_patches=True)
+        cols, rows = (1, 1)
+        if image_processor.max_patches > 1:
+            cols, rows = get_optimal_tiled_canvas((image.height, image.width), (tile_h, tile_w),
+                                                  image_processor.min_patches, image_processor.max_patches)
+        if cols * rows > 1:
+            pictures.append((image.resize((cols * tile_w, rows * tile_h)), TokenGrid(side, side, tiles=(rows, cols))))
+        pictures.append((image.resize((tile_w, tile_h)), TokenGrid(side, side)))
+    return pictures
+
+
+def _pooled_grid(trainer, images: List[Any], forward_kwargs: Dict[str, Any]) -> List[Tuple[Any, TokenGrid]]:
+    """Gemma 3: each image resized to the processor's square, one pooled token per cell of a square grid."""
+    processor = trainer.template.processor
+    side = math.isqrt(int(processor.image_seq_length))
+    height, width = _size(processor.image_processor.size, 896)
+    return [(image.resize((width, height)), TokenGrid(side, side)) for image in images]
+
+
+_LAYOUTS = {MERGED_PATCHES: _merged_patches, TILES: _tiles, POOLED_GRID: _pooled_grid}
+
+
+def vision_pictures(trainer, row: Row, forward_kwargs: Dict[str, Any]) -> Tuple[List[Any], List[TokenGrid]]:
+    """The row's images (PIL, path, or ``{'bytes', 'path'}`` as rows carry them) as the processor saw them, and how
+    their vision tokens lie on each, by the family's layout (`ddapo.ms_swift.families`)."""
+    if not row.images:
+        return [], []
+    images = [load_pil_img(image).convert('RGB') for image in row.images]
+    config = unwrap_policy(trainer).config
+    pictures = _LAYOUTS[family_of(config.model_type).layout](trainer, images, forward_kwargs)
+    return [image for image, _ in pictures], [grid for _, grid in pictures]
 
 
 def last_user_turn(row: Row) -> str:
@@ -114,11 +168,6 @@ def log_pictures(trainer, step: int, pictures: Dict[str, str]) -> List[str]:
             swanlab.log({tag: swanlab.Image(path) for tag, path in pictures.items()}, step=step)
         used.append(name)
     return used
-
-
-def image_merge_size(trainer) -> int:
-    """Patches merged into one vision token along each side (2 for every supported Qwen family)."""
-    return int(trainer.template.processor.image_processor.merge_size)
 
 
 def enable_token_weights(trainer) -> None:
