@@ -27,14 +27,15 @@ MODEL_TYPES = list(MODEL_TYPES)  # the Qwen families: the tests parametrized ove
 OTHER_MODEL_TYPES = list(tiny_vlm.FAMILIES)  # the other families: tests/test_families.py
 # build name -> (ms-swift --model_type, --template)
 SWIFT_ARGS = {**{m: (m, f.template) for m, f in FAMILIES.items()},
-              **{m: (tiny_vlm.SWIFT_MODEL_TYPE[m], f.template) for m, f in tiny_vlm.FAMILIES.items()}}
+              **{m: (tiny_vlm.SWIFT_MODEL_TYPE[m], f.template) for m, f in tiny_vlm.FAMILIES.items()},
+              'mimo_vl': ('qwen2_5_vl', 'mimo_vl')}  # MiMo-VL: Qwen2.5-VL with its own template
 
 
 def build_tiny(path: str, model_type: str) -> str:
     """A tiny build of any family (`MODEL_TYPES` or `OTHER_MODEL_TYPES`)."""
     if model_type in tiny_vlm.FAMILIES:
         return tiny_vlm.build_tiny_vlm(path, model_type)
-    return build_tiny_qwen_vl(path, model_type)
+    return build_tiny_qwen_vl(path, SWIFT_ARGS[model_type][0])
 
 
 @pytest.fixture(autouse=True)

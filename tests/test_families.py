@@ -1,7 +1,8 @@
 """The families beyond Qwen, each on a tiny random model built offline (examples/train/grpo/tiny_vlm.py), with ms-swift's
 real template: InternVL3 (Qwen2 language model), InternVL3.5 with a Qwen3-MoE language model, GLM-4.1V (template
 glm4v), GLM-4.5V (MoE, template glm4_5v, thinking), Gemma 3 (template gemma3_vision: system folded into the first user
-turn, sliding-window layers). Their real swift rlhf runs are in test_swift_rlhf_e2e.TestModelFamilies."""
+turn, sliding-window layers); and MiMo-VL's template on Qwen2.5-VL. Their real swift rlhf runs are in
+test_swift_rlhf_e2e.TestModelFamilies."""
 import pytest
 import torch
 
@@ -256,5 +257,29 @@ class TestValidityOnInternVL:
                                  reward.last_metrics)
             d_outputs = [v.dependency for v in reward.last_validity.values()]
             assert min(d_outputs) > 0 and max(d_outputs) > 1.05 * min(d_outputs), d_outputs
+        finally:
+            policy.template.remove_post_encode_hook()
+
+
+class TestMiMoVL:
+    """MiMo-VL is Qwen2.5-VL with ms-swift's mimo_vl template (ChatML with its own default system prompt): its default
+    system turn is left out of T exactly as the independent reference finds it, and R^bal equals the naive eager
+    computation (fp32, 1e-5)."""
+
+    def test_template(self, tiny_model_dir, tmp_path):
+        policy = make_policy(tiny_model_dir('mimo_vl'), 'mimo_vl', str(tmp_path))
+        try:
+            assert 'MiMo' in policy.template.template_meta.default_system
+            tokenizer = policy.processor.tokenizer
+            row_ = row(None, tokenizer=tokenizer)
+            encoded, keys, _ = product_keys(policy, row_)
+            _, input_ids, labels = naive_reference.encode(policy, Row(row_))
+            naive = naive_reference.key_sets(policy, input_ids, labels, naive_reference.generated_ids(row_), row_)
+            assert encoded.system_turn == naive.system_turn and len(naive.system_turn) > 0
+            assert torch.equal(keys.text_keys, naive.text_keys) and torch.equal(keys.vision_keys, naive.vision_keys)
+            columns = reward_kwargs(policy, COMPLETIONS[:2])
+            rewards = DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
+            assert rewards == pytest.approx([naive_reference.balance_reward(policy, r) for r in rows_of(columns)],
+                                            abs=1e-5)
         finally:
             policy.template.remove_post_encode_hook()
