@@ -52,7 +52,7 @@ def attention_layers(config) -> Tuple[int, ...]:
 
     Example: Qwen3.5's ``['linear_attention', 'linear_attention', 'linear_attention', 'full_attention', ...]``
     gives ``(3, 7, ...)``, Gemma 3's five ``sliding_attention`` layers for each ``full_attention`` one give
-    ``(5, 11, ...)``; Qwen2.5-VL's all-``full_attention`` list, and InternVL's language config without one, give every
+    ``(5, 11, ...)``; Qwen2.5-VL's all-``full_attention`` list, and GLM's language config without one, give every
     layer.
     """
     text = language_config(config)
