@@ -35,7 +35,7 @@ def build_tiny(path: str, model_type: str) -> str:
     """A tiny build of any family (`MODEL_TYPES` or `OTHER_MODEL_TYPES`)."""
     if model_type in tiny_vlm.FAMILIES:
         return tiny_vlm.build_tiny_vlm(path, model_type)
-    return build_tiny_qwen_vl(path, SWIFT_ARGS[model_type][0])
+    return build_tiny_qwen_vl(path, model_type)
 
 
 @pytest.fixture(autouse=True)

@@ -267,7 +267,7 @@ class TestMiMoVL:
     computation (fp32, 1e-5)."""
 
     def test_template(self, tiny_model_dir, tmp_path):
-        policy = make_policy(tiny_model_dir('mimo_vl'), 'mimo_vl', str(tmp_path))
+        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'mimo_vl', str(tmp_path))  # the Qwen2.5-VL build
         try:
             assert 'MiMo' in policy.template.template_meta.default_system
             tokenizer = policy.processor.tokenizer
