@@ -81,9 +81,9 @@ def templates_of(swift_model_type: str) -> Tuple[str, ...]:
 
 def swift_arguments(model: str, model_type: str = '') -> Tuple[str, str]:
     """``(--model_type, --template)`` for ``model`` (a hub id or a path: its last component is matched against the
-    released models' names). ``model_type`` given: its template, chosen by the name where the model type has several
-    (``glm4v``: GLM-4.1V or GLM-4.6V-Flash). ``('', '')`` for a model of no family (ms-swift decides). Raises
-    ValueError where the template cannot be told.
+    released models' names). ``model_type`` given: its template, chosen by the name where the model type has several,
+    else its default; ``glm4v`` (`NAME_TELLS_TEMPLATE`) has none, and a name that does not tell raises ValueError.
+    ``('', '')`` for a model of no family (ms-swift decides).
 
     >>> swift_arguments('zai-org/GLM-4.6V-Flash'), swift_arguments('/ckpt/InternVL3_5-8B-HF')
     (('glm4v', 'glm4_5v'), ('internvl', 'internvl_hf'))
@@ -99,8 +99,9 @@ def swift_arguments(model: str, model_type: str = '') -> Tuple[str, str]:
     if by_name:
         return model_type, by_name[0]
     if len(templates) > 1 and model_type in NAME_TELLS_TEMPLATE:
-        which = '; '.join(f'{tpl} for {", ".join(p for f in FAMILIES for p, t, x in f.models if (t, x) == (model_type, tpl))}'
-                          for tpl in templates)
+        patterns = {tpl: [p for f in FAMILIES for p, t, x in f.models if (t, x) == (model_type, tpl)]
+                    for tpl in templates}
+        which = '; '.join(f'{tpl} for {", ".join(names)}' for tpl, names in patterns.items())
         raise ValueError(f'--model_type {model_type} has the templates {", ".join(templates)}, and the model name '
                          f'{name!r} does not say which: set TEMPLATE ({which}).')
     return model_type, (templates[0] if templates else '')
