@@ -1,13 +1,15 @@
 """Runtime form of ``ms_swift_4.6_grpo_reward_kwargs.diff``: the GRPO trainer hands itself to reward functions.
 
 ms-swift 4.6 passes reward functions text columns only. With this patch applied:
-- every reward function call gets ``trainer=<GRPOTrainer>`` in its kwargs;
+- every reward function call gets ``trainer=<GRPOTrainer>`` in its kwargs, and the column ``response_loss_mask``
+  (each row's per-turn loss mask, as a multi-turn scheduler returned it; empty without one), without which a
+  reward cannot encode a trajectory as the loss does;
 - reward functions with an ``on_trainer_init(trainer)`` method are called once the trainer has built
   its rewards, so they can validate the policy model at start;
 - the all-``None`` row warning of ``compute_rewards_per_func`` (which indexes every reward kwarg by
   row) never sees the trainer, so it cannot crash on it.
 
-The diff puts ``trainer`` into ``extra_reward_kwargs`` and skips it in that warning. A runtime patch
+The diff puts ``trainer`` and the loss masks into ``extra_reward_kwargs`` and skips the trainer in that warning. A runtime patch
 cannot edit a line inside ``compute_rewards_per_func``, so here the trainer is bound into each reward
 function for the duration of the call instead; reward functions see the same kwargs either way.
 `apply()` is idempotent, does nothing when the diff is already in the installed ms-swift, and fails
@@ -21,7 +23,7 @@ from typing import Any, Callable, List, Optional
 from swift_patches import PatchError, is_patched, require, standing  # noqa: F401 (PatchError: for callers)
 
 PATCH_FLAG = '__ddapo_reward_kwargs_patch__'
-DIFF_MARKER = "extra_reward_kwargs = {'trainer': self}"
+DIFF_MARKER = "'response_loss_mask': [list(s.response_loss_mask or []) for s in samples]"
 _TRAINER: ContextVar[Optional[Any]] = ContextVar('ddapo_reward_trainer', default=None)
 
 
@@ -33,8 +35,9 @@ def _params(func: Callable) -> List[str]:
     return list(inspect.signature(func).parameters)
 
 
-def _bind_trainer(reward_func: Callable, trainer: Any) -> Callable:
-    """``reward_func`` with ``trainer=trainer`` added to every call; reward models are left alone."""
+def _bind_trainer(reward_func: Callable, trainer: Any, loss_masks: List[Any]) -> Callable:
+    """``reward_func`` with ``trainer=trainer`` and ``response_loss_mask=loss_masks`` added to every call; reward
+    models are left alone."""
     import torch
     if isinstance(reward_func, torch.nn.Module):
         return reward_func  # called through its plugin with `inputs=`, not with reward kwargs
@@ -42,12 +45,12 @@ def _bind_trainer(reward_func: Callable, trainer: Any) -> Callable:
     if _is_async_reward(reward_func):
 
         async def bound_async(completions, **kwargs):
-            return await reward_func(completions, trainer=trainer, **kwargs)
+            return await reward_func(completions, trainer=trainer, response_loss_mask=loss_masks, **kwargs)
 
         return bound_async
 
     def bound(completions, **kwargs):
-        return reward_func(completions, trainer=trainer, **kwargs)
+        return reward_func(completions, trainer=trainer, response_loss_mask=loss_masks, **kwargs)
 
     return bound
 
@@ -91,7 +94,8 @@ def apply() -> str:
     def score_completions(samples, reward_funcs, *args, **kwargs):
         trainer = _TRAINER.get()
         if trainer is not None:
-            reward_funcs = [_bind_trainer(f, trainer) for f in reward_funcs]
+            masks = [list(getattr(s, 'response_loss_mask', None) or []) for s in samples]
+            reward_funcs = [_bind_trainer(f, trainer, masks) for f in reward_funcs]
         return score(samples, reward_funcs, *args, **kwargs)
 
     @functools.wraps(prepare)

@@ -181,6 +181,83 @@ def balance_reward(policy, row, num_layers_read: int = 8, layers=None) -> float:
     return rho_vis / (rho_text + rho_vis)
 
 
+def encode_trajectory(policy, row) -> Tuple[dict, List[int], List[int]]:
+    """ms-swift's GRPO encoding of a whole multi-turn trajectory, every turn's ids (and loss mask) in its assistant
+    message, as training encodes it: the collated forward kwargs, the input ids and the labels."""
+    from swift.rl_core.data import GRPOSample
+    from swift.rlhf_trainers.utils import encode_sample
+    template = policy.template
+    sample = GRPOSample.from_row(dict(_columns(row)))
+    saved = template.mode, template.max_length, template.padding_free
+    template.set_mode('train')
+    template.max_length, template.padding_free = None, False
+    try:
+        encoded = encode_sample(sample, template)
+        encoded.pop('_extra_kwargs', None)
+        batch = template.data_collator([encoded])
+    finally:
+        template.set_mode(saved[0])
+        template.max_length, template.padding_free = saved[1:]
+    return batch, [int(t) for t in encoded['input_ids']], [int(t) for t in encoded['labels']]
+
+
+def trajectory_positions(input_ids: List[int], labels: List[int], turns, masks) -> Tuple[List[int], set]:
+    """A trajectory's rows (the labelled positions up to the end of its last turn's ids) and the model's own positions
+    (every turn's ids whose loss mask is 1, found in order, and every labelled position)."""
+    own, cursor = set(), 0
+    for k, ids in enumerate(turns):
+        ids = [int(t) for t in ids]
+        start = next(p for p in range(cursor, len(input_ids)) if input_ids[p:p + len(ids)] == ids)
+        mask = masks[k] if masks and len(masks[k]) == len(ids) else [1] * len(ids)
+        own |= {start + j for j in range(len(ids)) if mask[j]}
+        cursor = start + len(ids)
+    rows = [p for p in range(cursor) if labels[p] != -100]
+    return rows, own | set(rows)
+
+
+def trajectory_reward(policy, row, num_layers_read: int = 8, details: bool = False):
+    """``R^bal`` of a multi-turn trajectory from the eager model's ``output_attentions`` (docs/notation.md, section 6):
+    for each row ``s`` the keys are the positions before it that are not the model's own, special or system-turn
+    tokens: ``V`` the image placeholders, ``T`` the rest; ``m^T`` per layer is the text share of the row's attention on
+    them, averaged over the last ``num_layers_read`` full-attention layers; the rows that see no vision key are left
+    out; ``rho_text = mean(m^T / |T_s|)``, ``rho_vis = mean(m^V / |V_s|)``. ``details``: also the per-row counts and
+    ``m^T``, the rows, the own positions and the vision positions."""
+    columns = _columns(row)
+    batch, input_ids, labels = encode_trajectory(policy, row)
+    rows, own = trajectory_positions(input_ids, labels, columns['response_token_ids'],
+                                     columns.get('response_loss_mask'))
+    config, tokenizer = policy.model.config, policy.processor.tokenizer
+    vision_ids = {getattr(config, 'image_token_id', None), getattr(config, 'video_token_id', None)} - {None}
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    system = system_turn(policy, input_ids, row)
+    vision = [p not in own and t in vision_ids for p, t in enumerate(input_ids)]
+    text = [p not in own and t not in vision_ids and t not in special and p not in system
+            for p, t in enumerate(input_ids)]
+    maps = full_attention_maps(policy, eager_attentions(policy, batch))[-num_layers_read:]
+    heads = torch.stack(maps)[:, 0].double().mean(dim=1)  # [layers, S, S]
+    per_row = []
+    for s in rows:
+        t_keys = [p for p in range(s) if text[p]]
+        v_keys = [p for p in range(s) if vision[p]]
+        shares = []
+        for layer in heads:
+            t_mass, v_mass = float(layer[s, t_keys].sum()), float(layer[s, v_keys].sum())
+            if t_mass + v_mass > 0:
+                shares.append(t_mass / (t_mass + v_mass))
+        m_text = sum(shares) / len(shares) if shares else float('nan')
+        per_row.append((len(t_keys), len(v_keys), m_text))
+    kept = [(t, v, m) for t, v, m in per_row if t > 0 and v > 0 and m == m]
+    reward = None
+    if kept:
+        rho_text = sum(m / t for t, v, m in kept) / len(kept)
+        rho_vis = sum((1 - m) / v for t, v, m in kept) / len(kept)
+        reward = rho_vis / (rho_text + rho_vis)
+    if details:
+        return reward, {'per_row': per_row, 'rows': rows, 'own': own,
+                        'vision': [p for p, v in enumerate(vision) if v], 'input_ids': input_ids}
+    return reward
+
+
 def _median(values: List[float]) -> float:
     ordered, n = sorted(values), len(values)
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2

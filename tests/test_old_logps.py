@@ -205,7 +205,7 @@ class TestForwardPath:
         (lambda t: setattr(t.args, 'dynamic_sample', True), '--dynamic_sample true'),
         (lambda t: setattr(t, 'template', SimpleNamespace(sequence_parallel_size=2, padding_free=False)),
          '--sequence_parallel_size'),
-        (lambda t: setattr(t, 'dynamic_num_samples', True), 'multi-turn rollouts'),
+        (lambda t: setattr(t, 'dynamic_num_samples', True), 'splits trajectories into several training samples'),
     ])
     def test_auto_falls_back(self, policy, applied, change, expected):
         from ddapo.ms_swift.old_logps import forward_path

@@ -250,7 +250,7 @@ def weighted_kwargs(policy, completions, **kwargs):
 class TestTokenWeights:
     """DDAPO_TOKEN_WEIGHTS=1 through the ORM: each output's w_{i,t} (Eq. 10 on the naive m^T) goes to the trainer by
     request_id, a text-only row gets none, the step logs ddapo/token_weight/*, the report shows them. Edge cases:
-    the rewards are unchanged, an output whose generated tokens are not all labelled gets no weights (counted), and
+    the rewards are unchanged, generated turns the row's messages cannot hold give None and no weights, and
     the misconfigurations fail at start: patch missing, a loss without per-token advantages, sequence parallelism,
     rows without request_id."""
 
@@ -278,17 +278,19 @@ class TestTokenWeights:
         assert metrics['ddapo/token_weight/max'] == pytest.approx(max(everything))
         assert 'advantage weight w per generated token' in (tmp_path / 'ddapo' / 'report.md').read_text()
 
-    def test_unmatched_tokens(self, policy, token_weights_on):
-        """A two-turn completion keeps its reward and gets no token weights, counted once in ``unweighted``."""
+    def test_turns_without_messages(self, policy, token_weights_on):
+        """Two generated turns for a row with one assistant message: the encoding cannot hold the first turn, so the
+        row gets None (generated_ids_mismatch) and no weights; the one-turn row keeps both. (Trajectories that fit
+        their messages: test_multi_turn.)"""
         from ddapo.ms_swift.trainer_io import token_weight_store
         columns = reward_kwargs(policy, COMPLETIONS[:2])
         columns['request_id'] = ['one-turn', 'two-turns']
         columns['response_token_ids'][1] = [[5, 6]] + columns['response_token_ids'][1]
         orm = DDAPOAttentionORM()
         rewards = orm(COMPLETIONS[:2], **columns)
-        assert all(r is not None for r in rewards)
+        assert rewards[0] is not None and rewards[1] is None
         assert set(token_weight_store(policy)) == {'one-turn'}
-        assert orm.unweighted == {'multi_turn_completion': 1}
+        assert orm.not_applicable == {'generated_ids_mismatch': 1}
 
     def test_patch_missing(self, policy, token_weights_on, monkeypatch):
         from swift_patches import grpo_token_weights

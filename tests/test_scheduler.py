@@ -14,7 +14,8 @@ from ddapo.engine.scheduler import ForwardScheduler, Output
 def output(position, prompt, generated=(5,)):
     """An output whose ``[q ; o_i]`` is ``prompt + generated``, as the template's collated forward kwargs."""
     ids = list(prompt) + list(generated)
-    encoded = SimpleNamespace(input_ids=ids, prompt_len=len(prompt), num_generated=len(generated),
+    encoded = SimpleNamespace(input_ids=ids, prompt_len=len(prompt), num_generated=len(generated), selected=None,
+                              key_len=len(prompt), rows=None, generated=list(generated),
                               forward_kwargs={'input_ids': torch.tensor([ids]),
                                               'attention_mask': torch.ones(1, len(ids), dtype=torch.long)})
     keys = KeySets(text_keys=torch.ones(len(ids), dtype=torch.bool), vision_keys=torch.zeros(len(ids), dtype=torch.bool))

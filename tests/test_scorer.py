@@ -6,7 +6,7 @@ import torch
 
 from ddapo.core.diagnostics import SampleDiagnostics
 from ddapo.core.formulas import sequence_scores
-from ddapo.core.scorer import (SharedOutput, Unweighted, WeightSettings, group_variant, score_output,
+from ddapo.core.scorer import (RowKeys, SharedOutput, Unweighted, WeightSettings, group_variant, score_output,
                                token_weight_block)
 
 
@@ -44,22 +44,73 @@ class TestScoreOutput:
         scored = score_output(m, [0], 4, 4, weights=weights)
         assert scored.token_weights == pytest.approx([1.0, 1.5, 0.5])  # token_weights' worked example
         assert scored.diagnostics.token_weights.count == 3 and scored.unweighted is None
-        blocked = score_output(m, [0], 4, 4, weights=weights, weight_block=Unweighted('multi_turn_completion', 'detail'))
-        assert blocked.token_weights is None and blocked.unweighted.reason == 'multi_turn_completion'
+        blocked = score_output(m, [0], 4, 4, weights=weights, weight_block=Unweighted('unlabelled_generated_tokens', 'detail'))
+        assert blocked.token_weights is None and blocked.unweighted.reason == 'unlabelled_generated_tokens'
         assert blocked.reward == scored.reward
-        off = score_output(m, [0], 4, 4, weight_block=Unweighted('multi_turn_completion', 'detail'))
+        off = score_output(m, [0], 4, 4, weight_block=Unweighted('unlabelled_generated_tokens', 'detail'))
         assert off.token_weights is None and off.unweighted is None  # weights off: nothing is left out
 
 
 class TestTokenWeightBlock:
-    """Edge cases: one turn labelled, several turns, unlabelled generated tokens, a flat id list, no ids."""
+    """Edge cases: labelled generated tokens, unlabelled ones (a --loss_scale that masks some)."""
 
     def test_cases(self):
-        assert token_weight_block([[1, 2]], True) is None
-        assert token_weight_block([1, 2], True) is None  # one flat turn
-        assert token_weight_block(None, True) is None
-        assert token_weight_block([[1], [2]], True).reason == 'multi_turn_completion'
-        assert token_weight_block([[1]], False).reason == 'unlabelled_generated_tokens'
+        assert token_weight_block(True) is None
+        assert token_weight_block(False).reason == 'unlabelled_generated_tokens'
+
+
+class TestTrajectory:
+    """score_output with a trajectory's per-row counts (docs/notation.md, section 6), against the formulas written
+    out here. Edge cases: a row that sees no vision key yet is left out of the reward and of M^V's split, and its
+    successor keeps weight 1; the first row of each turn keeps weight 1; constant counts give the one-turn numbers;
+    a trajectory no row of which sees a vision key is no_vision_keys."""
+
+    # one layer, 4 rows: (text, vision) Eq. (1) sums; the environment's image takes 0.1 of row 3's and row 4's
+    masses = torch.tensor([[[0.9, 0.0], [0.6, 0.2], [0.3, 0.3], [0.2, 0.6]]])
+    env = torch.tensor([[0.0, 0.0, 0.1, 0.3]])
+    text, vision = torch.tensor([5, 5, 7, 7]), torch.tensor([0, 4, 4, 8])
+
+    def keys(self, follows=(False, True, False, True)):
+        return RowKeys(self.text, self.vision, torch.tensor(follows), self.env)
+
+    def test_reward(self):
+        scored = score_output(self.masses, [0], 0, 0, trajectory=self.keys())
+        m_text = [0.75, 0.5, 0.25]  # rows 2-4; row 1 sees no vision key
+        rho_text = (0.75 / 5 + 0.5 / 7 + 0.25 / 7) / 3
+        rho_vis = (0.25 / 4 + 0.5 / 4 + 0.75 / 8) / 3
+        scores = scored.diagnostics.scores
+        assert scores.rho_text == pytest.approx(rho_text) and scores.rho_vis == pytest.approx(rho_vis)
+        assert scored.reward == pytest.approx(rho_vis / (rho_text + rho_vis))
+        assert scores.M_text == pytest.approx(sum(m_text) / 3) and scores.num_tokens == 3
+        assert (scores.num_text_keys, scores.num_vision_keys) == (7, 8)  # what the last row sees
+        env_share = (0.0 + 0.1 / 0.6 + 0.3 / 0.8) / 3
+        assert scored.diagnostics.M_V_env == pytest.approx(env_share)
+        assert scored.diagnostics.M_V_prompt == pytest.approx(scores.M_vis - env_share)
+        assert scored.diagnostics.segment_M_vis['all'] == pytest.approx(scores.M_vis)
+
+    def test_weights(self):
+        weights = score_output(self.masses, [0], 0, 0, weights=WeightSettings((0.0, 10.0), 0.0),
+                               trajectory=self.keys()).token_weights
+        # row 1 sees no image and chose nothing; row 3 starts a turn: only row 4 has a weight of its own (mean 1)
+        assert weights == pytest.approx([1.0, 1.0, 1.0, 1.0])
+        weights = score_output(self.masses, [0], 0, 0, weights=WeightSettings((0.0, 10.0), 0.0),
+                               trajectory=self.keys((False, True, True, True))).token_weights
+        r = [1 / ((0.75 * 4) / (0.25 * 5)), 1 / ((0.5 * 4) / (0.5 * 7))]  # 1 / TDR of rows 2 and 3 (Eq. 10)
+        assert weights == pytest.approx([1.0, 1.0, 2 * r[0] / sum(r), 2 * r[1] / sum(r)])
+
+    def test_constant_counts_are_one_turn(self):
+        masses = self.masses[:, 1:]
+        keys = RowKeys(torch.tensor([5, 5, 5]), torch.tensor([4, 4, 4]), torch.tensor([False, True, True]),
+                       torch.zeros(1, 3))
+        one_turn = score_output(masses, [0], 5, 4).diagnostics.scores
+        trajectory = score_output(masses, [0], 5, 4, trajectory=keys).diagnostics.scores
+        for name in ('rho_text', 'rho_vis', 'tdr', 'eta_text', 'eta_vis', 'reward_balance', 'M_text'):
+            assert getattr(trajectory, name) == pytest.approx(getattr(one_turn, name), rel=1e-12), name
+
+    def test_text_only(self):
+        keys = RowKeys(torch.tensor([3, 4]), torch.tensor([0, 0]), torch.tensor([False, True]), torch.zeros(1, 2))
+        scored = score_output(torch.tensor([[[0.5, 0.0], [0.7, 0.0]]]), [0], 0, 0, trajectory=keys)
+        assert scored.reward is None and scored.diagnostics.reason == 'no_vision_keys'
 
 
 def shared(rank, position, tdr, prompt='q', correct=True):

@@ -15,6 +15,7 @@ from conftest import ROOT, SWIFT_ARGS
 
 pytestmark = pytest.mark.slow  # real swift rlhf runs
 PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
+ZOOM_PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'zoom_scheduler.py')
 # test-only shim for multi-process CPU runs (gloo): a clean process-group exit
 CPU_DISTRIBUTED = os.path.join(ROOT, 'tests', 'cpu_distributed')
 
@@ -25,6 +26,8 @@ TEST_HOOKS = os.path.join(ROOT, 'tests', 'plugins', 'ddapo_test_hooks.py')
 
 def swift_command(model_dir, dataset, output_dir, *extra, model_type='qwen2_5_vl', hooks=False):
     plugins = [PLUGIN, TEST_HOOKS] if hooks else [PLUGIN]
+    if '--multi_turn_scheduler' in extra:
+        plugins.insert(1, ZOOM_PLUGIN)
     swift_model_type, template = SWIFT_ARGS[model_type]
     return [sys.executable, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
            '--model_type', swift_model_type, '--template', template, '--check_model', 'false',
@@ -105,6 +108,13 @@ RUNS = {
                       {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DS_ACCELERATOR': 'cpu',
                        'DDAPO_TOKEN_WEIGHTS': '1', 'TEST_DDAPO_DUMP_DIR': 'dump'}),
     **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES if m not in FAMILY_SHARED},
+    # multi-turn GRPO with the zoom scheduler (3 turns), text-only rows mixed in, token weights on; the model is not
+    # updated (--learning_rate 0), so that both steps re-score against the initial model: step 1 reads the old
+    # log-prob forward, step 2 is a validation step and runs the reward's own forwards
+    'multi_turn': ('qwen2_5_vl', 'mixed', ['--max_steps', '2', '--gradient_accumulation_steps', '2',
+                                           '--multi_turn_scheduler', 'ddapo_zoom', '--max_turns', '3',
+                                           '--learning_rate', '0'],
+                   {'TEST_DDAPO_DUMP_DIR': 'dump', 'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_VALIDATE_STEPS': '2'}),
     **{f'forward_{path}_{impl}': (model_type, 'mixed', FORWARD_ARGS + extra,
                                   {**FORWARD_DUMPS, **({'DDAPO_FORWARD': 'own'} if path == 'own' else {})})
        for impl, (model_type, extra) in FORWARD_PAIRS.items() for path in ('auto', 'own')},
@@ -123,7 +133,7 @@ def runs_of(item) -> list:
             'TestSwiftRlhfGrpo': ['grpo'],
             'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted'],
             'TestForwardPath': [f"forward_{p}_{params.get('implementation')}" for p in ('auto', 'own')],
-            'TestValidationRun': ['validate_off', 'validate_on']}.get(name, [])
+            'TestValidationRun': ['validate_off', 'validate_on'], 'TestMultiTurnRun': ['multi_turn']}.get(name, [])
 
 
 class Runs:
@@ -502,3 +512,50 @@ class TestForwardPath:
         finally:
             policy.template.remove_post_encode_hook()
         assert first and [auto[i]['reward'] for i in first] == pytest.approx(naive, abs=1e-5)
+
+
+class TestMultiTurnRun:
+    """Multi-turn GRPO (docs/notation.md, section 6) in a real swift rlhf run with HF rollouts: the zoom scheduler
+    through --external_plugins and --multi_turn_scheduler, 3 turns, so every image row's trajectory carries two crops
+    (the random model never writes a request: default crops; a parsed request is tested in test_multi_turn). Every
+    row's reward equals the naive whole-trajectory computation (fp32, 1e-5), on step 1 read in the old log-prob forward
+    and on step 2 (a validation step) in the reward's own forwards; the text-only trajectories are None and counted;
+    each output's token weights are one per trained token of its turns, in order, as GRPO's completion mask has them;
+    the metrics split M^V between the prompt's image and the crops; the report shows the trajectories turn by turn."""
+
+    def test_rewards_and_weights(self, runs, tiny_model_dir, tmp_path):
+        import naive_reference
+        from conftest import make_policy
+        output_dir, result = runs.result('multi_turn')
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-5000:]
+        assert 'attention read: old_logps (DDAPO_FORWARD=auto)' in log
+        dump = [json.loads(line) for line in open(os.path.join(output_dir, 'dump', 'rank0.jsonl'))]
+        assert len(dump) == 16 and all(len(r['response_token_ids']) == 3 for r in dump)  # 2 steps x 8, 3 turns each
+        assert [r['forwards'] for r in dump[:8]] == [0] * 8 and all(r['forwards'] > 0 for r in dump[8:])
+        assert all(any(r['images'] for r in rows) for rows in (dump[:8], dump[8:]))  # both paths see trajectories
+        imaged = [r for r in dump if r['images']]
+        assert imaged and all(len(r['images']) == 3 for r in imaged)  # the prompt's image and two crops
+        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path))
+        try:
+            naive = [naive_reference.trajectory_reward(policy, r, details=True) for r in dump]
+            labels = [naive_reference.encode_trajectory(policy, r)[2] for r in dump]
+        finally:
+            policy.template.remove_post_encode_hook()
+        assert [r['reward'] is None for r in dump] == [not r['images'] for r in dump]  # text-only trajectories
+        assert [r['reward'] for r in imaged] == pytest.approx([n[0] for n, r in zip(naive, dump) if r['images']],
+                                                             abs=1e-5)
+        for r, (_, details), label in zip(dump, naive, labels):
+            if r['images']:  # the first len(w) completion tokens are exactly the rows
+                trained = [p for p, value in enumerate(label) if value != -100]
+                assert len(r['token_weights']) == len(details['rows']) and trained[:len(details['rows'])] == \
+                    details['rows']
+        records, means = logged_means(output_dir)
+        assert len(means) == 2
+        steps = [r for r in records if 'ddapo/M_V_env/mean' in r]
+        assert len(steps) == 2 and all(r['ddapo/M_V_env/mean'] > 0 for r in steps)
+        assert any(r.get('ddapo/not_applicable/no_vision_keys_frac', 0) > 0 for r in steps)  # counted
+        assert all(r['token_advantage_weights/weighted_frac'] > 0 for r in records
+                   if 'token_advantage_weights/weighted_frac' in r)
+        report = open(glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)[0]).read()
+        assert '**turn 4, generated**' in report and 'environment images' in report

@@ -18,6 +18,7 @@ import subprocess
 
 import pytest
 
+import naive_reference
 from conftest import ROOT, make_policy
 from test_swift_rlhf_e2e import PLUGIN, TEST_HOOKS, logged_means
 
@@ -27,13 +28,15 @@ PYTHON = os.path.join(VENV, 'bin', 'python')
 VLLM_CPU = os.path.join(ROOT, 'tests', 'vllm_cpu')
 # name -> (model type, extra swift rlhf arguments)
 RUNS = {
-    'lora': ('qwen2_5_vl', ['--tuner_type', 'lora', '--learning_rate', '1e-3']),
+    # LoRA with multi-turn rollouts: the zoom scheduler, 3 turns, two crops per trajectory (docs/reward.md)
+    'lora_multi_turn': ('qwen2_5_vl', ['--tuner_type', 'lora', '--learning_rate', '1e-3', '--multi_turn_scheduler',
+                                       'ddapo_zoom', '--max_turns', '3']),
     'full_offload': ('qwen2_5_vl', ['--tuner_type', 'full', '--offload_model', 'true', '--offload_optimizer', 'true']),
     # the hybrid family: vLLM's CPU Gated DeltaNet kernel takes bfloat16 only (training in bf16 weights, no AMP on CPU)
     'qwen3_5_bf16': ('qwen3_5', ['--tuner_type', 'lora', '--learning_rate', '1e-3', '--torch_dtype', 'bfloat16',
                                  '--bf16', 'false', '--fp16', 'false']),
 }
-FLOAT32 = ('lora', 'full_offload')
+FLOAT32 = ('lora_multi_turn', 'full_offload')
 
 
 def vllm_environment_or_skip():
@@ -47,11 +50,13 @@ def vllm_environment_or_skip():
 
 
 def vllm_command(model_dir, model_type, dataset, output_dir, extra):
+    zoom = [os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'zoom_scheduler.py')] if \
+        '--multi_turn_scheduler' in extra else []
     return [PYTHON, '-m', 'swift.cli.main', 'rlhf', '--rlhf_type', 'grpo', '--model', model_dir,
             '--model_type', model_type, '--template', model_type, '--check_model', 'false',
             '--use_vllm', 'true', '--vllm_mode', 'colocate', '--vllm_enforce_eager', 'true',
             '--vllm_max_model_len', '1024', '--vllm_gpu_memory_utilization', '0.3',
-            '--external_plugins', PLUGIN, os.path.join(ROOT, 'examples', 'train', 'grpo', 'vllm_cpu_weights.py'),
+            '--external_plugins', PLUGIN, *zoom, os.path.join(ROOT, 'examples', 'train', 'grpo', 'vllm_cpu_weights.py'),
             os.path.join(VLLM_CPU, 'weight_probe.py'), TEST_HOOKS,
             '--reward_funcs', 'ddapo_attention', 'format', 'answer_match', '--dataset', dataset, '--lora_dropout', '0',
             '--torch_dtype', 'float32', '--num_generations', '2', '--per_device_train_batch_size', '4',
@@ -101,8 +106,9 @@ def dumped(output_dir):
 
 
 class TestColocate:
-    """vLLM colocate, 2 steps each, on image prompts: LoRA and full tuning with --offload_model /
-    --offload_optimizer on Qwen2.5-VL (float32), and LoRA on the hybrid Qwen3.5 (bfloat16), --lora_dropout 0. The run
+    """vLLM colocate, 2 steps each, on image prompts: LoRA with multi-turn rollouts (the zoom scheduler, 3 turns: each
+    trajectory carries the image and two crops) and full tuning with --offload_model / --offload_optimizer on
+    Qwen2.5-VL (float32), and LoRA on the hybrid Qwen3.5 (bfloat16), --lora_dropout 0. The run
     finishes; the start log and the report's header name the rollout engine; the attention is read inside the old
     log-prob forward (DDAPO_FORWARD=auto takes old_logps; ddapo/own_forwards 0); the ddapo_attention rewards are finite,
     in [0, 1] and vary, beside format and answer_match. (--sleep_level 1 / 2: vLLM's CPU build refuses sleep mode, "Sleep mode is not supported on current
@@ -126,6 +132,8 @@ class TestColocate:
         assert all('rewards/Format/mean' in r and 'rewards/AnswerMatchORM/mean' in r for r in records if 'reward' in r)
         rewards = [row['reward'] for row in dumped(output_dir)]
         assert len(rewards) == 8 and all(r is not None and 0.0 <= r <= 1.0 for r in rewards), rewards
+        if '--multi_turn_scheduler' in RUNS[name][1]:  # every trajectory: 3 turns, the image and two crops
+            assert all(len(r['response_token_ids']) == 3 and len(r['images']) == 3 for r in dumped(output_dir))
         reports = glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
         assert len(reports) == 1, reports
         report = open(reports[0]).read()
@@ -151,7 +159,8 @@ class TestColocate:
     @pytest.mark.parametrize('name', FLOAT32)
     def test_rewards_equal_one_process(self, name, vllm_runs, tmp_path):
         """The first step's rewards (before any update), read inside the old log-prob forward, equal what the same
-        rows score in this process with the reward's own forward, on the same model without vLLM (fp32, 1e-5)."""
+        rows score in this process with the reward's own forward, on the same model without vLLM (fp32, 1e-5); a
+        multi-turn run's also equal the naive whole-trajectory computation (tests/naive_reference.py)."""
         from ddapo.reward import DDAPOAttentionORM
         models, runs = vllm_runs
         model = models['qwen2_5_vl']
@@ -160,10 +169,14 @@ class TestColocate:
         first_step = dumped(output_dir)[:4]  # 4 rows per step
         policy = make_policy(model, 'qwen2_5_vl', str(tmp_path))
         try:
-            columns = {k: [row[k] for row in first_step] for k in ('messages', 'images', 'response_token_ids')}
+            columns = {k: [row[k] for row in first_step]
+                       for k in ('messages', 'images', 'response_token_ids', 'response_loss_mask')}
             columns['prompt_id'] = [f'p{i}' for i in range(len(first_step))]
             expected = DDAPOAttentionORM()([''] * len(first_step), trainer=policy, **columns)
+            multi_turn = '--multi_turn_scheduler' in RUNS[name][1]
+            naive = [naive_reference.trajectory_reward(policy, row) for row in first_step] if multi_turn else expected
         finally:
             policy.template.remove_post_encode_hook()
         assert all(e is not None for e in expected)
         assert [row['reward'] for row in first_step] == pytest.approx(expected, abs=1e-5)
+        assert [row['reward'] for row in first_step] == pytest.approx(naive, abs=1e-5)  # the whole trajectory

@@ -2,9 +2,10 @@
 is part of the product; each hook is switched on by its environment variable.
 
 - ``TEST_DDAPO_DUMP_DIR=DIR``: after every ``ddapo_attention`` call, append one JSON line per completion to
-  ``DIR/rank<r>.jsonl`` (global rank): the row's messages, image paths and generated ids, its reward, the call's
-  forwards and padding forwards, and on validation steps the row's Eq. (12)-(14) part, its ``D_{i,t}`` and the step's
-  ``ddapo/validity/*`` metrics, so a test can re-score the rows in one process.
+  ``DIR/rank<r>.jsonl`` (global rank): the row's messages, image paths (a scheduler's base64 images as they are),
+  generated ids, loss masks and request_id, its reward, the call's forwards and padding forwards, its token weights
+  where the reward handed some to the trainer, and on validation steps the row's Eq. (12)-(14) part, its ``D_{i,t}``
+  and the step's ``ddapo/validity/*`` metrics, so a test can re-score the rows in one process.
 - ``TEST_DDAPO_OLD_LOGPS_DUMP=FILE``: after every ``_prepare_batch_inputs`` of the GRPO trainer, append one JSON line
   per micro-batch to ``FILE.rank<r>``: the ``old_per_token_logps`` GRPO recorded (float32 values, exact in JSON) and the
   completion mask, so a test can compare two runs bit for bit.
@@ -42,8 +43,15 @@ def _dump_after_call(call):
             for i, (row, reward) in enumerate(zip(swift.rows(kwargs, len(completions)), rewards)):
                 validity = self.last_validity.get(i)
                 dependency = self.last_dependencies.get(i)
-                f.write(json.dumps({'messages': row.messages, 'images': swift.image_paths(row), 'reward': reward,
+                # a scheduler's base64 images as they are (they re-encode), others as paths
+                images = row.images if row.images and all(isinstance(i, str) for i in row.images) else \
+                    swift.image_paths(row)
+                f.write(json.dumps({'messages': row.messages, 'images': images, 'reward': reward,
                                     'response_token_ids': row.response_token_ids,
+                                    'response_loss_mask': row.columns.get('response_loss_mask'),
+                                    'request_id': row.request_id,
+                                    'token_weights': (getattr(swift.trainer, 'token_advantage_weights', None)
+                                                      or {}).get(row.request_id),
                                     'forwards': scheduler.last_forwards,
                                     'padding_forwards': scheduler.last_padding,
                                     'validity': None if validity is None else dataclasses.asdict(validity),

@@ -42,11 +42,10 @@ from swift.utils import get_logger
 
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.formulas import layer_set
-from ddapo.core.key_sets import build_key_sets
 from ddapo.core.row import Row
 from ddapo.engine.scheduler import ForwardCall, ForwardRun, ForwardScheduler, Output
-from ddapo.core.scorer import (RankShare, Scored, SharedOutput, WeightSettings, group_variant, score_output,
-                               token_weight_block)
+from ddapo.core.scorer import (RankShare, RowKeys, Scored, SharedOutput, WeightSettings, group_variant,
+                               score_output, token_weight_block)
 from ddapo.core.validity import OutputValidity, output_validity
 from ddapo.step_log import StepLogger, debug_lines, layers_note
 from ddapo.ms_swift.encoding import EncodingFailed, NotEncodable
@@ -275,9 +274,7 @@ class DDAPOAttentionORM(ORM):
             failed = EncodingFailed(f'the row could not be encoded ({type(error).__name__}: {error})')
             results[position] = self._not_applicable(Scored.not_applicable(failed.reason, str(failed)))
             return None
-        key_sets = build_key_sets(encoded.input_ids, encoded.prompt_len, spec.vision_token_ids, spec.special_ids,
-                                  encoded.system_turn)
-        return Output(position, row, encoded, key_sets)
+        return Output(position, row, encoded, encoded.key_sets(spec.vision_token_ids, spec.special_ids))
 
     def _score(self, output: Output, run: ForwardRun, k: int, layers: List[int], report) -> Scored:
         """`score_output` of the ``k``-th output of ``run``; counts what is not applicable or left unweighted."""
@@ -286,9 +283,11 @@ class DDAPOAttentionORM(ORM):
         config, key_sets = self.config, output.key_sets
         weights = (WeightSettings(config.token_weight_clip, config.token_weight_sigma) if config.token_weights
                    else None)
+        rows = output.encoded.rows  # a multi-turn trajectory's (notation section 6)
+        trajectory = None if rows is None else RowKeys.of(key_sets, rows, run.captures[k].env_masses)
         scored = score_output(run.captures[k].masses, layers, key_sets.num_text_keys, key_sets.num_vision_keys,
                               output.generated, self.swift.spec.special_ids, weights,
-                              token_weight_block(output.row.response_token_ids, output.encoded.labelled))
+                              token_weight_block(output.encoded.labelled), trajectory)
         self._debug(report, run, layers, scored)
         if scored.reward is None:
             return self._not_applicable(scored)

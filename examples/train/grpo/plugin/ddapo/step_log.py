@@ -20,7 +20,7 @@ from ddapo.engine.capture import LayerCapture
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.diagnostics import SampleDiagnostics, segments, step_metrics
 from ddapo.core.formulas import layer_set
-from ddapo.core.report import ReportSample, ReportWriter, SampleView, fair_shares, image_heatmaps
+from ddapo.core.report import ReportSample, ReportWriter, SampleView, fair_shares, image_heatmaps, trajectory_turns
 from ddapo.engine.scheduler import ForwardRun, Output
 from ddapo.core.scorer import Scored
 from ddapo.core.validity import OutputValidity, undefined_metrics, validity_statistics
@@ -85,8 +85,11 @@ def debug_lines(config: DDAPOConfig, spec, implementation: str, report, run: For
         + ('; shared packing off: layers that are not full attention (linear attention carries state along the '
            'whole sequence, a sliding window counts positions) need one output per forward'
            if spec.hybrid and config.attention == 'shared' else ''),
-        f'first sample: P={output.encoded.prompt_len}, |o_i|={output.encoded.num_generated}, '
+        f'first sample: P={output.encoded.prompt_len}, |o_i|={len(output.generated)}, '
         f'|T|={output.key_sets.num_text_keys}, |V|={output.key_sets.num_vision_keys}, ' +
+        ('' if output.encoded.rows is None else
+         f'a trajectory of {len(output.encoded.turns)} generated turns (rows: the tokens the loss trains; |T|, |V| '
+         f'as the last row sees them, V_env {int(output.key_sets.env_vision_keys.sum())}), ') +
         (f'TDR={scores.tdr:.4f}, R^bal={scores.reward_balance:.4f}' if scores else 'reward not applicable'),
     ]
 
@@ -143,7 +146,7 @@ class StepLogger:
         encoded, scores, row = output.encoded, scored.diagnostics.scores, output.row
         images, heatmaps = view.images, []
         if images:
-            ids = encoded.input_ids[:encoded.prompt_len]
+            ids = encoded.input_ids[:encoded.key_len]  # a trajectory's keys hold the environment's images too
             image_positions = [p for p, token in enumerate(ids) if token == image_token_id]
             key_attention = capture.key_attention[layers].mean(dim=0)
             heatmaps = [fair_shares(heat, scores.num_text_keys, scores.num_vision_keys) for heat in
@@ -162,7 +165,9 @@ class StepLogger:
             solution=row.solution,
             completion=view.completion,
             vision_share=scores.num_vision_keys / (scores.num_text_keys + scores.num_vision_keys),
-            dependency=None if dependency is None else dependency.tolist())
+            dependency=None if dependency is None else dependency.tolist(),
+            turns=None if encoded.rows is None else trajectory_turns(row.messages, encoded.turns, encoded.rows),
+            M_V=scores.M_vis, M_V_env=scored.diagnostics.M_V_env, picture_images=[g.image for g in view.grids])
 
     def log(self, mode: str, diagnostics: List[SampleDiagnostics], samples: List[ReportSample], step: int,
             output_dir: str, rollout: str, spec, validity: Optional[List[OutputValidity]] = None,

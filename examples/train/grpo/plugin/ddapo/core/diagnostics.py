@@ -2,7 +2,8 @@
 
     per output o_i: DDAPOScores (Eq. 2-7) or a not-applicable reason, and M^V_i per layer segment
     per step (all ranks' outputs): ddapo/tdr/mean, ddapo/tdr/median, ddapo/R_bal/mean (Eq. 7, whatever DDAPO_REWARD), ddapo/rho_text/mean, ddapo/rho_vis/mean,
-    ddapo/M_V/mean, ddapo/eta_V/mean, ddapo/num_text_keys/mean, ddapo/num_vision_keys/mean,
+    ddapo/M_V/mean, ddapo/M_V_prompt/mean and ddapo/M_V_env/mean (its split between the prompt's images and those
+    of a trajectory's environment turns), ddapo/eta_V/mean, ddapo/num_text_keys/mean, ddapo/num_vision_keys/mean,
     ddapo/not_applicable_frac (and ddapo/not_applicable/<reason>_frac per reason),
     ddapo/<segment>/M_V/mean for segment in all, early, middle, late,
     with DDAPO_TOKEN_WEIGHTS=1: ddapo/token_weight/mean, ddapo/token_weight/min, ddapo/token_weight/max,
@@ -38,6 +39,12 @@ class SampleDiagnostics:
     reason: Optional[str] = None  # the NotApplicable reason when scores is None
     segment_M_vis: Dict[str, float] = field(default_factory=dict)
     token_weights: Optional[WeightStats] = None  # with DDAPO_TOKEN_WEIGHTS=1
+    M_V_env: float = 0.0  # the environment's images' part of M^V (notation section 6); 0 for one turn
+
+    @property
+    def M_V_prompt(self) -> Optional[float]:
+        """The prompt's images' part of ``M^V``: ``M^V - M^V_env``."""
+        return None if self.scores is None else self.scores.M_vis - self.M_V_env
 
 
 def weight_stats(weights: Sequence[float], clip: Tuple[float, float]) -> WeightStats:
@@ -110,6 +117,8 @@ def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
         'ddapo/rho_vis/mean': _mean([s.rho_vis for s in scores]),
         'ddapo/R_bal/mean': _mean([s.reward_balance for s in scores]),
         'ddapo/M_V/mean': _mean([s.M_vis for s in scores]),
+        'ddapo/M_V_prompt/mean': _mean([s.M_V_prompt for s in scored]),
+        'ddapo/M_V_env/mean': _mean([s.M_V_env for s in scored]),
         'ddapo/eta_V/mean': _mean([s.eta_vis for s in scores]),
         'ddapo/num_text_keys/mean': _mean([float(s.num_text_keys) for s in scores]),
         'ddapo/num_vision_keys/mean': _mean([float(s.num_vision_keys) for s in scores]),

@@ -15,7 +15,7 @@ code; the caller turns that into `None` for GRPO and counts the reason.
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -102,12 +102,30 @@ def token_text_mass(layer_masses: torch.Tensor) -> torch.Tensor:
     >>> [round(v, 6) for v in m_text.tolist()]
     [0.625]
     """
+    return _layer_share(layer_masses, layer_masses[..., TEXT])
+
+
+def _layer_share(layer_masses: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """``part / (text + vision)`` per layer and row, averaged over the layers whose denominator is positive."""
     layer_masses = layer_masses.double()
     denominator = layer_masses.sum(dim=-1)  # [|Lambda|, |o_i|]
     valid = denominator > 0
-    share = torch.where(valid, layer_masses[..., TEXT] / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.)
+    share = torch.where(valid, part.double() / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.)
     count = valid.sum(dim=0)
     return torch.where(count > 0, share.sum(dim=0) / count.clamp_min(1), torch.nan)
+
+
+def token_env_vision_mass(layer_masses: torch.Tensor, env_masses: torch.Tensor) -> torch.Tensor:
+    """``m^{V,env}_{i,t}`` (notation section 6): the part of ``m^V_{i,t}`` on the vision keys of the environment's
+    turns, renormalised and averaged over the layers as Eq. (4) does; ``m^V = m^{V,prompt} + m^{V,env}``.
+
+    ``env_masses``: ``[|Lambda|, |o_i|]``, the Eq. (1) sums over ``V_env`` (a subset of ``V``). Example: a token putting
+    ``(0.6, 0.2)`` on ``(T, V)``, ``0.15`` of it on an environment image: ``m^{V,env} = 0.15 / 0.8``:
+
+    >>> [round(v, 6) for v in token_env_vision_mass(torch.tensor([[[0.6, 0.2]]]), torch.tensor([[0.15]])).tolist()]
+    [0.1875]
+    """
+    return _layer_share(layer_masses, env_masses)
 
 
 @dataclass(frozen=True)
@@ -126,10 +144,38 @@ class DDAPOScores:
     reward_balance: float  # R^bal_i, Eq. (7)
 
 
-def check_applicable(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> None:
+Counts = Union[int, torch.Tensor]  # |T| (|V|) of every row, or |T_{i,t}| (|V_{i,t}|) per row of a trajectory
+
+
+def per_row(count: Counts, n: int) -> torch.Tensor:
+    """A key count as ``[n]`` float64: an int is every row's (one turn), a tensor one count per row (notation
+    section 6)."""
+    return torch.as_tensor(count, dtype=torch.float64).expand(n) if not torch.is_tensor(count) else count.double()
+
+
+def total(count: Counts) -> int:
+    """``|T|`` (``|V|``) of the output: the int, or the most any row sees (the last row's, in a trajectory)."""
+    if not torch.is_tensor(count):
+        return int(count)
+    return int(count.max()) if count.numel() else 0
+
+
+def scored_rows(m_text: torch.Tensor, num_text_keys: Counts, num_vision_keys: Counts) -> torch.Tensor:
+    """The rows Eq. (2)-(7) average over: ``m^T_{i,t}`` defined, and at least one text and one vision key before the
+    row (a trajectory's row that sees no image yet has no balance to measure: ``m^V = 0`` by construction).
+
+    >>> scored_rows(torch.tensor([1.0, float('nan'), 0.4]), torch.tensor([3, 3, 5]), torch.tensor([0, 2, 2])).tolist()
+    [False, False, True]
+    """
+    n = m_text.numel()
+    return ~torch.isnan(m_text) & (per_row(num_text_keys, n) > 0) & (per_row(num_vision_keys, n) > 0)
+
+
+def check_applicable(m_text: torch.Tensor, num_text_keys: Counts, num_vision_keys: Counts) -> None:
     """Raise `NotApplicable` where an output's reward is undefined (notation section 4): ``|V| = 0``
     (``no_vision_keys``), ``|T| = 0`` (``no_text_keys``), ``|o_i| = 0`` (``empty_completion``), or no token with a
-    defined ``m^T`` (``no_prompt_attention``).
+    defined ``m^T`` (``no_prompt_attention``). With per-row counts (a trajectory), ``|V|`` is what the last row sees:
+    a text-only trajectory is ``no_vision_keys``; and the rows must include one that sees both kinds of key.
 
     Example: a text-only prompt (``|V| = 0``):
 
@@ -139,13 +185,13 @@ def check_applicable(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: 
     ...     error.reason
     'no_vision_keys'
     """
-    if num_vision_keys == 0:
+    if total(num_vision_keys) == 0:
         raise NotApplicable('no_vision_keys', 'the prompt has no image or video token (|V| = 0)')
-    if num_text_keys == 0:
+    if total(num_text_keys) == 0:
         raise NotApplicable('no_text_keys', 'the prompt has no text key outside special tokens and system turn')
     if m_text.numel() == 0:
         raise NotApplicable('empty_completion', '|o_i| = 0')
-    if bool(torch.isnan(m_text).all()):
+    if not bool(scored_rows(m_text, num_text_keys, num_vision_keys).any()):
         raise NotApplicable('no_prompt_attention', 'no generated token attends to a text or vision key')
 
 
@@ -161,10 +207,14 @@ def balance_reward(rho_text: float, rho_vis: float) -> float:
     return rho_vis / (rho_text + rho_vis)
 
 
-def sequence_scores(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> DDAPOScores:
+def sequence_scores(m_text: torch.Tensor, num_text_keys: Counts, num_vision_keys: Counts) -> DDAPOScores:
     """Eq. (2), (3), (5), (6), (7) from the per-token text masses ``m^T_{i,t}`` (NaN tokens are left out).
 
-    Raises `NotApplicable` where the reward is undefined (`check_applicable`).
+    ``num_text_keys`` / ``num_vision_keys``: ``|T|`` and ``|V|``, or in a trajectory ``[|o_i|]`` tensors of the keys
+    each row sees (notation section 6): then ``rho_text_i`` is the mean over the rows of ``m^T_{i,t} / |T_{i,t}|``
+    (``rho_vis_i``, ``eta`` likewise), which is Eq. (2) and (6) when every row sees the same keys, and the rows that
+    see no vision key yet are left out (`scored_rows`). Raises `NotApplicable` where the reward is undefined
+    (`check_applicable`).
 
     Example: ``m^T = [0.8, 0.6]``, ``|T| = 10``, ``|V| = 30``:
 
@@ -173,24 +223,40 @@ def sequence_scores(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: i
     [0.7, 0.07, 0.01, 7.0, 2.8, 0.4, 0.125]
     >>> s.num_text_keys, s.num_vision_keys, s.num_tokens
     (10, 30, 2)
+
+    A trajectory: the first row sees no image yet (left out); the next two see 10 text keys, and 30 then 60 vision
+    keys: ``rho_vis = (0.2 / 30 + 0.4 / 60) / 2``:
+
+    >>> s = sequence_scores(torch.tensor([1.0, 0.8, 0.6]), torch.tensor([8, 10, 10]), torch.tensor([0, 30, 60]))
+    >>> round(s.rho_text, 4), round(s.rho_vis, 6), s.num_vision_keys, s.num_tokens
+    (0.07, 0.006667, 60, 2)
     """
     check_applicable(m_text, num_text_keys, num_vision_keys)
-    defined = m_text[~torch.isnan(m_text)]
+    rows = scored_rows(m_text, num_text_keys, num_vision_keys)
+    defined = m_text[rows].double()
     M_text = float(defined.mean())
     M_vis = 1.0 - M_text
-    rho_text, rho_vis = M_text / num_text_keys, M_vis / num_vision_keys
-    share_text = num_text_keys / (num_text_keys + num_vision_keys)
+    if torch.is_tensor(num_text_keys) or torch.is_tensor(num_vision_keys):  # notation section 6
+        n = m_text.numel()
+        text, vision = per_row(num_text_keys, n)[rows], per_row(num_vision_keys, n)[rows]
+        rho_text, rho_vis = float((defined / text).mean()), float(((1.0 - defined) / vision).mean())
+        eta_text = float((defined * (text + vision) / text).mean())
+        eta_vis = float(((1.0 - defined) * (text + vision) / vision).mean())
+    else:
+        rho_text, rho_vis = M_text / num_text_keys, M_vis / num_vision_keys
+        share_text = num_text_keys / (num_text_keys + num_vision_keys)
+        eta_text, eta_vis = M_text / share_text, M_vis / (1.0 - share_text)
     return DDAPOScores(
-        num_text_keys=num_text_keys,
-        num_vision_keys=num_vision_keys,
+        num_text_keys=total(num_text_keys),
+        num_vision_keys=total(num_vision_keys),
         num_tokens=int(defined.numel()),
         M_text=M_text,
         M_vis=M_vis,
         rho_text=rho_text,
         rho_vis=rho_vis,
         tdr=rho_text / rho_vis if rho_vis > 0 else math.inf,
-        eta_text=M_text / share_text,
-        eta_vis=M_vis / (1.0 - share_text),
+        eta_text=eta_text,
+        eta_vis=eta_vis,
         reward_balance=balance_reward(rho_text, rho_vis),
     )
 
@@ -287,9 +353,10 @@ def gated_rewards(group_rewards: Sequence[Optional[float]], correct: Sequence[bo
             for r, ok, g in zip(group_rewards, correct, groups)]
 
 
-def token_tdr(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) -> torch.Tensor:
+def token_tdr(m_text: torch.Tensor, num_text_keys: Counts, num_vision_keys: Counts) -> torch.Tensor:
     """``TDR_{i,t} = (m^T_{i,t} * |V|) / (m^V_{i,t} * |T|)`` of Eq. (10), clipped to ``[1e-6, 1e6]`` (`TDR_BOUND`) so a
-    token with ``m^T = 0`` or ``m^V = 0`` stays finite; NaN (undefined ``m^T``) stays NaN.
+    token with ``m^T = 0`` or ``m^V = 0`` stays finite; NaN (undefined ``m^T``) stays NaN. In a trajectory the counts
+    are each row's (``|T_{i,t}|``, ``|V_{i,t}|``), and a row that sees no text or no vision key gets NaN.
 
     Example: ``m^T = [0.5, 0.75, 1.0]``, ``|T| = |V|`` (the last token's ``m^V = 0`` is clipped):
 
@@ -297,8 +364,9 @@ def token_tdr(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int) ->
     [1.0, 3.0, 1000000.0]
     """
     m_text = m_text.double()
-    ratio = (m_text * num_vision_keys) / ((1.0 - m_text) * num_text_keys)  # m^V = 0 gives inf, clipped below
-    return ratio.clamp(1.0 / TDR_BOUND, TDR_BOUND)
+    text, vision = per_row(num_text_keys, m_text.numel()), per_row(num_vision_keys, m_text.numel())
+    ratio = (m_text * vision) / ((1.0 - m_text) * text)  # m^V = 0 gives inf, clipped below
+    return torch.where((text > 0) & (vision > 0), ratio.clamp(1.0 / TDR_BOUND, TDR_BOUND), torch.nan)
 
 
 def gaussian_smooth(values: torch.Tensor, sigma: float, defined: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -357,8 +425,9 @@ def mean_one_clip(values: torch.Tensor, low: float, high: float) -> torch.Tensor
     return (values * math.exp(hi)).clamp(low, high)
 
 
-def token_weights(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int,
-                  clip: Tuple[float, float] = (0.2, 3.0), sigma: float = 0.0) -> torch.Tensor:
+def token_weights(m_text: torch.Tensor, num_text_keys: Counts, num_vision_keys: Counts,
+                  clip: Tuple[float, float] = (0.2, 3.0), sigma: float = 0.0,
+                  follows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. (11) weights ``w_{i,t}`` of the log-probabilities of one output's generated tokens, from the ratio of
     Eq. (10): a token chosen while the model leaned on the image weighs more. Returns ``[|o_i|]`` float64.
 
@@ -370,6 +439,10 @@ def token_weights(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int
     without changing its total. A row whose ``m^T`` is undefined (notation section 4) gives ``w = 1`` and stays
     out of the smoothing and the mean. Raises `NotApplicable` where `sequence_scores` does (`check_applicable`).
 
+    A trajectory (notation section 6) gives per-row counts and ``follows``: ``[|o_i|]`` bool, whether the row before
+    each row's position is a row (the first row of every generated turn follows the turn's header, not a row, and gets
+    ``w = 1`` like ``o_{i,1}``). A row that sees no vision key yet gives ``w = 1`` to the token after it.
+
     Example: ``m^T = [0.5, 0.75, 0.9]``, ``|T| = |V|``: rows 1 and 2 give ``TDR = [1, 3]``, ``r = [1, 1/3]``
     (row 3 chose the token after the output):
 
@@ -377,9 +450,11 @@ def token_weights(m_text: torch.Tensor, num_text_keys: int, num_vision_keys: int
     [1.0, 1.5, 0.5]
     """
     check_applicable(m_text, num_text_keys, num_vision_keys)
-    weights = torch.ones(m_text.numel(), dtype=torch.float64)
-    ratio = 1.0 / token_tdr(m_text[:-1], num_text_keys, num_vision_keys)  # row t-1 chose token t
-    defined = ~torch.isnan(ratio)
+    n = m_text.numel()
+    weights = torch.ones(n, dtype=torch.float64)
+    text, vision = per_row(num_text_keys, n)[:-1], per_row(num_vision_keys, n)[:-1]
+    ratio = 1.0 / token_tdr(m_text[:-1], text, vision)  # row t-1 chose token t
+    defined = ~torch.isnan(ratio) & (torch.ones_like(ratio, dtype=torch.bool) if follows is None else follows[1:])
     if bool(defined.any()):
         weights[1:][defined] = mean_one_clip(gaussian_smooth(ratio, sigma, defined)[defined], *clip)
     return weights

@@ -6,9 +6,13 @@ minus the system turn. The system turn is found the way the chat template builds
 (`inserted_span`: the tokens the template adds when it renders the system message, found by the
 adapter from two renderings of the same probe), never by assuming a chat format. Positions at or after
 ``prompt_len`` (the generated tokens and anything the template appends) are in neither set.
+
+A multi-turn trajectory (notation section 6) has keys between its generated turns: the user's and the environment's
+turns, with the images a tool returned. There ``prompt_len`` is where the last row sits, the model's own tokens
+(``own``) are in neither set, and each row sees only the keys before it (`KeySets.visible`).
 """
 from dataclasses import dataclass
-from typing import Collection, Optional, Sequence
+from typing import Collection, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,6 +22,8 @@ class KeySets:
     """Boolean masks over the whole sequence ``x_i`` (length ``S``); only prompt positions can be set."""
     text_keys: torch.Tensor  # [S] bool, T
     vision_keys: torch.Tensor  # [S] bool, V
+    # a trajectory's V_env: the vision keys of the environment's turns (after the first generated token); None: one turn
+    env_vision_keys: Optional[torch.Tensor] = None
 
     @property
     def num_text_keys(self) -> int:
@@ -26,6 +32,18 @@ class KeySets:
     @property
     def num_vision_keys(self) -> int:
         return int(self.vision_keys.sum())
+
+    def visible(self, rows: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``|T_{i,t}|`` and ``|V_{i,t}|`` (notation section 6): the keys before each row position of ``rows``, ``[n]``
+        each. A row is never a key, so the keys up to it are the keys before it.
+
+        >>> ks = KeySets(torch.tensor([1, 1, 0, 0, 1, 0, 0], dtype=torch.bool), torch.tensor([0, 0, 1, 0, 0, 1, 0],
+        ...              dtype=torch.bool))
+        >>> [t.tolist() for t in ks.visible([3, 6])]
+        [[2, 3], [1, 2]]
+        """
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return (torch.cumsum(self.text_keys.long(), 0)[index], torch.cumsum(self.vision_keys.long(), 0)[index])
 
 
 def inserted_span(with_system: Sequence[int], without_system: Sequence[int],
@@ -64,8 +82,13 @@ def inserted_span(with_system: Sequence[int], without_system: Sequence[int],
 
 
 def build_key_sets(input_ids: Sequence[int], prompt_len: int, vision_token_ids: Collection[int],
-                   special_ids: Collection[int], system_turn: range = range(0)) -> KeySets:
+                   special_ids: Collection[int], system_turn: range = range(0), own: Collection[int] = (),
+                   first_row: Optional[int] = None) -> KeySets:
     """``T`` and ``V`` for one sequence (notation section 2); ``system_turn``: the system turn's positions.
+
+    A trajectory (notation section 6) also gives ``own``, the positions of the model's own tokens before
+    ``prompt_len`` (its earlier turns), which are in neither set, and ``first_row``: the vision keys from there on are
+    the environment's (``env_vision_keys``).
 
     Example (ids as words): ``[<s>, system, \\n, Hi, </s>, <s>, user, <img>, <img>, What, </s>, <s>, assistant,
     Red]`` with ``prompt_len = 13`` and the system turn at ``range(0, 5)`` gives ``V = {7, 8}`` and
@@ -82,4 +105,9 @@ def build_key_sets(input_ids: Sequence[int], prompt_len: int, vision_token_ids: 
     special = torch.isin(ids, torch.as_tensor(sorted(special_ids), dtype=torch.long))
     text = in_prompt & ~vision & ~special
     text[system_turn.start:system_turn.stop] = False
-    return KeySets(text_keys=text, vision_keys=vision)
+    if own:
+        mine = torch.zeros_like(text)
+        mine[torch.as_tensor(sorted(own), dtype=torch.long)] = True
+        text, vision = text & ~mine, vision & ~mine
+    env = None if first_row is None else vision & (torch.arange(ids.numel()) >= first_row)
+    return KeySets(text_keys=text, vision_keys=vision, env_vision_keys=env)

@@ -12,7 +12,7 @@ Pure torch on the Hugging Face forward kwargs (``input_ids``, ``attention_mask``
 ``mm_token_type_ids``, pixel tensors): no ms-swift.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -24,10 +24,14 @@ DROPPED_KEYS = ('cu_seq_lens_q', 'cu_seq_lens_k', 'max_length_q', 'max_length_k'
 
 class PackMember(Protocol):
     """One output's single-sequence forward: ``[q ; o_i]`` (batch size 1), ``P`` and ``|o_i|`` (``EncodedCompletion``
-    is one)."""
+    is one). A multi-turn trajectory (notation section 6) is never packed: ``num_generated`` is the span from its first
+    row to its last, ``selected`` its rows' offsets in that span (None for one turn), and ``key_len`` the position
+    before which its keys lie (``P`` for one turn)."""
     forward_kwargs: Dict[str, Any]
     prompt_len: int
     num_generated: int
+    selected: Optional[Sequence[int]]
+    key_len: int
 
 
 class Encoded(PackMember, Protocol):
@@ -36,14 +40,21 @@ class Encoded(PackMember, Protocol):
     input_ids: List[int]
     labelled: bool
     system_turn: range
+    rows: Optional[List[int]]  # a trajectory's rows (positions), None for one turn
+    generated: List[int]  # the ids of the rows
 
 
 @dataclass(frozen=True)
 class Member:
-    """A `PackMember` by value (tests, the benchmark)."""
+    """A `PackMember` by value (tests, the benchmark), of one turn."""
     forward_kwargs: Dict[str, Any] = field(repr=False)
     prompt_len: int
     num_generated: int
+    selected: Optional[Sequence[int]] = None
+
+    @property
+    def key_len(self) -> int:
+        return self.prompt_len
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -51,6 +51,52 @@ class ReportSample:
     completion: str = ''  # the decoded completion
     vision_share: float = math.nan  # |V| / (|T| + |V|): m^V under uniform attention
     dependency: Optional[List[float]] = None  # D_{i,t}, Eq. (12), on validation steps
+    turns: Optional[List['Turn']] = None  # a multi-turn trajectory, turn by turn (notation section 6)
+    M_V: float = math.nan  # M^V_i (Eq. 5)
+    M_V_env: float = 0.0  # the environment's images' part of M^V
+    picture_images: List[int] = field(default_factory=list)  # per picture: the row image it shows
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a trajectory as the report shows it: ``role``, its text (a generated turn's: decoded), the images
+    it carried (indices into the sample's pictures) and, for a generated turn, its rows (indices into the tokens)."""
+    role: str
+    text: str
+    images: Tuple[int, ...] = ()
+    rows: range = range(0)
+
+
+def trajectory_turns(messages: Sequence[Dict], turns: Sequence[range], rows: Sequence[int],
+                     image_tag: str = '<image>') -> List[Turn]:
+    """The turns of a trajectory after its system message: user and environment turns with the images their
+    ``image_tag`` placeholders bring (numbered in order), and the generated turns (the last ``len(turns)`` assistant
+    messages, as ms-swift fills them with the generated ids) with the rows from each turn's first id up to the next
+    turn's (a turn's rows include the end of turn the template appends). A generated turn's ``text`` is left empty for
+    the caller to decode.
+
+    >>> messages = [{'role': 'user', 'content': '<image>Where?'}, {'role': 'assistant', 'content': [5, 6]},
+    ...             {'role': 'user', 'content': '<image>Zoomed.'}, {'role': 'assistant', 'content': 'red'}]
+    >>> [(t.role, t.images, t.rows) for t in trajectory_turns(messages, [range(3, 5), range(9, 10)], [3, 4, 5, 9])]
+    [('user', (0,), range(0, 0)), ('assistant', (), range(0, 3)), ('user', (1,), range(0, 0)), ('assistant', (), range(3, 4))]
+    """
+    generated = [k for k, m in enumerate(messages) if m.get('role') == 'assistant'][-len(turns):] if turns else []
+    out, image, turn = [], 0, 0
+    for k, message in enumerate(messages):
+        role, content = message.get('role'), message.get('content')
+        if role == 'system':
+            continue
+        if k in generated:
+            stop = turns[turn + 1].start if turn + 1 < len(turns) else math.inf
+            inside = [j for j, r in enumerate(rows) if turns[turn].start <= r < stop]
+            out.append(Turn('assistant', '', rows=range(inside[0], inside[-1] + 1) if inside else range(0)))
+            turn += 1
+            continue
+        text = content if isinstance(content, str) else ''
+        count = text.count(image_tag)
+        out.append(Turn(role, text, tuple(range(image, image + count))))
+        image += count
+    return out
 
 
 def fair_shares(values: np.ndarray, num_text_keys: int, num_vision_keys: int) -> np.ndarray:
@@ -67,11 +113,13 @@ class TokenGrid:
     """How one picture's vision tokens lie on it: ``tiles = (R, C)`` tiles, row-major, each a ``rows x cols`` grid of
     tokens, row-major; ``frames`` temporal slices one after the other (averaged). Qwen and GLM: one tile of
     ``h / merge x w / merge`` merged patches and ``t`` frames; InternVL: ``R x C`` tiles of ``s x s`` tokens (its
-    thumbnail is a picture of its own); Gemma 3: one square grid of pooled tokens."""
+    thumbnail is a picture of its own); Gemma 3: one square grid of pooled tokens. ``image``: which of the row's images
+    the picture shows."""
     rows: int
     cols: int
     tiles: Tuple[int, int] = (1, 1)
     frames: int = 1
+    image: int = 0
 
     @property
     def count(self) -> int:
@@ -271,16 +319,22 @@ class ReportWriter:
                       f'- images: {", ".join(f"`{p}`" for p in sample.image_paths) or "none"}']
             if sample.solution is not None:
                 lines.append(f'- solution: {_inline(sample.solution)}')
-            lines += [f'- completion: {_inline(sample.completion)}', '',
-                      'm^V per generated token: ' + token_line(sample.tokens, sample.m_vis), '']
-            if sample.token_weights is not None:
-                lines += ['advantage weight w per generated token: ' +
-                          token_line(sample.tokens, sample.token_weights), '']
+            lines += [f'- completion: {_inline(sample.completion)}', '']
+            heat_lines: Dict[int, List[str]] = {}  # per row image: its pictures' heat maps
             for j, (image, heat) in enumerate(zip(sample.images, sample.heatmaps)):
                 name = f'{stem}_image{j}.png'
                 pictures[f'sample{k}_image{j}'] = render_heatmap(image, heat, os.path.join(self.directory, name),
                                                                  f'{sample.title}, image {j}')
-                lines.append(f'![attention per vision token, image {j}]({name})')
+                source = sample.picture_images[j] if j < len(sample.picture_images) else j
+                heat_lines.setdefault(source, []).append(f'![attention per vision token, image {j}]({name})')
+            if sample.turns is None:
+                lines += ['m^V per generated token: ' + token_line(sample.tokens, sample.m_vis), '']
+                if sample.token_weights is not None:
+                    lines += ['advantage weight w per generated token: ' +
+                              token_line(sample.tokens, sample.token_weights), '']
+                lines += [line for group in heat_lines.values() for line in group]
+            else:
+                lines += self._turn_lines(sample, heat_lines)
             name = f'{stem}_tokens.png'
             pictures[f'sample{k}_tokens'] = render_token_plot(sample.tokens, sample.m_vis,
                                                               os.path.join(self.directory, name), sample.title,
@@ -296,3 +350,22 @@ class ReportWriter:
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write('\n'.join(lines) + '\n\n')
         return pictures
+
+    @staticmethod
+    def _turn_lines(sample: ReportSample, heat_lines: Dict[int, List[str]]) -> List[str]:
+        """A trajectory turn by turn: each user or environment turn with the heat map of every image it carried,
+        each generated turn with ``m^V`` (and ``w``) per row."""
+        lines = [f'M^V = {sample.M_V:.4f}: prompt images {sample.M_V - sample.M_V_env:.4f}, environment images '
+                 f'{sample.M_V_env:.4f} (over the rows that see an image)', '']
+        for n, turn in enumerate(sample.turns, start=1):
+            if turn.role == 'assistant':
+                rows = slice(turn.rows.start, turn.rows.stop)
+                lines += [f'**turn {n}, generated**: m^V per token: ' +
+                          token_line(sample.tokens[rows], sample.m_vis[rows]), '']
+                if sample.token_weights is not None:
+                    lines += ['advantage weight w per token: ' +
+                              token_line(sample.tokens[rows], sample.token_weights[rows]), '']
+            else:
+                lines += [f'**turn {n}, {turn.role}**: {_inline(turn.text)}', '']
+                lines += [line for j in turn.images for line in heat_lines.get(j, [])] + ['']
+        return lines

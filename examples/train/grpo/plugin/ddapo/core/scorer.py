@@ -14,9 +14,10 @@ from typing import Collection, List, Optional, Sequence, Tuple
 import torch
 
 from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, weight_stats
+from ddapo.core.key_sets import KeySets
 from ddapo.core.validity import OutputValidity
-from ddapo.core.formulas import (NotApplicable, gated_rewards, group_robust_rewards, log_tdr, sequence_scores,
-                            token_text_mass, token_weights)
+from ddapo.core.formulas import (NotApplicable, gated_rewards, group_robust_rewards, log_tdr, scored_rows,
+                                 sequence_scores, token_env_vision_mass, token_text_mass, token_weights)
 
 
 @dataclass(frozen=True)
@@ -49,28 +50,51 @@ class Unweighted:
     detail: str
 
 
-def token_weight_block(response_token_ids: Sequence, labelled: bool) -> Optional[Unweighted]:
-    """Why an output's ``w_{i,t}`` could not be matched to its completion tokens in the GRPO loss, or None.
+def token_weight_block(labelled: bool) -> Optional[Unweighted]:
+    """Why an output's ``w_{i,t}`` could not be matched to its completion tokens in the GRPO loss, or None: a turn's
+    generated tokens without a label (``--loss_scale``) are not completion tokens. A trajectory's rows are its labelled
+    tokens by construction (notation section 6).
 
-    >>> token_weight_block([[5, 6]], labelled=True) is None
-    True
-    >>> token_weight_block([[5], [6]], labelled=True).reason, token_weight_block([[5]], labelled=False).reason
-    ('multi_turn_completion', 'unlabelled_generated_tokens')
+    >>> token_weight_block(labelled=True) is None, token_weight_block(labelled=False).reason
+    (True, 'unlabelled_generated_tokens')
     """
-    turns = response_token_ids or []
-    if len(turns) > 1 and isinstance(turns[0], (list, tuple)):
-        return Unweighted('multi_turn_completion', 'has several generated turns, and the reward reads the last')
     if not labelled:
         return Unweighted('unlabelled_generated_tokens', 'has generated tokens without a label (--loss_scale?)')
     return None
 
 
+@dataclass(frozen=True)
+class RowKeys:
+    """What a trajectory's rows see (notation section 6): ``|T_{i,t}|`` and ``|V_{i,t}|`` per row (``[|o_i|]``),
+    ``follows`` (the row before each row's position is a row: Eq. 11's ``w`` applies), and ``env_masses``
+    ``[|L_att|, |o_i|]``, the Eq. (1) sums over the environment's vision keys ``V_env``."""
+    num_text_keys: torch.Tensor
+    num_vision_keys: torch.Tensor
+    follows: torch.Tensor
+    env_masses: torch.Tensor
+
+    @classmethod
+    def of(cls, key_sets: KeySets, rows: Sequence[int], env_masses: torch.Tensor) -> 'RowKeys':
+        """From the trajectory's key sets and its rows' positions.
+
+        >>> keys = KeySets(torch.tensor([1, 0, 0, 1, 0], dtype=torch.bool), torch.tensor([0, 1, 0, 0, 0], dtype=torch.bool))
+        >>> seen = RowKeys.of(keys, [1, 2, 4], torch.zeros(1, 3))
+        >>> seen.num_text_keys.tolist(), seen.num_vision_keys.tolist(), seen.follows.tolist()
+        ([1, 1, 2], [1, 1, 1], [False, True, False])
+        """
+        text, vision = key_sets.visible(rows)
+        follows = torch.tensor([k > 0 and rows[k - 1] == row - 1 for k, row in enumerate(rows)], dtype=torch.bool)
+        return cls(text, vision, follows, env_masses)
+
+
 def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int, num_vision_keys: int,
                  generated: Sequence[int] = (), special_ids: Collection[int] = (),
                  weights: Optional[WeightSettings] = None,
-                 weight_block: Optional[Unweighted] = None) -> Scored:
+                 weight_block: Optional[Unweighted] = None, trajectory: Optional[RowKeys] = None) -> Scored:
     """Eq. (4)-(7) (and Eq. 10, 11 with ``weights``) of one output from its Eq. (1) sums ``masses [|L_att|, |o_i|, 2]``
     (``(text, vision)`` per layer and generated token), read at the positions ``layers`` of ``L_att`` (Lambda).
+    ``trajectory``: a multi-turn output's per-row key counts (which replace ``|T|`` and ``|V|``) and the environment's
+    share of ``M^V`` (``M_V_env``; 0 for one turn).
 
     Not applicable (notation section 4) where ``masses`` holds inf or NaN, where the completion is only special
     tokens, and wherever `sequence_scores` says so (empty completion, no vision keys, ...). ``weight_block``
@@ -86,21 +110,29 @@ def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int
     """
     read = masses[list(layers)]
     m_text = token_text_mass(read)
+    text_keys, vision_keys = ((num_text_keys, num_vision_keys) if trajectory is None else
+                              (trajectory.num_text_keys, trajectory.num_vision_keys))
     try:
         if not bool(torch.isfinite(read).all()):
             raise NotApplicable('non_finite_attention', 'the attention probabilities hold inf or NaN '
                                 '(fp16 overflow?); the reward forward runs in the model dtype')
         if generated and all(token in special_ids for token in generated):
             raise NotApplicable('only_special_tokens', f'the completion is only special tokens {list(generated)}')
-        scores = sequence_scores(m_text, num_text_keys, num_vision_keys)
+        scores = sequence_scores(m_text, text_keys, vision_keys)
     except NotApplicable as error:
         return Scored.not_applicable(error.reason, error.detail)
     output_weights = None
     if weights is not None and weight_block is None:
-        output_weights = token_weights(m_text, num_text_keys, num_vision_keys, weights.clip, weights.sigma).tolist()
-    diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(masses),
+        output_weights = token_weights(m_text, text_keys, vision_keys, weights.clip, weights.sigma,
+                                       None if trajectory is None else trajectory.follows).tolist()
+    seen, env_share = masses, 0.0
+    if trajectory is not None:  # the rows that see both kinds of key (notation section 6)
+        rows = scored_rows(m_text, text_keys, vision_keys)
+        seen = masses[:, (trajectory.num_text_keys > 0) & (trajectory.num_vision_keys > 0)]
+        env_share = float(token_env_vision_mass(read, trajectory.env_masses[list(layers)])[rows].mean())
+    diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(seen),
                                     token_weights=None if output_weights is None else
-                                    weight_stats(output_weights, weights.clip))
+                                    weight_stats(output_weights, weights.clip), M_V_env=env_share)
     return Scored(scores.reward_balance, diagnostics, m_text=m_text, token_weights=output_weights,
                   unweighted=weight_block if weights is not None else None)
 

@@ -44,18 +44,30 @@ class LayerCapture:
     (batch element ``batch_index``), whose own sequence starts at position ``start`` there (0 but for the samples
     after the first of a packed row); the key sets are cut to the prompt ``[0, P)`` of that sequence, which holds
     all of ``T`` and ``V``. Sums stay on the model's device until `finish`.
+
+    A multi-turn trajectory (notation section 6) passes as ``rows`` the span from its first row to its last, with the
+    environment's turns inside, and as ``selected`` the offsets of its rows (the trained tokens) in that span; ``P`` is
+    then the last row's position, and `finish` keeps the selected rows. It also keeps ``env_masses [|L_att|, |o_i|]``,
+    the Eq. (1) sums over the environment's vision keys.
     """
 
     def __init__(self, key_sets: KeySets, prompt_len: int, rows: range, attention_layers: Sequence[int],
-                 batch_index: int = 0, keep_key_attention: bool = True, start: int = 0):
+                 batch_index: int = 0, keep_key_attention: bool = True, start: int = 0,
+                 selected: Optional[Sequence[int]] = None):
         self.keep_key_attention = keep_key_attention  # only the report reads it: skipped otherwise, to save time
         self.start = start
         self.text_keys = key_sets.text_keys[:prompt_len]
         self.vision_keys = key_sets.vision_keys[:prompt_len]
+        env = key_sets.env_vision_keys
+        self.env_keys = None if env is None else env[:prompt_len]
         self.rows, self.batch_index = rows, batch_index
+        self.selected = None if selected is None else torch.as_tensor(list(selected), dtype=torch.long)
+        self._row_mask = None if selected is None else torch.zeros(len(rows), dtype=torch.bool).index_fill_(
+            0, self.selected, True)
         self.slot = {layer: i for i, layer in enumerate(attention_layers)}  # decoder layer_idx -> row of masses
         num_layers = len(self.slot)
         self.masses = torch.full((num_layers, len(rows), 2), torch.nan, dtype=torch.float32)
+        self.env_masses = torch.zeros((num_layers, len(rows)), dtype=torch.float32)
         self.key_attention = torch.zeros((num_layers, prompt_len), dtype=torch.float32)
         self._key_rows = torch.zeros(num_layers, dtype=torch.float32)
         self._device: Optional[torch.device] = None
@@ -66,24 +78,35 @@ class LayerCapture:
         layer_idx = self.slot[layer_idx]
         if self._device is None:  # one host-to-device copy per output, not one per layer (each would synchronise)
             self._device = head_mean.device
-            self.masses, self.key_attention, self._key_rows, self.text_keys, self.vision_keys = (
-                t.to(head_mean.device) for t in (self.masses, self.key_attention, self._key_rows, self.text_keys,
-                                                 self.vision_keys))
+            self.masses, self.env_masses, self.key_attention, self._key_rows, self.text_keys, self.vision_keys = (
+                t.to(head_mean.device) for t in (self.masses, self.env_masses, self.key_attention, self._key_rows,
+                                                 self.text_keys, self.vision_keys))
+            if self.env_keys is not None:
+                self.env_keys = self.env_keys.to(head_mean.device)
         prompt_len = self.text_keys.numel()
         on_prompt = head_mean[:, :prompt_len]
+        if on_prompt.shape[1] < prompt_len:  # a chunk of a trajectory's early rows: the later keys are after them
+            on_prompt = torch.nn.functional.pad(on_prompt, (0, prompt_len - on_prompt.shape[1]))
         text_keys, vision_keys = self.text_keys, self.vision_keys
         rows = slice(first_row, first_row + head_mean.shape[0])
         self.masses[layer_idx, rows] = layer_modality_masses(on_prompt, text_keys, vision_keys)
+        if self.env_keys is not None:
+            self.env_masses[layer_idx, rows] = on_prompt @ self.env_keys.to(on_prompt.dtype)
         if not self.keep_key_attention:
             return
+        if self._row_mask is not None:  # the report's per-key attention: over the trajectory's rows only
+            on_prompt = on_prompt[self._row_mask[rows].to(on_prompt.device)]
         total, count = key_attention_sum(on_prompt, text_keys, vision_keys)
         self.key_attention[layer_idx] += total
         self._key_rows[layer_idx] += count
 
     def finish(self) -> 'LayerCapture':
-        """Move the sums to the CPU (one transfer per output) and turn the key sums into means."""
+        """Move the sums to the CPU (one transfer per output), turn the key sums into means, and keep a trajectory's
+        rows."""
         self.key_attention = (self.key_attention / self._key_rows.clamp_min(1).unsqueeze(-1)).cpu()
-        self.masses, self._key_rows = self.masses.cpu(), self._key_rows.cpu()
+        self.masses, self.env_masses, self._key_rows = self.masses.cpu(), self.env_masses.cpu(), self._key_rows.cpu()
+        if self.selected is not None:
+            self.masses, self.env_masses = self.masses[:, self.selected], self.env_masses[:, self.selected]
         return self
 
 
@@ -237,7 +260,8 @@ def captured_forward(forward, members: Sequence[PackMember], key_sets: Sequence[
         logits_from = min(min(r.start for r in rows), length - 1)
         kwargs = {**kwargs, 'logits_to_keep': length - logits_from}
     keep = key_attention or [False] * len(members)
-    captures = ForwardCapture([LayerCapture(k, m.prompt_len, r, attention_layers, keep_key_attention=want)
+    captures = ForwardCapture([LayerCapture(k, m.key_len, r, attention_layers, keep_key_attention=want,
+                                            selected=m.selected)
                                for m, k, r, want in zip(members, key_sets, rows, keep)], attention_layers)
     with capturing(captures):
         outputs = forward(**kwargs)

@@ -38,8 +38,7 @@ class Output:
 
     @property
     def generated(self) -> List[int]:
-        start = self.encoded.prompt_len
-        return list(self.encoded.input_ids[start:start + self.encoded.num_generated])
+        return self.encoded.generated
 
 
 @dataclass
@@ -111,8 +110,10 @@ class ForwardScheduler:
         """The forwards of this call, each a list of outputs, in order."""
         if not self.packs:
             return [[output] for output in outputs]
-        return [[outputs[i] for i in unit]
-                for unit in shared_prompt_units([o.encoded for o in outputs], self.config.pack_tokens)]
+        single = [o for o in outputs if o.encoded.selected is None]  # a trajectory runs alone: it is no [q ; o_i]
+        return [[single[i] for i in unit]
+                for unit in shared_prompt_units([o.encoded for o in single], self.config.pack_tokens)] + [
+            [o] for o in outputs if o.encoded.selected is not None]
 
     def run(self, outputs: List[Output], env: ForwardEnvironment, report: Collection[int] = (),
             validate: bool = False) -> ForwardCall:
@@ -198,7 +199,9 @@ class ForwardScheduler:
                      for a in range(rows.start, rows.stop, VALIDATION_ROWS)]
             return torch.cat(parts).cpu() if parts else torch.zeros(0)
 
-        run.dependencies = [dependency(c.rows) if run.complete else None for c in captured.capture.captures]
+        # a trajectory's D over its span, then its rows
+        run.dependencies = [(dependency(c.rows) if c.selected is None else dependency(c.rows)[c.selected])
+                            if run.complete else None for c in captured.capture.captures]
         if not run.complete:
             run.validation_detail = 'the reward forward did not capture L_att'
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from swift.rl_core.data import GRPOSample
 from swift.rlhf_trainers.utils import encode_sample
 
-from ddapo.core.key_sets import inserted_span
+from ddapo.core.key_sets import KeySets, build_key_sets, inserted_span
 from ddapo.core.row import Row
 from ddapo.ms_swift.compat import CHECKED_AGAINST, SUPPORTED_MODEL_TYPES
 
@@ -38,11 +38,32 @@ def reward_rows(kwargs: Dict[str, Any], num_completions: int) -> List[Row]:
                                  [{} for _ in range(num_completions)])]
 
 
-def generated_ids(response_token_ids: Sequence) -> List[int]:
-    """The ids of the final generated turn (ms-swift stores a list per turn, or one flat list)."""
+def generated_turns(response_token_ids: Sequence) -> List[List[int]]:
+    """The ids of every generated turn (ms-swift stores a list per turn, or one flat list for one turn).
+
+    >>> generated_turns([[5, 6], [7]]), generated_turns([5, 6]), generated_turns(None)
+    ([[5, 6], [7]], [[5, 6]], [])
+    """
     if response_token_ids and isinstance(response_token_ids[0], (list, tuple)):
-        return list(response_token_ids[-1])
-    return list(response_token_ids or [])
+        return [[int(t) for t in turn] for turn in response_token_ids]
+    return [[int(t) for t in response_token_ids]] if response_token_ids else []
+
+
+def generated_ids(response_token_ids: Sequence) -> List[int]:
+    """The ids of the final generated turn."""
+    turns = generated_turns(response_token_ids)
+    return turns[-1] if turns else []
+
+
+def is_trajectory(response_token_ids: Sequence, response_loss_mask: Sequence = ()) -> bool:
+    """Whether the row is read as a trajectory (notation section 6): several generated turns, or a turn with tokens its
+    loss mask leaves out (a scheduler's masked response prefix or environment text), which only the trajectory
+    encoding places exactly.
+
+    >>> is_trajectory([[5, 6], [7]]), is_trajectory([[5, 6]], [[1, 1]]), is_trajectory([[5, 6]], [[0, 1]])
+    (True, False, True)
+    """
+    return len(generated_turns(response_token_ids)) > 1 or any(0 in list(mask) for mask in response_loss_mask or [])
 
 
 @dataclass
@@ -54,6 +75,34 @@ class EncodedCompletion:
     forward_kwargs: Dict[str, Any] = field(repr=False)
     labelled: bool = True  # every generated token carries a label, so it is a completion token of the GRPO loss
     system_turn: range = range(0)  # positions of the system turn (SystemTurns), empty without one
+    # A multi-turn trajectory (notation section 6): its rows, the positions the loss trains (P is the first), and the
+    # model's own tokens before the last row (in neither key set); `num_generated` is then the span from the first row
+    # to the last, which a forward captures. None / empty for one turn.
+    rows: Optional[List[int]] = None
+    own: Tuple[int, ...] = ()
+    turns: Tuple[range, ...] = ()  # each generated turn's ids, for the report
+
+    @property
+    def selected(self) -> Optional[List[int]]:
+        """A trajectory's rows as offsets from ``P``, None for one turn."""
+        return None if self.rows is None else [r - self.prompt_len for r in self.rows]
+
+    @property
+    def key_len(self) -> int:
+        """The keys are the positions before this one: ``P``, or a trajectory's last row."""
+        return self.rows[-1] if self.rows else self.prompt_len
+
+    def key_sets(self, vision_token_ids, special_ids) -> KeySets:
+        """``T`` and ``V`` of this encoding (notation sections 2 and 6)."""
+        return build_key_sets(self.input_ids, self.key_len, vision_token_ids, special_ids, self.system_turn, self.own,
+                              None if self.rows is None else self.prompt_len)
+
+    @property
+    def generated(self) -> List[int]:
+        """The ids of the rows: ``o_i``, or a trajectory's trained tokens."""
+        if self.rows is not None:
+            return [self.input_ids[r] for r in self.rows]
+        return list(self.input_ids[self.prompt_len:self.prompt_len + self.num_generated])
 
 
 class NotEncodable(ValueError):
@@ -181,16 +230,26 @@ def encode_completion(trainer, row: Row, system_turns: Optional[SystemTurns] = N
     `encode_sample` puts it before the generated ids without a label, so it is part of ``q``. An empty
     completion encodes the prompt with an empty answer (``|o_i| = 0``). The batch stays on the CPU until its
     forward. ``system_turns`` locates the system turn (raises `SystemTurnNotFound`).
+
+    A multi-turn trajectory is encoded whole, every turn's ids and loss mask (``response_loss_mask``) in its assistant
+    message, exactly as GRPO's loss encodes it (`locate_trajectory`).
     """
     template = trainer.template
     sample = GRPOSample.from_row(dict(row.columns))
-    ids = generated_ids(sample.response_token_ids)
-    sample.response_token_ids = [ids] if ids else []  # the last turn alone, as it was generated
-    if not ids and sample.messages and sample.messages[-1].get('role') == 'assistant':
-        sample.messages[-1] = {**sample.messages[-1], 'content': ''}
+    trajectory = is_trajectory(sample.response_token_ids, sample.response_loss_mask)
+    if not trajectory:
+        ids = generated_ids(sample.response_token_ids)
+        sample.response_token_ids = [ids] if ids else []  # the last turn alone, as it was generated
+        sample.response_loss_mask = []
+        if not ids and sample.messages and sample.messages[-1].get('role') == 'assistant':
+            sample.messages[-1] = {**sample.messages[-1], 'content': ''}
     encoded = encode_sample(sample, template)
     encoded.pop('_extra_kwargs', None)
-    completion = locate_completion(encoded, ids, row, system_turns)  # raises before the collator's work
+    if trajectory:  # raises before the collator's work
+        completion = locate_trajectory(encoded, sample.response_token_ids, sample.response_loss_mask, row,
+                                       system_turns)
+    else:
+        completion = locate_completion(encoded, ids, row, system_turns)
     batch = template.data_collator([encoded])
     batch.pop('labels', None)
     batch['logits_to_keep'] = 1  # the reward reads attention only; skip the full-vocabulary head
@@ -213,6 +272,53 @@ def locate_completion(encoded: Dict[str, Any], ids: Sequence[int], row: Row,
     labelled = all(label != -100 for label in labels[prompt_len:prompt_len + len(ids)])
     system_turn = system_turns.span(row, input_ids[:prompt_len]) if system_turns is not None else range(0)
     return EncodedCompletion(input_ids, prompt_len, len(ids), encoded, labelled, system_turn)
+
+
+def _find(sequence: List[int], part: List[int], start: int) -> int:
+    """The first position from ``start`` where ``part`` occurs in ``sequence``, or -1."""
+    first = part[0]
+    for position in range(start, len(sequence) - len(part) + 1):
+        if sequence[position] == first and sequence[position:position + len(part)] == part:
+            return position
+    return -1
+
+
+def locate_trajectory(encoded: Dict[str, Any], response_token_ids: Sequence, loss_mask: Sequence, row: Row,
+                      system_turns: Optional[SystemTurns]) -> EncodedCompletion:
+    """A multi-turn trajectory in an ``encode_sample`` encoding (notation section 6). Each turn's ids must appear in
+    order (`GeneratedIdsMismatch`); the rows are the labelled positions up to the end of the last turn's ids (what
+    GRPO's completion mask trains: every turn's trained tokens, and the end of turn the template appends to the turns
+    before the last, not the tail after it); ``P`` is the first row. The model's own tokens are the rows and the
+    turns' ids whose loss mask is 1; ids masked out (environment text a scheduler wrote into a turn) are keys.
+
+    >>> encoded = {'input_ids': [1, 9, 5, 6, 2, 9, 3, 7, 8], 'labels': [-100, -100, 5, 6, 2, -100, -100, 7, 8]}
+    >>> traj = locate_trajectory(encoded, [[5, 6], [7, 8]], [], None, None)
+    >>> traj.rows, traj.prompt_len, traj.num_generated, traj.own, traj.turns
+    ([2, 3, 4, 7, 8], 2, 7, (2, 3, 4, 7), (range(2, 4), range(7, 9)))
+    """
+    input_ids = [int(t) for t in encoded['input_ids']]
+    labels = [int(t) for t in encoded['labels']]
+    masks = [list(m) for m in loss_mask or []]
+    turns, own, cursor = [], set(), 0
+    for k, ids in enumerate(generated_turns(response_token_ids)):
+        if not ids:
+            continue
+        start = _find(input_ids, ids, cursor)
+        if start < 0:
+            raise GeneratedIdsMismatch(f'encoded sequence does not hold generated turn {k + 1} ({len(ids)} ids) after '
+                                       f'position {cursor} (sequence length {len(input_ids)})')
+        turns.append(range(start, start + len(ids)))
+        mask = masks[k] if k < len(masks) and len(masks[k]) == len(ids) else [1] * len(ids)
+        own.update(start + j for j, m in enumerate(mask) if m)
+        cursor = start + len(ids)
+    rows = [p for p in range(cursor) if labels[p] != -100]
+    if not rows:
+        raise GeneratedIdsMismatch('no generated token of the trajectory carries a label')
+    own.update(rows)
+    prompt_len = rows[0]
+    system_turn = system_turns.span(row, input_ids[:prompt_len]) if system_turns is not None else range(0)
+    return EncodedCompletion(input_ids, prompt_len, rows[-1] - prompt_len + 1, encoded, True, system_turn, rows=rows,
+                             own=tuple(sorted(p for p in own if p < rows[-1])), turns=tuple(turns))
 
 
 def padding_row(trainer) -> Row:

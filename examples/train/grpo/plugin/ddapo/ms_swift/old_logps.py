@@ -21,14 +21,14 @@ import torch
 from swift.model.utils import AttnImpl
 from swift.utils import get_logger
 
-from ddapo.core.key_sets import KeySets, build_key_sets
+from ddapo.core.key_sets import KeySets
 from ddapo.core.packing import micro_batch_placements, split_image_grids
 from ddapo.core.row import Row
 from ddapo.engine.capture import ForwardCapture, LayerCapture, capturing
 from ddapo.ms_swift.attention import WRAPPABLE, attention_settings, language_attention, language_config, \
     wrapped_attention
 from ddapo.ms_swift.encoding import (EncodedCompletion, EncodingFailed, NotEncodable, SystemTurns, generated_ids,
-                                     locate_completion, template_state)
+                                     is_trajectory, locate_completion, locate_trajectory, template_state)
 from ddapo.ms_swift.forward_env import ForwardReport
 from ddapo.ms_swift.model_spec import unwrap_policy
 
@@ -91,8 +91,8 @@ def old_logps_blockers(trainer) -> List[Blocker]:
     if getattr(template, 'sequence_parallel_size', 1) > 1:
         blockers.append(Blocker('--sequence_parallel_size > 1 splits each sequence across ranks'))
     if getattr(trainer, 'dynamic_num_samples', False):
-        blockers.append(Blocker('multi-turn rollouts (--multi_turn_scheduler) chunk the batch of the old log-prob '
-                                'forward'))
+        blockers.append(Blocker('the multi-turn scheduler splits trajectories into several training samples, which '
+                                'chunks the batch of the old log-prob forward'))
     implementation = getattr(language_config(unwrap_policy(trainer).config), '_attn_implementation', None)
     if implementation not in WRAPPABLE:
         blockers.append(Blocker(f'the trainer runs attention implementation {implementation!r}; the capture wraps '
@@ -130,10 +130,14 @@ def forward_path(trainer, setting: str) -> ForwardPath:
 
 
 def encoding_of(sample, system_turns: SystemTurns) -> EncodedCompletion:
-    """``[q ; o_i]`` as the trainer encoded it for the old log-prob forward (``sample.encoded``), located as the
-    reward's own encoding is (`locate_completion`). Raises `NotEncodable`."""
-    return locate_completion(sample.encoded, generated_ids(sample.response_token_ids), Row(sample.to_reward_row()),
-                             system_turns)
+    """``[q ; o_i]`` (or a whole trajectory) as the trainer encoded it for the old log-prob forward
+    (``sample.encoded``), located as the reward's own encoding is (`locate_completion`, `locate_trajectory`). Raises
+    `NotEncodable`."""
+    row = Row(sample.to_reward_row())
+    if is_trajectory(sample.response_token_ids, sample.response_loss_mask):
+        return locate_trajectory(sample.encoded, sample.response_token_ids, sample.response_loss_mask, row,
+                                 system_turns)
+    return locate_completion(sample.encoded, generated_ids(sample.response_token_ids), row, system_turns)
 
 
 @dataclass
@@ -226,13 +230,12 @@ class OldLogpsCapture:
         for sample, encoded, placement in zip(batch, encodings, placements):
             if not isinstance(encoded, EncodedCompletion):
                 continue
-            key_sets = build_key_sets(encoded.input_ids, encoded.prompt_len, self.spec.vision_token_ids,
-                                      self.spec.special_ids, encoded.system_turn)
+            key_sets = encoded.key_sets(self.spec.vision_token_ids, self.spec.special_ids)
             keep = main and self._kept < self.report_samples
             self._kept += keep
             captures.append((sample, encoded, key_sets, LayerCapture(
-                key_sets, encoded.prompt_len, placement.rows, self.spec.attention_layers, placement.batch_index,
-                keep_key_attention=keep, start=placement.start)))
+                key_sets, encoded.key_len, placement.rows, self.spec.attention_layers, placement.batch_index,
+                keep_key_attention=keep, start=placement.start, selected=encoded.selected)))
         forward = ForwardCapture([c[3] for c in captures], self.spec.attention_layers)
         config = unwrap_policy(trainer).config
         report = ForwardReport(attention_before=attention_settings(config, AttnImpl.attn_impl_keys),

@@ -2,9 +2,11 @@
 and row texts, the trackers' runs and their image APIs, the token-weight channel of the GRPO patch, and the reward
 registry."""
 import math
+import os
 from typing import Any, Dict, List, Tuple
 
 from swift.rlhf_trainers.utils import load_pil_img
+from swift.template.vision_utils import load_image
 
 from ddapo.core.report import TokenGrid
 from ddapo.core.row import Row
@@ -57,8 +59,8 @@ def _merged_patches(trainer, images: List[Any], forward_kwargs: Dict[str, Any]) 
         return []
     processor = trainer.template.processor.image_processor
     patch, merge = int(processor.patch_size), int(processor.merge_size)
-    return [(image.resize((w * patch, h * patch)), TokenGrid(h // merge, w // merge, frames=t))
-            for image, (t, h, w) in zip(images, grids.tolist())]
+    return [(image.resize((w * patch, h * patch)), TokenGrid(h // merge, w // merge, frames=t, image=i))
+            for i, (image, (t, h, w)) in enumerate(zip(images, grids.tolist()))]
 
 
 def _tiles(trainer, images: List[Any], forward_kwargs: Dict[str, Any]) -> List[Tuple[Any, TokenGrid]]:
@@ -70,14 +72,15 @@ def _tiles(trainer, images: List[Any], forward_kwargs: Dict[str, Any]) -> List[T
     side = math.isqrt(int(processor.image_seq_length))
     tile_h, tile_w = _size(image_processor.size, 448)
     pictures = []
-    for image in images:  # ms-swift's internvl_hf template always crops to tiles (crop_to_patches=True)
+    for i, image in enumerate(images):  # ms-swift's internvl_hf template always crops to tiles (crop_to_patches=True)
         cols, rows = (1, 1)
         if image_processor.max_patches > 1:
             cols, rows = get_optimal_tiled_canvas((image.height, image.width), (tile_h, tile_w),
                                                   image_processor.min_patches, image_processor.max_patches)
         if cols * rows > 1:
-            pictures.append((image.resize((cols * tile_w, rows * tile_h)), TokenGrid(side, side, tiles=(rows, cols))))
-        pictures.append((image.resize((tile_w, tile_h)), TokenGrid(side, side)))
+            pictures.append((image.resize((cols * tile_w, rows * tile_h)),
+                             TokenGrid(side, side, tiles=(rows, cols), image=i)))
+        pictures.append((image.resize((tile_w, tile_h)), TokenGrid(side, side, image=i)))
     return pictures
 
 
@@ -86,7 +89,7 @@ def _pooled_grid(trainer, images: List[Any], forward_kwargs: Dict[str, Any]) -> 
     processor = trainer.template.processor
     side = math.isqrt(int(processor.image_seq_length))
     height, width = _size(processor.image_processor.size, 896)
-    return [(image.resize((width, height)), TokenGrid(side, side)) for image in images]
+    return [(image.resize((width, height)), TokenGrid(side, side, image=i)) for i, image in enumerate(images)]
 
 
 _LAYOUTS = {MERGED_PATCHES: _merged_patches, TILES: _tiles, POOLED_GRID: _pooled_grid}
@@ -97,10 +100,18 @@ def vision_pictures(trainer, row: Row, forward_kwargs: Dict[str, Any]) -> Tuple[
     their vision tokens lie on each, by the family's layout (`ddapo.ms_swift.families`)."""
     if not row.images:
         return [], []
-    images = [load_pil_img(image).convert('RGB') for image in row.images]
+    images = [row_image(image) for image in row.images]
     config = unwrap_policy(trainer).config
     pictures = _LAYOUTS[family_of(config.model_type).layout](trainer, images, forward_kwargs)
     return [image for image, _ in pictures], [grid for _, grid in pictures]
+
+
+def row_image(image: Any):
+    """One of a row's images as RGB PIL: a path, URL or base64 string (a multi-turn scheduler returns its images
+    base64-encoded), ``{'bytes', 'path'}`` or a PIL image."""
+    if isinstance(image, str):
+        return load_image(image)
+    return load_pil_img(image).convert('RGB')
 
 
 def last_user_turn(row: Row) -> str:
@@ -111,10 +122,13 @@ def last_user_turn(row: Row) -> str:
 
 
 def image_paths(row: Row) -> List[str]:
-    """The row's images as paths (ms-swift carries a path, or ``{'bytes', 'path'}``); ``<in memory>`` without one."""
+    """The row's images as paths (ms-swift carries a path, or ``{'bytes', 'path'}``); ``<in memory>`` without one, and
+    a note for a base64 string (a multi-turn scheduler's images)."""
     paths = []
     for image in row.images:
         path = image.get('path') if isinstance(image, dict) else image if isinstance(image, str) else None
+        if path and not (os.path.exists(path) or '://' in path):
+            path = f'<base64, {len(path)} characters>'  # a scheduler's image
         paths.append(path or '<in memory>')
     return paths
 
