@@ -95,6 +95,14 @@ def policy(request, tiny_model_dir, tmp_path_factory):
     policy.template.remove_post_encode_hook()
 
 
+@pytest.fixture(scope='module')
+def qwen25(tiny_model_dir, tmp_path_factory):
+    """The tiny Qwen2.5-VL as `make_policy` builds it, for a module's tests that need one family only."""
+    policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path_factory.mktemp('output')))
+    yield policy
+    policy.template.remove_post_encode_hook()
+
+
 def image(colour=(255, 0, 0), size=112, seed=0):
     """A small RGB image with a coloured block whose place depends on ``seed``."""
     from PIL import Image, ImageDraw

@@ -41,11 +41,17 @@ def encode(policy, row) -> Tuple[dict, List[int], List[int]]:
     """ms-swift's GRPO encoding of the row's prompt and its last generated turn, as training encodes it (train mode,
     no truncation): the collated forward kwargs, the input ids and the labels."""
     from swift.rl_core.data import GRPOSample
-    from swift.rlhf_trainers.utils import encode_sample
-    template = policy.template
     sample = GRPOSample.from_row(dict(_columns(row)))
     turns = sample.response_token_ids
     sample.response_token_ids = [list(turns[-1])] if turns and isinstance(turns[0], (list, tuple)) else [list(turns)]
+    sample.response_loss_mask = []
+    return _encoded(policy, sample)
+
+
+def _encoded(policy, sample) -> Tuple[dict, List[int], List[int]]:
+    """``encode_sample`` and the collator in GRPO's training mode, without truncation."""
+    from swift.rlhf_trainers.utils import encode_sample
+    template = policy.template
     saved = template.mode, template.max_length, template.padding_free
     template.set_mode('train')
     template.max_length, template.padding_free = None, False
@@ -185,20 +191,7 @@ def encode_trajectory(policy, row) -> Tuple[dict, List[int], List[int]]:
     """ms-swift's GRPO encoding of a whole multi-turn trajectory, every turn's ids (and loss mask) in its assistant
     message, as training encodes it: the collated forward kwargs, the input ids and the labels."""
     from swift.rl_core.data import GRPOSample
-    from swift.rlhf_trainers.utils import encode_sample
-    template = policy.template
-    sample = GRPOSample.from_row(dict(_columns(row)))
-    saved = template.mode, template.max_length, template.padding_free
-    template.set_mode('train')
-    template.max_length, template.padding_free = None, False
-    try:
-        encoded = encode_sample(sample, template)
-        encoded.pop('_extra_kwargs', None)
-        batch = template.data_collator([encoded])
-    finally:
-        template.set_mode(saved[0])
-        template.max_length, template.padding_free = saved[1:]
-    return batch, [int(t) for t in encoded['input_ids']], [int(t) for t in encoded['labels']]
+    return _encoded(policy, GRPOSample.from_row(dict(_columns(row))))
 
 
 def trajectory_positions(input_ids: List[int], labels: List[int], turns, masks) -> Tuple[List[int], set]:

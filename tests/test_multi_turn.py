@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import naive_reference
-from conftest import make_policy
 from ddapo.core.formulas import token_weights
 from ddapo.core.row import Row
 from ddapo.ms_swift.encoding import SystemTurns, encode_completion, template_state
@@ -74,13 +73,6 @@ def columns_of(rows, policy):
     columns = {k: [row[k] for row in rows] for k in rows[0]}
     columns['trainer'] = policy
     return columns
-
-
-@pytest.fixture(scope='module')
-def qwen25(tiny_model_dir, tmp_path_factory):
-    policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path_factory.mktemp('output')))
-    yield policy
-    policy.template.remove_post_encode_hook()
 
 
 class TestZoomScheduler:

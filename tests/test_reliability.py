@@ -19,24 +19,17 @@ def count_forwards(policy):
     return calls, handle
 
 
-@pytest.fixture(scope='module')
-def q25(tiny_model_dir, tmp_path_factory):
-    policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path_factory.mktemp('out')))
-    yield policy
-    policy.template.remove_post_encode_hook()
-
-
 class TestBadSamples:
     """Edge cases, each None with its reason, one forward per row all the same, one warning per reason:
     empty completion, only special tokens, text-only prompt, non-finite attention, out of memory."""
 
-    def test_reasons_and_forwards(self, q25):
-        tokenizer = q25.processor.tokenizer
-        columns = reward_kwargs(q25, ['The answer is red', '', 'x', 'red', 'blue'], text_only_rows=(3,))
+    def test_reasons_and_forwards(self, qwen25):
+        tokenizer = qwen25.processor.tokenizer
+        columns = reward_kwargs(qwen25, ['The answer is red', '', 'x', 'red', 'blue'], text_only_rows=(3,))
         columns['response_token_ids'][1] = [[]]  # the model stopped at once
         columns['response_token_ids'][2] = [[tokenizer.convert_tokens_to_ids('<|im_end|>')]]
         orm = DDAPOAttentionORM()
-        calls, handle = count_forwards(q25)
+        calls, handle = count_forwards(qwen25)
         try:
             with mock.patch.object(reward_module.logger, 'warning') as warning:
                 rewards = orm(['The answer is red', '', 'x', 'red', 'blue'], **columns)
@@ -51,18 +44,18 @@ class TestBadSamples:
         assert len(reasons) == 3, f'one warning per reason, not per sample: {reasons}'
         assert orm.last_metrics['ddapo/not_applicable/only_special_tokens_frac'] == pytest.approx(0.5)
 
-    def test_non_finite_attention(self, q25):
-        layer = q25.model.model.language_model.layers[0]
+    def test_non_finite_attention(self, qwen25):
+        layer = qwen25.model.model.language_model.layers[0]
         handle = layer.register_forward_hook(lambda module, args, output: output * float('nan'))
         try:
             orm = DDAPOAttentionORM()
-            assert orm(COMPLETIONS[:1], **reward_kwargs(q25, COMPLETIONS[:1])) == [None]
+            assert orm(COMPLETIONS[:1], **reward_kwargs(qwen25, COMPLETIONS[:1])) == [None]
         finally:
             handle.remove()
         assert orm.not_applicable == {'non_finite_attention': 1}
 
-    def test_out_of_memory_is_survived(self, q25):
-        layer = q25.model.model.language_model.layers[2]
+    def test_out_of_memory_is_survived(self, qwen25):
+        layer = qwen25.model.model.language_model.layers[2]
         calls = []
 
         def oom_once(module, args, kwargs):
@@ -73,18 +66,18 @@ class TestBadSamples:
         handle = layer.register_forward_pre_hook(oom_once, with_kwargs=True)
         try:
             orm = DDAPOAttentionORM()
-            rewards = orm(COMPLETIONS[:2], **reward_kwargs(q25, COMPLETIONS[:2]))
+            rewards = orm(COMPLETIONS[:2], **reward_kwargs(qwen25, COMPLETIONS[:2]))
         finally:
             handle.remove()
         assert rewards[0] is None and rewards[1] is not None
         assert orm.not_applicable == {'out_of_memory': 1}
-        assert q25.model.config.text_config._attn_implementation == 'sdpa' and q25.model.training
+        assert qwen25.model.config.text_config._attn_implementation == 'sdpa' and qwen25.model.training
 
-    def test_strict_raises(self, q25):
+    def test_strict_raises(self, qwen25):
         with pytest.raises(RuntimeError, match=r'DDAPO_STRICT=1.*no_vision_keys'):
             DDAPOAttentionORM(config=DDAPOConfig(strict=True))(
-                COMPLETIONS[:1], **reward_kwargs(q25, COMPLETIONS[:1], text_only_rows=(0,)))
-        assert q25.model.config.text_config._attn_implementation == 'sdpa'
+                COMPLETIONS[:1], **reward_kwargs(qwen25, COMPLETIONS[:1], text_only_rows=(0,)))
+        assert qwen25.model.config.text_config._attn_implementation == 'sdpa'
 
 
 class TestPaddingFreeTemplate:
@@ -92,16 +85,16 @@ class TestPaddingFreeTemplate:
     template packing; the reward encodes one unpacked sequence, equals the naive computation, and gives the
     template back packing."""
 
-    def test_padding_free(self, q25):
-        q25.template.padding_free = True
+    def test_padding_free(self, qwen25):
+        qwen25.template.padding_free = True
         try:
-            columns = reward_kwargs(q25, COMPLETIONS[:2])
+            columns = reward_kwargs(qwen25, COMPLETIONS[:2])
             rewards = DDAPOAttentionORM()(COMPLETIONS[:2], **columns)
-            assert q25.template.padding_free is True
-            q25.template.padding_free = False
-            assert rewards == pytest.approx([naive_reward(q25, row) for row in rows_of(columns)], abs=1e-5)
+            assert qwen25.template.padding_free is True
+            qwen25.template.padding_free = False
+            assert rewards == pytest.approx([naive_reward(qwen25, row) for row in rows_of(columns)], abs=1e-5)
         finally:
-            q25.template.padding_free = False
+            qwen25.template.padding_free = False
 
 
 def video_frames(tmp_path, count=4):

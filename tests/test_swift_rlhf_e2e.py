@@ -70,8 +70,9 @@ FAMILY_TYPES = ('qwen3_vl', 'qwen3_vl_moe', 'qwen3_5', 'qwen3_5_moe', 'internvl'
                 'glm4v_moe', 'gemma3_vision')
 # L_att of each family run's tiny build, and its share of the decoder layers
 FAMILY_LAYERS = {'qwen3_5': ([1, 3, 5], 6), 'qwen3_5_moe': ([1, 3, 5], 6), 'gemma3_vision': ([1, 3, 5], 6)}
-# family runs read from another run of this module: Qwen3.5's is the eager full-tuning run of TestForwardPath
-FAMILY_SHARED = {'qwen3_5': 'forward_auto_eager'}
+# family runs read from another run of this module: Qwen3.5's is the eager full-tuning run of TestForwardPath, Qwen3-VL's
+# the multi-turn run of TestMultiTurnRun
+FAMILY_SHARED = {'qwen3_5': 'forward_auto_eager', 'qwen3_vl': 'multi_turn'}
 # what the start log says L_att leaves out
 LEFT_OUT = {'qwen3_5': 'linear_attention', 'qwen3_5_moe': 'linear_attention', 'gemma3_vision': 'sliding_attention'}
 TOKEN_WEIGHT_ARGS = ['--max_steps', '2', '--save_strategy', 'steps', '--save_steps', '2', '--save_only_model', 'true',
@@ -86,7 +87,8 @@ FORWARD_DUMPS = {'TEST_DDAPO_DUMP_DIR': 'dump', 'TEST_DDAPO_OLD_LOGPS_DUMP': 'ol
 FORWARD_PAIRS = {'sdpa': ('qwen2_5_vl', []), 'eager': ('qwen3_5', ['--tuner_type', 'full', '--attn_impl', 'eager'])}
 # Every swift rlhf run of this module: name -> (model type, dataset, extra arguments, environment).
 RUNS = {
-    'grpo': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {}),
+    # also TestValidationRun's run without validation steps (rewards dumped per row)
+    'grpo': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump'}),
     'stock': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS, {}),
     'unit': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS, {'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_TOKEN_WEIGHT_CLIP': '1,1'}),
     'weighted': ('qwen2_5_vl', 'shapes', TOKEN_WEIGHT_ARGS + ['--report_to', 'tensorboard', 'wandb', 'swanlab',
@@ -96,11 +98,8 @@ RUNS = {
         'qwen2_5_vl', 'mixed', ['--max_steps', '2', '--tuner_type', 'full', '--gradient_checkpointing', 'false'],
         {'DDAPO_REWARD': 'group', 'DDAPO_LAYERS': 'late'}),
     'qwen2_vl_max_length': ('qwen2_vl', 'mixed', ['--max_steps', '2', '--max_length', '40'], {}),
-    # the same seed and data with and without validation steps (every second step), rewards dumped per row; both with
-    # the reward's own forwards (validation steps always run them), so that only the validation differs
-    'validate_off': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump',
-                                                                    'DDAPO_FORWARD': 'own'}),
-    'validate_on': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump', 'DDAPO_FORWARD': 'own',
+    # 'grpo' with validation steps (every second step: the reward's own forwards there, old_logps on the others)
+    'validate_on': ('qwen2_5_vl', 'mixed', ['--max_steps', '4'], {'TEST_DDAPO_DUMP_DIR': 'dump',
                                                                    'DDAPO_VALIDATE_STEPS': '2'}),
     # two ranks on CPU need DeepSpeed with the test shim: plain DDP there trains each process alone (docs/scale.md)
     'two_processes': ('qwen2_5_vl', 'mixed', ['--max_steps', '2', '--deepspeed', 'zero2', '--fp16', 'false',
@@ -111,7 +110,7 @@ RUNS = {
     # multi-turn GRPO with the zoom scheduler (3 turns), text-only rows mixed in, token weights on; the model is not
     # updated (--learning_rate 0), so that both steps re-score against the initial model: step 1 reads the old
     # log-prob forward, step 2 is a validation step and runs the reward's own forwards
-    'multi_turn': ('qwen2_5_vl', 'mixed', ['--max_steps', '2', '--gradient_accumulation_steps', '2',
+    'multi_turn': ('qwen3_vl', 'mixed', ['--max_steps', '2', '--gradient_accumulation_steps', '2',
                                            '--multi_turn_scheduler', 'ddapo_zoom', '--max_turns', '3',
                                            '--learning_rate', '0'],
                    {'TEST_DDAPO_DUMP_DIR': 'dump', 'DDAPO_TOKEN_WEIGHTS': '1', 'DDAPO_VALIDATE_STEPS': '2'}),
@@ -133,7 +132,7 @@ def runs_of(item) -> list:
             'TestSwiftRlhfGrpo': ['grpo'],
             'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted'],
             'TestForwardPath': [f"forward_{p}_{params.get('implementation')}" for p in ('auto', 'own')],
-            'TestValidationRun': ['validate_off', 'validate_on'], 'TestMultiTurnRun': ['multi_turn']}.get(name, [])
+            'TestValidationRun': ['grpo', 'validate_on'], 'TestMultiTurnRun': ['multi_turn']}.get(name, [])
 
 
 class Runs:
@@ -374,21 +373,29 @@ class TestTrackers:
 
 
 class TestValidationRun:
-    """DDAPO_VALIDATE_STEPS=2 in a real run (LoRA, image and text-only prompts, 4 steps, DDAPO_FORWARD=own) against the
-    same run without it (same seed and data): every reward of every step is the same, bit for bit (the extra forward never changes a
-    reward, nor what the run samples next); steps 2 and 4 log ddapo/validity/* (D > 0, the correlations in [-1, 1],
+    """DDAPO_VALIDATE_STEPS=2 in a real run (LoRA, image and text-only prompts, 4 steps) against the same run without it
+    (TestSwiftRlhfGrpo's 'grpo': same seed and data): every completion is the same, and so is every reward: bit for bit
+    on step 1 (both read the old log-prob forward), to 1e-5 from the validation step 2 on (the reward's own forwards
+    there, against old_logps, as TestForwardPath compares the two paths; the updates after it differ by as much): the
+    extra forward never changes a reward, nor what the run samples next. Steps 2 and 4 log ddapo/validity/* (D > 0, the correlations in [-1, 1],
     n the scored outputs) and write the scatter and the m^V-D plots, steps 1 and 3 none."""
 
     def test_rewards_unchanged(self, runs):
         dumps = {}
-        for name in ('validate_off', 'validate_on'):
+        for name in ('grpo', 'validate_on'):
             output_dir, result = runs.result(name)
             assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
             dumps[name] = [json.loads(line) for line in open(os.path.join(output_dir, 'dump', 'rank0.jsonl'))]
-        off, on = dumps['validate_off'], dumps['validate_on']
+        off, on = dumps['grpo'], dumps['validate_on']
         assert len(off) == len(on) == 16  # 4 steps of 4 rows
-        assert [(r['response_token_ids'], r['reward']) for r in on] == [(r['response_token_ids'], r['reward'])
-                                                                         for r in off]
+        assert [r['response_token_ids'] for r in on] == [r['response_token_ids'] for r in off]
+        odd = [i for i in range(16) if (i // 4) % 2 == 0]  # steps 1 and 3
+        assert [r['reward'] for r in on[:4]] == [r['reward'] for r in off[:4]]  # step 1, before any difference
+        assert [r['reward'] is None for r in on] == [r['reward'] is None for r in off]
+        assert [r['reward'] for r in on if r['reward'] is not None] == pytest.approx(
+            [r['reward'] for r in off if r['reward'] is not None], abs=1e-5)
+        assert all(r['forwards'] == 0 for i, r in enumerate(on) if i in odd)
+        assert all(r['forwards'] > 0 for i, r in enumerate(on) if i not in odd)  # the validation steps' own forwards
         assert None in [r['reward'] for r in on] and len({r['reward'] for r in on}) > 3
 
     def test_metrics_and_report(self, runs):
@@ -515,7 +522,8 @@ class TestForwardPath:
 
 
 class TestMultiTurnRun:
-    """Multi-turn GRPO (docs/notation.md, section 6) in a real swift rlhf run with HF rollouts: the zoom scheduler
+    """Multi-turn GRPO (docs/notation.md, section 6) in a real swift rlhf run with HF rollouts on Qwen3-VL (also
+    TestModelFamilies' run of that family): the zoom scheduler
     through --external_plugins and --multi_turn_scheduler, 3 turns, so every image row's trajectory carries two crops
     (the random model never writes a request: default crops; a parsed request is tested in test_multi_turn). Every
     row's reward equals the naive whole-trajectory computation (fp32, 1e-5), on step 1 read in the old log-prob forward
@@ -536,7 +544,7 @@ class TestMultiTurnRun:
         assert all(any(r['images'] for r in rows) for rows in (dump[:8], dump[8:]))  # both paths see trajectories
         imaged = [r for r in dump if r['images']]
         assert imaged and all(len(r['images']) == 3 for r in imaged)  # the prompt's image and two crops
-        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path))
+        policy = make_policy(tiny_model_dir('qwen3_vl'), 'qwen3_vl', str(tmp_path))
         try:
             naive = [naive_reference.trajectory_reward(policy, r, details=True) for r in dump]
             labels = [naive_reference.encode_trajectory(policy, r)[2] for r in dump]
