@@ -72,8 +72,8 @@ def trajectory_turns(messages: Sequence[Dict], turns: Sequence[range], rows: Seq
     """The turns of a trajectory after its system message: user and environment turns with the images their
     ``image_tag`` placeholders bring (numbered in order), and the generated turns (the last ``len(turns)`` assistant
     messages, as ms-swift fills them with the generated ids) with the rows from each turn's first id up to the next
-    turn's (a turn's rows include the end of turn the template appends). A generated turn's ``text`` is left empty for
-    the caller to decode.
+    turn's (a turn's rows include the end of turn the template appends). A generated turn's ``text`` is left empty:
+    the report shows its rows' tokens instead.
 
     >>> messages = [{'role': 'user', 'content': '<image>Where?'}, {'role': 'assistant', 'content': [5, 6]},
     ...             {'role': 'user', 'content': '<image>Zoomed.'}, {'role': 'assistant', 'content': 'red'}]
