@@ -9,21 +9,36 @@ ms-swift 4.6 passes reward functions text columns only. With this patch applied:
 - the all-``None`` row warning of ``compute_rewards_per_func`` (which indexes every reward kwarg by
   row) never sees the trainer, so it cannot crash on it.
 
-The diff puts ``trainer`` and the loss masks into ``extra_reward_kwargs`` and skips the trainer in that warning. A runtime patch
-cannot edit a line inside ``compute_rewards_per_func``, so here the trainer is bound into each reward
+The diff puts ``trainer`` and the loss masks into ``extra_reward_kwargs`` and skips the trainer in that warning. A
+runtime patch cannot edit a line inside ``compute_rewards_per_func``, so here the trainer is bound into each reward
 function for the duration of the call instead; reward functions see the same kwargs either way.
 `apply()` is idempotent, does nothing when the diff is already in the installed ms-swift, and fails
 with a clear message when the methods it wraps are not what it expects.
+
+An ms-swift carrying an earlier version of the diff (`EARLIER_DIFF_MARKERS`; commit 9e25634's passed ``trainer``
+but not ``response_loss_mask``) is refused at start with the fix (put it back to stock, then today's diff), neither
+patched nor left as it is. Patched, each reward call would get ``trainer`` twice (TypeError). Left as it is, the
+rewards would read every row without its loss mask, and nothing downstream refuses such rows: a turn whose masked
+prefix or environment text the loss leaves out would be read as a plain completion, or its masked ids counted as the
+model's own tokens (`ddapo.ms_swift.encoding.is_trajectory`, `locate_trajectory`), a silently wrong reward.
 """
 import functools
 import inspect
 from contextvars import ContextVar
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from swift_patches import PatchError, is_patched, require, standing  # noqa: F401 (PatchError: for callers)
+# PatchError: for callers
+from swift_patches import PatchError, is_patched, refuse_earlier_diff, require, standing  # noqa: F401
 
 PATCH_FLAG = '__ddapo_reward_kwargs_patch__'
 DIFF_MARKER = "'response_loss_mask': [list(s.response_loss_mask or []) for s in samples]"
+# Each earlier version of the diff: its marker in _compute_rewards_per_func -> (the commit that shipped it, what it
+# lacks). A new version of the diff adds the one it replaces here.
+EARLIER_DIFF_MARKERS: Dict[str, Tuple[str, str]] = {
+    "extra_reward_kwargs = {'trainer': self}":
+    ('9e25634', "passes trainer but not response_loss_mask (multi-turn rows would lose their loss masks; the runtime "
+     'patch on top of it would pass trainer twice)'),
+}
 _TRAINER: ContextVar[Optional[Any]] = ContextVar('ddapo_reward_trainer', default=None)
 
 
@@ -73,6 +88,7 @@ def apply() -> str:
     state = standing(compute, PATCH_FLAG, DIFF_MARKER)
     if state is not None:
         return state
+    refuse_earlier_diff(compute, 'grpo_reward_kwargs', EARLIER_DIFF_MARKERS)
     compute_source = inspect.getsource(compute)
     _expect(_params(compute) == ['self', 'samples'], f'_compute_rewards_per_func{inspect.signature(compute)}')
     _expect('score_completions(' in compute_source and hasattr(grpo_trainer, 'score_completions'),

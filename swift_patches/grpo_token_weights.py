@@ -15,15 +15,18 @@ it wraps is not what it expects.
 """
 import functools
 import inspect
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from swift_patches import PatchError, is_patched, require, standing  # noqa: F401 (PatchError: for callers)
+# PatchError: for callers
+from swift_patches import PatchError, is_patched, refuse_earlier_diff, require, standing  # noqa: F401
 
 STORE = 'token_advantage_weights'
 PATCH_FLAG = '__ddapo_token_weights_patch__'
 DIFF_MARKER = 'scale_token_advantages('
+# Earlier versions of the diff, as in grpo_reward_kwargs: none, the diff is as commit 5ba6bc5 shipped it.
+EARLIER_DIFF_MARKERS: Dict[str, Tuple[str, str]] = {}
 
 
 def scale_token_advantages(advantages: torch.Tensor, completion_mask: torch.Tensor,
@@ -90,6 +93,7 @@ def apply() -> str:
     state = standing(postprocess, PATCH_FLAG, DIFF_MARKER)
     if state is not None:
         return state
+    refuse_earlier_diff(postprocess, 'grpo_token_weights', EARLIER_DIFF_MARKERS)
     source = inspect.getsource(postprocess)
     params = list(inspect.signature(postprocess).parameters)
     _expect(params == ['self', 'samples', 'batch_encoded_inputs'],

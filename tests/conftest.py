@@ -46,6 +46,20 @@ def no_caller_ddapo_settings(monkeypatch):
         monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def self_check_must_agree(request, monkeypatch):
+    """The self-check (DDAPO_SELF_CHECK, on by default) replaces a call's rewards with eager's when its path disagrees,
+    so a test comparing a path with the naive reference could pass on eager's numbers. Every in-process test
+    therefore fails at a disagreement, but the tests marked ``self_check_fault``, which inject one."""
+    if request.node.get_closest_marker('self_check_fault') is None:
+        from ddapo.reward import DDAPOAttentionORM
+
+        def move_to(self, path, verdict):
+            raise AssertionError(f'a self-check disagreed in a test that injects no fault: {verdict}')
+
+        monkeypatch.setattr(DDAPOAttentionORM, 'move_to', move_to)
+
+
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(model_type) -> path``, each model built once per session."""
@@ -63,16 +77,16 @@ def shapes_dataset(tmp_path_factory):
 
 
 def make_policy(model_dir: str, model_type: str, output_dir: str, gradient_checkpointing: bool = False,
-                default_system=None):
-    """The real model, processor and GRPO-mode template (``default_system`` as ``--system`` sets it), with the
-    template's post-encode hook registered."""
+                default_system=None, dtype=None):
+    """The real model (float32, or ``dtype``), processor and GRPO-mode template (``default_system`` as ``--system`` sets
+    it), with the template's post-encode hook registered."""
     import torch
     from accelerate import Accelerator
     from swift.model import get_model_processor
     from swift.template import get_template
     swift_model_type, template_type = SWIFT_ARGS[model_type]
     model, processor = get_model_processor(model_dir, check_model=False, model_type=swift_model_type,
-                                           torch_dtype=torch.float32)
+                                           torch_dtype=dtype or torch.float32)
     template = get_template(processor, template_type=template_type,
                             **({'default_system': default_system} if default_system else {}))
     template.set_mode('train')

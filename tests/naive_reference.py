@@ -194,18 +194,32 @@ def encode_trajectory(policy, row) -> Tuple[dict, List[int], List[int]]:
     return _encoded(policy, GRPOSample.from_row(dict(_columns(row))))
 
 
-def trajectory_positions(input_ids: List[int], labels: List[int], turns, masks) -> Tuple[List[int], set]:
-    """A trajectory's rows (the labelled positions up to the end of its last turn's ids) and the model's own positions
-    (every turn's ids whose loss mask is 1, found in order, and every labelled position)."""
-    own, cursor = set(), 0
-    for k, ids in enumerate(turns):
-        ids = [int(t) for t in ids]
-        start = next(p for p in range(cursor, len(input_ids)) if input_ids[p:p + len(ids)] == ids)
-        mask = masks[k] if masks and len(masks[k]) == len(ids) else [1] * len(ids)
-        own |= {start + j for j in range(len(ids)) if mask[j]}
-        cursor = start + len(ids)
-    rows = [p for p in range(cursor) if labels[p] != -100]
-    return rows, own | set(rows)
+def turn_fits(input_ids: List[int], labels: List[int], start: int, ids: List[int], mask: List[int]) -> bool:
+    """A turn sits at ``start``: the input ids there are its ids, and the labels are its ids where its loss mask is 1
+    and -100 where it is 0 (how ``encode_sample`` labels a turn's ids)."""
+    stop = start + len(ids)
+    return (start >= 0 and input_ids[start:stop] == ids
+            and all(labels[start + j] == (t if m else -100) for j, (t, m) in enumerate(zip(ids, mask))))
+
+
+def trajectory_positions(input_ids: List[int], labels: List[int], turns, masks) -> Tuple[List[int], set, List[range]]:
+    """A trajectory's rows (the labelled positions up to the end of its last turn's ids), the model's own positions
+    (every turn's ids whose loss mask is 1, and every labelled position) and each non-empty turn's positions.
+    ``encode_sample`` writes the turns into the last assistant messages, so they are matched from the last back: each
+    at the latest place before the turn after it where `turn_fits` holds."""
+    spans, stop = [], len(input_ids)
+    for k in reversed(range(len(turns))):
+        ids = [int(t) for t in turns[k]]
+        if not ids:
+            continue
+        mask = list(masks[k]) if masks and k < len(masks) and len(masks[k]) == len(ids) else [1] * len(ids)
+        start = next((p for p in range(stop - len(ids), -1, -1) if turn_fits(input_ids, labels, p, ids, mask)), None)
+        assert start is not None, f'turn {k + 1} is not in the encoding with its labels before position {stop}'
+        spans.insert(0, (range(start, start + len(ids)), mask))
+        stop = start
+    own = {p for span, mask in spans for p, m in zip(span, mask) if m}
+    rows = [p for p in range(spans[-1][0].stop if spans else 0) if labels[p] != -100]
+    return rows, own | set(rows), [span for span, _ in spans]
 
 
 def trajectory_reward(policy, row, num_layers_read: int = 8, details: bool = False):
@@ -214,11 +228,11 @@ def trajectory_reward(policy, row, num_layers_read: int = 8, details: bool = Fal
     tokens: ``V`` the image placeholders, ``T`` the rest; ``m^T`` per layer is the text share of the row's attention on
     them, averaged over the last ``num_layers_read`` full-attention layers; the rows that see no vision key are left
     out; ``rho_text = mean(m^T / |T_s|)``, ``rho_vis = mean(m^V / |V_s|)``. ``details``: also the per-row counts and
-    ``m^T``, the rows, the own positions and the vision positions."""
+    ``m^T``, the rows, the own positions, the vision positions, the input ids and each turn's positions."""
     columns = _columns(row)
     batch, input_ids, labels = encode_trajectory(policy, row)
-    rows, own = trajectory_positions(input_ids, labels, columns['response_token_ids'],
-                                     columns.get('response_loss_mask'))
+    rows, own, turns = trajectory_positions(input_ids, labels, columns['response_token_ids'],
+                                            columns.get('response_loss_mask'))
     config, tokenizer = policy.model.config, policy.processor.tokenizer
     vision_ids = {getattr(config, 'image_token_id', None), getattr(config, 'video_token_id', None)} - {None}
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -247,7 +261,7 @@ def trajectory_reward(policy, row, num_layers_read: int = 8, details: bool = Fal
         reward = rho_vis / (rho_text + rho_vis)
     if details:
         return reward, {'per_row': per_row, 'rows': rows, 'own': own,
-                        'vision': [p for p, v in enumerate(vision) if v], 'input_ids': input_ids}
+                        'vision': [p for p, v in enumerate(vision) if v], 'input_ids': input_ids, 'turns': turns}
     return reward
 
 

@@ -47,7 +47,7 @@ class TestDDAPOConfig:
             'DDAPO_SIGMA=1.0, DDAPO_GATE_REWARD=, DDAPO_LAYERS=last:8, DDAPO_FORWARD=auto, DDAPO_ATTENTION=shared, '
             'DDAPO_PACK_TOKENS=8192, '
             'DDAPO_TOKEN_WEIGHTS=False, DDAPO_TOKEN_WEIGHT_CLIP=0.2,3.0, DDAPO_TOKEN_WEIGHT_SIGMA=0.0, '
-            'DDAPO_VALIDATE_STEPS=0')
+            'DDAPO_VALIDATE_STEPS=0, DDAPO_SELF_CHECK=True')
 
     def test_paths(self):
         config = DDAPOConfig.from_env({'DDAPO_ATTENTION': 'Shared', 'DDAPO_PACK_TOKENS': '4096'})

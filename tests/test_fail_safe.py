@@ -33,7 +33,8 @@ def gathers(monkeypatch):
 class TestStopOnEveryRank:
     """Each decision that ends a call is carried through the call's one gather and raised after it, naming the rank
     that met it: DDAPO_STRICT=1 on a text-only row, token weights for rows without request_id, a gate reward that
-    returns too few values, a failure while scoring. Edge case: the call's other rows are still encoded and run."""
+    returns too few values. Edge cases: the call's other rows are still encoded and run; the gate reward runs on a rank
+    that is stopping."""
 
     def test_strict(self, policy, gathers):
         columns = reward_kwargs(policy, COMPLETIONS[:3], text_only_rows=(1,))
@@ -56,7 +57,7 @@ class TestStopOnEveryRank:
         finally:
             if getattr(policy, grpo_token_weights.STORE, None) is not None:
                 delattr(policy, grpo_token_weights.STORE)
-        assert len(gathers) == 1
+        assert len(gathers) == 2 and gathers[0][0][1] == 1  # the self-check's (one output compared), the call's
 
     def test_gate_reward_too_few_values(self, policy, gathers, monkeypatch):
         from swift.rewards import orms
@@ -66,20 +67,44 @@ class TestStopOnEveryRank:
         reward = DDAPOAttentionORM(config=DDAPOConfig(reward='gated', gate_reward='short_gate'))
         with pytest.raises(RuntimeError, match='DDAPO_GATE_REWARD=short_gate: ValueError: it returned 1 values for 3'):
             reward(COMPLETIONS[:3], **columns)
-        assert len(gathers) == 1
+        assert len(gathers) == 2  # the self-check's, the call's
 
-    def test_failure_while_scoring(self, policy, gathers, monkeypatch):
-        import ddapo.reward
-        monkeypatch.setattr(ddapo.reward, 'score_output', lambda *a, **k: 1 / 0)
-        with pytest.raises(RuntimeError, match='rank 0: scoring the outputs: ZeroDivisionError'):
-            DDAPOAttentionORM()(COMPLETIONS[:2], **reward_kwargs(policy, COMPLETIONS[:2]))
-        assert len(gathers) == 1
+    def test_gate_runs_on_a_stopping_rank(self, policy, gathers, monkeypatch):
+        """The gate reward runs on every rank, stopping or not (it may itself be collective)."""
+        from swift.rewards import orms
+        calls = []
+        monkeypatch.setitem(orms, 'counting_gate', lambda args=None: (
+            lambda completions, **kwargs: calls.append(len(completions)) or [1.0] * len(completions)))
+        columns = reward_kwargs(policy, COMPLETIONS[:3], text_only_rows=(1,))
+        columns['prompt_id'] = ['p'] * 3
+        reward = DDAPOAttentionORM(config=DDAPOConfig(reward='gated', gate_reward='counting_gate', strict=True))
+        with pytest.raises(RuntimeError, match='rank 0: DDAPO_STRICT=1'):
+            reward(COMPLETIONS[:3], **columns)
+        assert calls == [3] and len(gathers) == 2  # the self-check's gather, then the call's one
 
 
 @ONE_FAMILY
 class TestOneBadRow:
-    """A row the template cannot encode (its image file cannot be read) gets None, counted as encoding_failed; the
-    call's other rows are scored."""
+    """A row the template cannot encode (its image file cannot be read) gets None, counted as encoding_failed; an
+    output whose scoring raises gets None, counted as scoring_failed; the call's other rows are scored."""
+
+    def test_failure_while_scoring_one_output(self, policy, monkeypatch):
+        """An output whose scoring raises is one None, counted as scoring_failed; the call and its other outputs go
+        on."""
+        import ddapo.call
+        real, seen = ddapo.call.score_output, []
+
+        def fails_once(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == 2:
+                raise ZeroDivisionError('a bad output')
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ddapo.call, 'score_output', fails_once)
+        reward = DDAPOAttentionORM(config=DDAPOConfig(self_check=False))
+        rewards = reward(COMPLETIONS[:3], **reward_kwargs(policy, COMPLETIONS[:3]))
+        assert rewards[1] is None and rewards[0] is not None and rewards[2] is not None
+        assert reward.not_applicable == {'scoring_failed': 1}
 
     def test_unreadable_image(self, policy, tmp_path):
         columns = reward_kwargs(policy, COMPLETIONS[:3])
@@ -178,8 +203,27 @@ class TestReportSteps:
             for _ in range(2):
                 if logger.choose(outputs, True, step, logging_steps):
                     reported.append(step + 1)
-                    logger._last_report_step = step  # as log() does when it writes the step
+                    logger._last_report = (step, 'train')  # as log() does when it writes the step
         assert reported == expected
+
+    def test_calls_every_second_step(self):
+        """--steps_per_generation 2: calls at global steps 0, 2, 4, 6 (each trains two steps); with logging_steps 2 the
+        report lands on every call, since each holds a logged step (the old rule, (step + 1) % 2, never fired after
+        the first)."""
+        from ddapo.step_log import StepLogger
+        logger = StepLogger(DDAPOConfig())
+        outputs = [SimpleNamespace(position=0, row=SimpleNamespace(prompt_id='p'))]
+        assert [s + 1 for s in (0, 2, 4, 6) if logger.choose(outputs, True, s, 2)] == [1, 3, 5, 7]
+
+    def test_evaluation_and_training_at_one_step(self):
+        """A held-out evaluation (--eval_strategy steps) at a logged step and that step's training call each get a
+        report section."""
+        from ddapo.step_log import StepLogger
+        logger = StepLogger(DDAPOConfig())
+        outputs = [SimpleNamespace(position=0, row=SimpleNamespace(prompt_id='p'))]
+        assert logger.choose(outputs, True, 1, 2, mode='eval')
+        logger._last_report = (1, 'eval')  # as log() does when it writes the step
+        assert logger.choose(outputs, True, 1, 2, mode='train') and not logger.choose(outputs, True, 1, 2, mode='eval')
 
     def test_validation_steps_too(self):
         from ddapo.step_log import StepLogger

@@ -1,12 +1,14 @@
-"""Eq. (1)-(10) on synthetic attention with hand-computed answers (ddapo.core.formulas)."""
+"""Eq. (1)-(11) on synthetic attention with hand-computed answers (ddapo.core.formulas, ddapo.core.variants,
+ddapo.core.token_weights)."""
 import math
 
 import pytest
 import torch
 
-from ddapo.core.formulas import (TDR_BOUND, NotApplicable, balance_reward, check_applicable, gated_rewards, gaussian_smooth,
-                            group_robust_rewards, head_average, layer_key_attention, layer_modality_masses, layer_set,
-                            log_tdr, mean_one_clip, sequence_scores, token_tdr, token_text_mass, token_weights)
+from ddapo.core.formulas import (NotApplicable, balance_reward, check_applicable, head_average, layer_key_attention,
+                                 layer_modality_masses, layer_set, sequence_scores, token_text_mass)
+from ddapo.core.token_weights import gaussian_smooth, mean_one_clip, token_tdr, token_weights
+from ddapo.core.variants import TDR_BOUND, gated_rewards, group_robust_rewards, log_tdr
 
 
 def mask(size, positions):

@@ -1,9 +1,11 @@
 """Multi-turn GRPO and thinking with images (docs/notation.md, section 6), in one process on the tiny Qwen2.5-VL: the
 zoom scheduler (examples/train/grpo/plugin/zoom_scheduler.py) in ms-swift's scheduler API, trajectories built with it
 from crafted turns (one parsed crop request, one default crop), their key sets, and the reward on them against the
-naive whole-trajectory computation (tests/naive_reference.py). The real swift rlhf runs are in test_swift_rlhf_e2e
+naive whole-trajectory computation (tests/naive_reference.py), turns whose ids the user or the environment quotes
+before them, and the token weights against Eq. (11) written here. The real swift rlhf runs are in test_swift_rlhf_e2e
 (TestMultiTurnRun)."""
 import base64
+import math
 from io import BytesIO
 from types import SimpleNamespace
 
@@ -11,9 +13,9 @@ import pytest
 import torch
 
 import naive_reference
-from ddapo.core.formulas import token_weights
 from ddapo.core.row import Row
-from ddapo.ms_swift.encoding import SystemTurns, encode_completion, template_state
+from ddapo.ms_swift.encoding import (GeneratedIdsMismatch, SystemTurns, encode_completion, locate_trajectory,
+                                   template_state)
 from ddapo.ms_swift.model_spec import model_spec
 from ddapo.reward import DDAPOAttentionORM
 
@@ -47,13 +49,14 @@ def choice(text, ids, finish_reason='length'):
     return ChatCompletionResponseChoice(0, ChatMessage('assistant', text), finish_reason, token_ids=list(ids))
 
 
-def trajectory(policy, turns, prompt_image=True, request_id='req0'):
+def trajectory(policy, turns, prompt_image=True, request_id='req0', question=QUESTION):
     """A row as ms-swift's colocate multi-turn rollout leaves it with the zoom scheduler: each crafted turn's ids, the
     scheduler's ``step`` after every turn but the last (``check_finished`` said go on), and the images of its last
     ``rollout_infos`` (the prompt's image and every crop, base64 as in the rollout request)."""
     from swift.infer_engine.protocol import RolloutInferRequest
     tokenizer = policy.processor.tokenizer
-    request = RolloutInferRequest(messages=[{'role': 'user', 'content': ('<image>' if prompt_image else '') + QUESTION}],
+    content = ('<image>' if prompt_image else '') + question
+    request = RolloutInferRequest(messages=[{'role': 'user', 'content': content}],
                                   images=[zoom_scheduler.to_base64(red_upper_right())] if prompt_image else [])
     scheduler = ZoomScheduler(max_turns=len(turns))
     images, ids = list(request.images), []
@@ -67,6 +70,36 @@ def trajectory(policy, turns, prompt_image=True, request_id='req0'):
             images = step.get('rollout_infos', {}).get('images', images)
     return {'messages': request.messages, 'images': images, 'response_token_ids': ids, 'request_id': request_id,
             'prompt_id': 'p0', 'response_loss_mask': [[1] * len(t) for t in ids]}
+
+
+def eq11_weights(m_text, num_text, num_vision, follows, clip):
+    """Eq. (11) with sigma_w = 0 and ``clip = (low, high)``, from docs/notation.md (sections 3 and 6), one weight per
+    row in order. A row that follows a row (the position before it is one) gets ``clip(c r, low, high)`` with
+    ``r = 1 / TDR`` of the row before (Eq. 10: ``m^T |V| / (m^V |T|)`` with the counts that row sees, clipped to
+    ``[1e-6, 1e6]``); every other row (the first of each turn) gets 1, and so does a row whose predecessor has an
+    undefined ``m^T`` or sees no text or no vision key, which stays out of the mean. ``c`` makes the mean of the
+    others 1 (`mean_one_scale`)."""
+    low, high = clip
+    ratios = {}
+    for t in range(1, len(m_text)):
+        m, text, vision = m_text[t - 1], num_text[t - 1], num_vision[t - 1]
+        if follows[t] and text > 0 and vision > 0 and not math.isnan(m):
+            tdr = m * vision / ((1 - m) * text) if m < 1 else math.inf
+            ratios[t] = 1 / min(max(tdr, 1e-6), 1e6)
+    scale = mean_one_scale(list(ratios.values()), low, high) if ratios else 1.0
+    return [min(max(scale * ratios[t], low), high) if t in ratios else 1.0 for t in range(len(m_text))]
+
+
+def mean_one_scale(values, low, high):
+    """The ``c`` with ``mean(clip(c v, low, high)) = 1``, exactly: the mean is nondecreasing and linear in ``c``
+    between the kinks where some ``c v`` reaches a bound; it is ``low <= 1`` at ``c = 0`` and ``high >= 1`` at the last
+    kink, so 1 lies on one segment, solved linearly there."""
+    def mean(c):
+        return sum(min(max(c * v, low), high) for v in values) / len(values)
+
+    kinks = sorted({0.0} | {bound / v for v in values for bound in (low, high) if bound > 0})
+    a, b = next((a, b) for a, b in zip(kinks, kinks[1:]) if mean(a) <= 1 <= mean(b))
+    return a if mean(b) == mean(a) else a + (1 - mean(a)) * (b - a) / (mean(b) - mean(a))
 
 
 def columns_of(rows, policy):
@@ -134,11 +167,66 @@ class TestTrajectoryKeys:
         assert vision.tolist()[0] == tokens[0] and vision.tolist()[-1] == sum(tokens)  # crops seen as they come
 
 
+class TestQuotedTurns:
+    """A turn is located by its labels, not as the first place its ids occur: the question quotes the model's first
+    turn (its exact ids are in the prompt, before that turn), and the environment's crop message quotes the last turn
+    (its exact ids are between the first turn and the last). The quotes stay text keys and the turns stay where they
+    are; the turns, rows, per-row key counts, vision keys and reward equal the naive reference (which matches each
+    turn's ids and labels, from the last turn back)."""
+
+    def test_quotes_before_the_turn(self, qwen25):
+        quoting = trajectory(qwen25, [NO_REQUEST, FINAL], request_id='question',
+                             question=f'{QUESTION} A first guess:\n{NO_REQUEST}')
+        env = trajectory(qwen25, [ZOOM_UPPER_RIGHT, FINAL], request_id='environment')
+        env['messages'][2] = {**env['messages'][2], 'content': env['messages'][2]['content'] + f' Say:\n{FINAL}'}
+        spec = model_spec(qwen25)
+        for row, quoted in ((quoting, 0), (env, 1)):
+            with template_state(qwen25.template):
+                encoded = encode_completion(qwen25, Row(row), SystemTurns(qwen25.template))
+            _, naive = naive_reference.trajectory_reward(qwen25, row, details=True)
+            ids, turn = naive['input_ids'], row['response_token_ids'][quoted]
+            quote = next(p for p in range(len(ids)) if ids[p:p + len(turn)] == turn)
+            assert quote + len(turn) <= naive['turns'][quoted].start  # the ids occur first in the quote
+            assert encoded.turns == tuple(naive['turns']) and encoded.rows == naive['rows']
+            keys = encoded.key_sets(spec.vision_token_ids, spec.special_ids)
+            assert keys.text_keys[quote:quote + len(turn)].all()  # the quote is text, not the model's
+            assert torch.nonzero(keys.vision_keys).flatten().tolist() == naive['vision']
+            text, vision = keys.visible(encoded.rows)
+            assert list(zip(text.tolist(), vision.tolist())) == [(t, v) for t, v, _ in naive['per_row']]
+        rewards = DDAPOAttentionORM()([''] * 2, **columns_of([quoting, env], qwen25))
+        expected = [naive_reference.trajectory_reward(qwen25, row) for row in (quoting, env)]
+        assert None not in expected and rewards == pytest.approx(expected, abs=1e-5)
+
+
+class TestLabelsThatDoNotFit:
+    """A trajectory whose labels do not fit its turns raises GeneratedIdsMismatch (a counted None), never a guess at
+    where its turns are: a turn its loss leaves unlabelled (no loss mask and --loss_scale last_round: only the last
+    turn carries labels); an encoding cut inside its last turn (as a --max_length cut leaves the trainer's)."""
+
+    def test_unlabelled_turn(self, qwen25, monkeypatch):
+        monkeypatch.setattr(qwen25.template, '_loss_scale', 'last_round')
+        row = trajectory(qwen25, [ZOOM_UPPER_RIGHT, FINAL], request_id='unlabelled')
+        row['response_loss_mask'] = []
+        labels = naive_reference.encode_trajectory(qwen25, row)[2]
+        assert len({p for p, label in enumerate(labels) if label != -100}) == len(row['response_token_ids'][-1])
+        orm = DDAPOAttentionORM()
+        assert orm([''], **columns_of([row], qwen25)) == [None]
+        assert orm.not_applicable == {'generated_ids_mismatch': 1}
+
+    def test_cut_encoding(self, qwen25):
+        row = trajectory(qwen25, [ZOOM_UPPER_RIGHT, FINAL], request_id='cut')
+        _, input_ids, labels = naive_reference.encode_trajectory(qwen25, row)
+        with pytest.raises(GeneratedIdsMismatch):
+            locate_trajectory({'input_ids': input_ids[:-3], 'labels': labels[:-3]}, row['response_token_ids'],
+                              row['response_loss_mask'], Row(row), None)
+
+
 class TestTrajectoryReward:
     """DDAPOAttentionORM on trajectories equals the naive whole-trajectory computation (fp32, 1e-5): a parsed crop
     request and a default crop; a text-only prompt whose image comes from the environment (its first turn sees no
     vision key and is left out); a text-only trajectory gives None, counted. The metrics split M^V between the prompt's
-    image and the crops; token weights cover every turn's rows, aligned with the trained tokens; the report shows the
+    image and the crops; token weights cover every turn's rows, aligned with the trained tokens, and equal Eq. (11)
+    computed here (`eq11_weights`: each turn's first row 1, clip bounds that both bind); the report shows the
     trajectory turn by turn with a heat map on each image."""
 
     def test_equals_naive(self, qwen25):
@@ -191,6 +279,7 @@ class TestTrajectoryReward:
         monkeypatch.setattr(GRPOTrainer, '_postprocess_batch', GRPOTrainer._postprocess_batch)  # restored afterwards
         grpo_token_weights.apply()
         monkeypatch.setenv('DDAPO_TOKEN_WEIGHTS', '1')
+        monkeypatch.setenv('DDAPO_TOKEN_WEIGHT_CLIP', '0.8,1.3')  # inside this model's spread: both bounds are reached
         monkeypatch.setattr(qwen25.args, 'output_dir', str(tmp_path))
         monkeypatch.setattr(qwen25, 'state', SimpleNamespace(global_step=0), raising=False)
         row = trajectory(qwen25, [ZOOM_UPPER_RIGHT, NO_REQUEST, FINAL], request_id='w')
@@ -204,10 +293,11 @@ class TestTrajectoryReward:
         _, input_ids, labels = naive_reference.encode_trajectory(qwen25, row)
         trained = [p for p, label in enumerate(labels) if label != -100]
         assert len(weights) == len(rows) and trained[:len(weights)] == rows  # the first completion tokens, in order
-        text, vision, m_text = (torch.tensor([r[k] for r in naive['per_row']]) for k in range(3))
-        follows = torch.tensor([k > 0 and rows[k - 1] == rows[k] - 1 for k in range(len(rows))])
-        assert weights == pytest.approx(token_weights(m_text.double(), text, vision, (0.2, 3.0), 0.0, follows).tolist(),
-                                        abs=1e-5)
+        text, vision, m_text = ([r[k] for r in naive['per_row']] for k in range(3))
+        follows = [k > 0 and rows[k - 1] == rows[k] - 1 for k in range(len(rows))]
+        expected = eq11_weights(m_text, text, vision, follows, (0.8, 1.3))
+        assert weights == pytest.approx(expected, abs=1e-5)
+        assert min(expected) == 0.8 and max(expected) == 1.3 and len(set(expected)) > 4  # clipped both ways, not only
         starts = [k for k in range(len(rows)) if not follows[k]]
         assert len(starts) == 3 and all(weights[k] == 1.0 for k in starts)  # each turn's first token
         report = (tmp_path / 'ddapo' / 'report.md').read_text()

@@ -38,24 +38,43 @@ def trainer_attention(policy, implementation):
         config._attn_implementation = saved
 
 
-def micro_batch(policy, columns):
-    """The micro-batch ms-swift's ``_prepare_batch_inputs`` builds from these rows: each a GRPOSample with a request id,
-    encoded with ``encode_sample`` in train mode without truncation, collated right-padded by
-    ``collate_to_grpo_micro_batch``."""
+def micro_batch(policy, columns, layout='right'):
+    """The micro-batch ms-swift's ``_prepare_batch_inputs`` builds from these rows, in its own steps: each a GRPOSample
+    with a request id (``columns['request_id']`` where given), encoded with ``encode_sample`` inside the trainer's
+    ``_template_context`` (no truncation) and collated by ``collate_to_grpo_micro_batch``, on the template's
+    ``--padding_side`` (``layout`` right or left) or packed (``packed``: ``--padding_free``)."""
     from swift.rl_core.data import GRPOSample
+    from swift.rlhf_trainers.rollout_mixin import RolloutTrainerMixin
     from swift.rlhf_trainers.utils import collate_to_grpo_micro_batch, encode_sample
-
-    from ddapo.ms_swift.encoding import template_state
-    samples = [GRPOSample.from_row({**row.columns, 'request_id': f'r{i}'}) for i, row in enumerate(rows_of(columns))]
-    with template_state(policy.template):
-        for sample in samples:
-            encoded = encode_sample(sample, policy.template)
-            encoded.pop('_extra_kwargs', None)
-            sample.encoded = encoded
-        model_inputs, _ = collate_to_grpo_micro_batch(samples, policy.template, device=torch.device('cpu'),
-                                                      use_logits_to_keep=True)
+    rows = rows_of(columns)
+    samples = [GRPOSample.from_row({'request_id': f'r{i}', **row.columns}) for i, row in enumerate(rows)]
+    template = policy.template
+    saved = template.padding_side, template.padding_free
+    template.padding_side, template.padding_free = ('left' if layout == 'left' else 'right'), layout == 'packed'
+    try:
+        with RolloutTrainerMixin._template_context(SimpleNamespace(model=policy.model), template):
+            for sample in samples:
+                encoded = encode_sample(sample, template)
+                encoded.pop('_extra_kwargs', None)  # as _prepare_batch_inputs does
+                sample.encoded = encoded
+            model_inputs, _ = collate_to_grpo_micro_batch(samples, template, device=torch.device('cpu'),
+                                                          use_logits_to_keep=True)
+    finally:
+        template.padding_side, template.padding_free = saved
     model_inputs.pop('labels', None)
     return samples, model_inputs
+
+
+@contextmanager
+def trainer_layout(policy, layout):
+    """The template as the trainer's (``--padding_side``, ``--padding_free``) for the block: the capture reads it."""
+    template = policy.template
+    saved = template.padding_side, template.padding_free
+    template.padding_side, template.padding_free = ('left' if layout == 'left' else 'right'), layout == 'packed'
+    try:
+        yield
+    finally:
+        template.padding_side, template.padding_free = saved
 
 
 def old_logps_logits(policy, model_inputs):
@@ -75,7 +94,8 @@ def capture_for(policy, config=None):
     reward = DDAPOAttentionORM(config=config)
     reward.on_trainer_init(policy)
     swift = reward.swift
-    swift.capture = OldLogpsCapture(policy, swift.spec, swift.system_turns, config, config.report_samples)
+    swift.capture = OldLogpsCapture(policy, swift.spec, swift.system_turns, config, config.report_samples,
+                                    reward.validation.due)
     swift.path = ForwardPath(OLD_LOGPS, 'test')
     return swift.capture, reward
 
@@ -191,7 +211,7 @@ def applied():
 class TestForwardPath:
     """Which path a run takes (DDAPO_FORWARD): old_logps wherever it is exact; under auto, own otherwise, naming why
     and the fix; DDAPO_FORWARD=old_logps where it cannot be exact fails at start. Edge cases: dynamic_sample,
-    sequence parallelism, multi-turn chunking, LoRA dropout, an implementation the capture does not wrap, a trainer
+    sequence parallelism, LoRA dropout, an implementation the capture does not wrap, a trainer
     that is not GRPOTrainer, padding_free (opt-in only), the patch not applied."""
 
     def test_exact_run(self, policy, applied):
@@ -205,7 +225,6 @@ class TestForwardPath:
         (lambda t: setattr(t.args, 'dynamic_sample', True), '--dynamic_sample true'),
         (lambda t: setattr(t, 'template', SimpleNamespace(sequence_parallel_size=2, padding_free=False)),
          '--sequence_parallel_size'),
-        (lambda t: setattr(t, 'dynamic_num_samples', True), 'splits trajectories into several training samples'),
     ])
     def test_auto_falls_back(self, policy, applied, change, expected):
         from ddapo.ms_swift.old_logps import forward_path
@@ -331,3 +350,88 @@ class TestDiff:
         result = subprocess.run(['patch', '-p1', '--dry-run', '-i', DIFF], cwd=swift_site_dir(), capture_output=True,
                                 text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+class TestFallbacksPerCall:
+    """What the capture cannot read exactly in a call is left to the reward's own forwards, exact, counted and warned
+    once per cause; the trainer's logits never change. Edge cases: a layout the capture does not know (the template
+    says right padding, the batch is left-padded: the structural check finds every sample's ids elsewhere); a capture
+    that fails inside the forward (the recording raises); a rollout in which ms-swift's own server rollout sets
+    ``dynamic_num_samples`` (a scheduler that split a trajectory: two samples share a request_id), then a rollout that
+    does not (the capture reads again)."""
+
+    def run(self, policy, columns, samples, model_inputs, capture, layout='right'):
+        with trainer_layout(policy, layout):
+            plain = old_logps_logits(policy, dict(model_inputs))
+            with capture(samples, model_inputs):
+                captured = old_logps_logits(policy, dict(model_inputs))
+        assert torch.equal(plain, captured)
+
+    def test_unknown_layout(self, policy):
+        columns = reward_kwargs(policy, COMPLETIONS[:3])
+        samples, model_inputs = micro_batch(policy, columns, layout='left')
+        capture, reward = capture_for(policy)
+        self.run(policy, columns, samples, model_inputs, capture, layout='right')  # the capture believes right
+        assert capture.fallbacks['misplaced'] == 2  # the longest sample fills its row: its ids are where expected
+        columns['request_id'] = [s.request_id for s in samples]
+        rewards = reward(COMPLETIONS[:3], **columns)
+        assert reward.uncaptured == 2 and reward.last_metrics['ddapo/own_forwards'] > 0
+        assert rewards == pytest.approx([naive_reward(policy, row) for row in rows_of(columns)], abs=1e-5)
+
+    def test_capture_fails_inside_forward(self, policy, monkeypatch):
+        from ddapo.engine import capture as engine_capture
+        columns = reward_kwargs(policy, COMPLETIONS[:2])
+        samples, model_inputs = micro_batch(policy, columns)
+        capture, reward = capture_for(policy)
+
+        def broken(*args, **kwargs):
+            raise IndexError('a layout the recording cannot index')
+
+        monkeypatch.setattr(engine_capture, 'eager_rows', broken)
+        self.run(policy, columns, samples, model_inputs, capture)
+        monkeypatch.undo()
+        assert capture.fallbacks['capture_failed'] == 2
+        columns['request_id'] = [s.request_id for s in samples]
+        rewards = reward(COMPLETIONS[:2], **columns)
+        assert reward.uncaptured == 2
+        assert rewards == pytest.approx([naive_reward(policy, row) for row in rows_of(columns)], abs=1e-5)
+
+    def test_dynamic_num_samples_set_by_the_rollout(self, policy):
+        from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
+        trainer = grpo_trainer(policy)
+        trainer.__dict__.update(enable_server_multi_turn=True, dynamic_sample=False,
+                                samples2requests=lambda samples: list(samples))
+        columns = reward_kwargs(policy, COMPLETIONS[:2])
+        columns['prompt_id'] = ['p0', 'p0']
+
+        def rollout(outputs_per_request):
+            response = SimpleNamespace(id='split')  # ms-swift sorts a rollout's outputs by their response id
+            trainer._engine_infer = lambda infer_requests, request_config: [
+                SimpleNamespace(response=response) for _ in infer_requests for _ in range(outputs_per_request)]
+            GRPOTrainer._server_rollout(trainer, ['request'], None, is_global_inputs=False)  # ms-swift's own rollout
+
+        rollout(2)  # the scheduler returned two samples for the request: ms-swift sets the flag now
+        assert trainer.dynamic_num_samples
+        columns['request_id'] = ['split', 'split']  # the splits of one trajectory
+        samples, model_inputs = micro_batch(policy, columns)
+        capture, reward = capture_for(policy)
+        capture.trainer = trainer
+        self.run(policy, columns, samples, model_inputs, capture)
+        assert capture.fallbacks['dynamic_num_samples'] == 2 and capture.take() == {}
+        rollout(1)  # one sample per request: the next step reads the old log-prob forward again
+        assert not trainer.dynamic_num_samples
+        columns['request_id'] = ['a', 'b']
+        samples, model_inputs = micro_batch(policy, columns)
+        self.run(policy, columns, samples, model_inputs, capture)
+        assert sorted(capture.take()) == ['a', 'b']
+
+    def test_shared_request_id(self, policy):
+        columns = reward_kwargs(policy, COMPLETIONS[:3])
+        columns['request_id'] = ['same', 'same', 'other']
+        samples, model_inputs = micro_batch(policy, columns)
+        capture, reward = capture_for(policy)
+        self.run(policy, columns, samples, model_inputs, capture)
+        assert capture.fallbacks['shared_request_id'] == 2
+        rewards = reward(COMPLETIONS[:3], **columns)
+        assert reward.uncaptured == 2  # 'other' was captured; both 'same' rows got forwards of their own
+        assert rewards == pytest.approx([naive_reward(policy, row) for row in rows_of(columns)], abs=1e-5)

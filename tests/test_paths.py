@@ -141,7 +141,8 @@ class TestRewardPaths:
     hybrid model (Qwen3.5), where shared runs one output per forward."""
 
     def _run(self, policy, path, pack_tokens=None):
-        config = DDAPOConfig(attention=path, **({'pack_tokens': pack_tokens} if pack_tokens else {}))
+        # the path's own forwards are counted: without the self-check's eager forwards on the first call
+        config = DDAPOConfig(attention=path, self_check=False, **({'pack_tokens': pack_tokens} if pack_tokens else {}))
         completions, columns = group_kwargs(policy)
         calls = []
         handle = policy.model.register_forward_pre_hook(lambda *args: calls.append(1))

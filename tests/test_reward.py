@@ -255,7 +255,7 @@ class TestTokenWeights:
     rows without request_id."""
 
     def test_weights_handed_over(self, policy, token_weights_on, monkeypatch, tmp_path):
-        from ddapo.core.formulas import token_weights
+        from ddapo.core.token_weights import token_weights
         from ddapo.ms_swift.trainer_io import token_weight_store
         monkeypatch.setattr(policy.args, 'output_dir', str(tmp_path))
         columns = weighted_kwargs(policy, COMPLETIONS[:3], text_only_rows=(1,))

@@ -99,3 +99,28 @@ class TestRun:
 
         _, runs, _ = self.run([output(0, [1, 2])], None, 'rows', out_of_memory)
         assert runs[0].out_of_memory and 'ran out of memory (no message)' in runs[0].detail
+
+    def test_failure_between_forwards_keeps_the_count(self, monkeypatch):
+        """A unit that fails outside its forward (here its inputs cannot be laid out) is a run with ``failure`` set,
+        the next units still run, and its forward is run as padding: this rank runs as many forwards as it agreed
+        with the others (under ZeRO-3 one fewer would hang them). An error inside a forward is raised."""
+        from ddapo.engine import scheduler as scheduler_module
+        real = scheduler_module.captured_forward
+
+        def fails_first(forward, members, *args, **kwargs):
+            if members[0].input_ids[0] == 1:
+                raise ValueError('cannot lay out')
+            return real(forward, members, *args, **kwargs)
+
+        monkeypatch.setattr(scheduler_module, 'captured_forward', fails_first)
+        outputs = [output(0, [1, 2]), output(1, [3, 4])]
+        scheduler, runs, calls = self.run(outputs, lambda mine: [2, mine[0]])
+        assert [bool(r.failure) for r in runs] == [True, False] and 'cannot lay out' in runs[0].failure
+        assert not runs[0].complete and len([c for c in calls if not isinstance(c, tuple)]) == 2  # a forward, a padding
+        assert scheduler.last_forwards == 1 and scheduler.last_padding == 1
+
+        def broken(**kwargs):
+            raise RuntimeError('inside the forward')
+
+        with pytest.raises(RuntimeError, match='inside the forward'):
+            self.run([output(1, [3, 4])], None, forward=broken)

@@ -73,6 +73,9 @@ FAMILY_LAYERS = {'qwen3_5': ([1, 3, 5], 6), 'qwen3_5_moe': ([1, 3, 5], 6), 'gemm
 # family runs read from another run of this module: Qwen3.5's is the eager full-tuning run of TestForwardPath, Qwen3-VL's
 # the multi-turn run of TestMultiTurnRun
 FAMILY_SHARED = {'qwen3_5': 'forward_auto_eager', 'qwen3_vl': 'multi_turn'}
+# families whose run reads the reward's own forwards (LoRA dropout on), with groups in shared packs
+OWN_FAMILIES = ('internvl', 'internvl_qwen3_moe')
+VAL_DATASET = '{mixed}'  # a run's --val_dataset: the held-out set, with text-only rows (filled in by the runs fixture)
 # what the start log says L_att leaves out
 LEFT_OUT = {'qwen3_5': 'linear_attention', 'qwen3_5_moe': 'linear_attention', 'gemma3_vision': 'sliding_attention'}
 TOKEN_WEIGHT_ARGS = ['--max_steps', '2', '--save_strategy', 'steps', '--save_steps', '2', '--save_only_model', 'true',
@@ -84,7 +87,9 @@ FORWARD_ARGS = ['--max_steps', '2', '--gradient_accumulation_steps', '2', '--rew
                 'test_steer', '--reward_weights', '0', '1']
 FORWARD_DUMPS = {'TEST_DDAPO_DUMP_DIR': 'dump', 'TEST_DDAPO_OLD_LOGPS_DUMP': 'old_logps'}
 # the trainer's attention implementation -> (model type, extra arguments)
-FORWARD_PAIRS = {'sdpa': ('qwen2_5_vl', []), 'eager': ('qwen3_5', ['--tuner_type', 'full', '--attn_impl', 'eager'])}
+# (the sdpa pair trains on --padding_side left: the capture reads left-padded micro-batches there)
+FORWARD_PAIRS = {'sdpa': ('qwen2_5_vl', ['--padding_side', 'left']),
+                 'eager': ('qwen3_5', ['--tuner_type', 'full', '--attn_impl', 'eager'])}
 # Every swift rlhf run of this module: name -> (model type, dataset, extra arguments, environment).
 RUNS = {
     # also TestValidationRun's run without validation steps (rewards dumped per row)
@@ -106,7 +111,21 @@ RUNS = {
                                               '--bf16', 'false'],
                       {'NPROC_PER_NODE': '2', 'MASTER_PORT': '29531', 'DS_ACCELERATOR': 'cpu',
                        'DDAPO_TOKEN_WEIGHTS': '1', 'TEST_DDAPO_DUMP_DIR': 'dump'}),
-    **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'], {}) for m in FAMILY_TYPES if m not in FAMILY_SHARED},
+    # InternVL trains with ms-swift's LoRA default --lora_dropout 0.05: auto falls back to the reward's own forwards,
+    # whose shared path packs each prompt's two outputs (rows dumped, checked against naive)
+    **{f'family_{m}': (m, 'shapes', ['--max_steps', '2'] + (['--lora_dropout', '0.05'] if m in OWN_FAMILIES else []),
+                       {'TEST_DDAPO_DUMP_DIR': 'dump'} if m in OWN_FAMILIES else {})
+       for m in FAMILY_TYPES if m not in FAMILY_SHARED},
+    # GRPO generating every second step (--steps_per_generation 2), logging every second step, validation every
+    # second step, and a held-out split (text-only rows in it) evaluated every second step (--val_dataset,
+    # --eval_strategy steps); the model
+    # is not updated (--learning_rate 0), so that every row, training and evaluation, is checked against naive
+    'every_second_step': ('qwen2_5_vl', 'shapes', ['--max_steps', '4', '--steps_per_generation', '2',
+                                                  '--logging_steps', '2', '--val_dataset', VAL_DATASET,
+                                                  '--eval_strategy', 'steps', '--eval_steps', '2',
+                                                  '--per_device_eval_batch_size', '4',
+                                                  '--learning_rate', '0'],
+                          {'TEST_DDAPO_DUMP_DIR': 'dump', 'DDAPO_VALIDATE_STEPS': '2'}),
     # multi-turn GRPO with the zoom scheduler (3 turns), text-only rows mixed in, token weights on; the model is not
     # updated (--learning_rate 0), so that both steps re-score against the initial model: step 1 reads the old
     # log-prob forward, step 2 is a validation step and runs the reward's own forwards
@@ -132,7 +151,8 @@ def runs_of(item) -> list:
             'TestSwiftRlhfGrpo': ['grpo'],
             'TestTokenWeightsRun': ['stock', 'unit', 'weighted'], 'TestTrackers': ['weighted'],
             'TestForwardPath': [f"forward_{p}_{params.get('implementation')}" for p in ('auto', 'own')],
-            'TestValidationRun': ['grpo', 'validate_on'], 'TestMultiTurnRun': ['multi_turn']}.get(name, [])
+            'TestValidationRun': ['grpo', 'validate_on'], 'TestMultiTurnRun': ['multi_turn'],
+            'TestEverySecondStep': ['every_second_step']}.get(name, [])
 
 
 class Runs:
@@ -145,13 +165,18 @@ class Runs:
         self._futures = {}
         for name in names:  # in RUNS order: the longest first
             model_type, dataset, extra, env = RUNS[name]
+            extra = [datasets['mixed'] if argument == VAL_DATASET else argument for argument in extra]
             output_dir = str(root / name)
             self._futures[name] = self._executor.submit(
                 lambda m=model_type, d=dataset, o=output_dir, x=extra, e=env: (o, swift_rlhf(
                     models[m], datasets[d], o, *x, model_type=m, env_extra=e)))
 
     def result(self, name):
-        return self._futures[name].result()
+        output_dir, result = self._futures[name].result()
+        # a self-check that disagreed would have replaced the path's rewards with eager's: every check below would
+        # then read eager's numbers, so no run of the suite may show one
+        assert 'disagrees with eager' not in result.stdout + result.stderr, (result.stdout + result.stderr)[-5000:]
+        return output_dir, result
 
     def close(self):
         for future in self._futures.values():
@@ -209,6 +234,9 @@ class TestSwiftRlhfGrpo:
         assert '[DDAPO] completions from: Transformers generate (--use_vllm false)' in log
         assert "[DDAPO] attention read: old_logps (DDAPO_FORWARD=auto): attention read inside ms-swift's" in log
         assert '[DDAPO_DEBUG] layers captured: 4 of 4' in log
+        assert '[DDAPO] checks: the ids at every position read are the output\'s own' in log
+        assert '[DDAPO] self-check: old_logps agrees with eager (max |diff| = ' in log  # the first call only
+        assert log.count('[DDAPO] self-check:') == 1
         assert 'reward is None (no_vision_keys)' in log
         assert 'All reward functions returned None' in log  # the all-None row path ran and did not crash
         records, means = logged_means(output_dir)
@@ -217,6 +245,8 @@ class TestSwiftRlhfGrpo:
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
         own_forwards = [r['ddapo/own_forwards'] for r in records if 'ddapo/own_forwards' in r]
         assert len(own_forwards) >= len(means) and set(own_forwards) == {0.0}, own_forwards  # every step
+        checked = [r['ddapo/self_check/max_abs_diff'] for r in records if 'ddapo/self_check/max_abs_diff' in r]
+        assert len(checked) == 1 and checked[0] < 1e-5, checked  # logged on the first step
 
         # ddapo/* diagnostics from the same forward, in the trainer's own log
         scored = [r for r in records if 'ddapo/M_V/mean' in r]
@@ -247,7 +277,7 @@ class TestModelFamilies:
     rule, and the layer-third metrics are logged."""
 
     @pytest.mark.parametrize('model_type', FAMILY_TYPES)
-    def test_family(self, model_type, runs):
+    def test_family(self, model_type, runs, tiny_model_dir, tmp_path):
         output_dir, result = runs.result(family_run(model_type))
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-5000:]
@@ -263,6 +293,26 @@ class TestModelFamilies:
         assert len(means) == 2 and all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in means), means
         assert max(means) - min(means) > 1e-4, f'reward mean is constant: {means}'
         assert all({'ddapo/early/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r) for r in records if 'ddapo/M_V/mean' in r)
+        path = 'own/shared' if model_type in OWN_FAMILIES else 'old_logps'
+        assert f'[DDAPO] self-check: {path} agrees with eager' in log, log[-5000:]
+        if model_type in OWN_FAMILIES:
+            assert 'attention read: own (DDAPO_FORWARD=auto, falling back: dropout is active' in log
+            self.check_groups(model_type, output_dir, tiny_model_dir(model_type), str(tmp_path))
+
+    @staticmethod
+    def check_groups(model_type, output_dir, model_dir, scratch):
+        """Under the reward's own forwards each prompt's two outputs share one packed forward (InternVL's defect lived
+        there): the first step's rows, before any update, equal naive."""
+        import naive_reference
+        from conftest import make_policy
+        dump = [json.loads(line) for line in open(os.path.join(output_dir, 'dump', 'rank0.jsonl'))][:4]
+        assert [r['forwards'] for r in dump] == [2] * 4  # 4 rows, 2 prompts x 2 outputs: one forward per prompt
+        policy = make_policy(model_dir, model_type, scratch)
+        try:
+            naive = [naive_reference.balance_reward(policy, r) for r in dump]
+        finally:
+            policy.template.remove_post_encode_hook()
+        assert [r['reward'] for r in dump] == pytest.approx(naive, abs=1e-5)
 
 
 PICTURE_TAGS = {'ddapo/train/sample0_image0', 'ddapo/train/sample0_tokens', 'ddapo/train/sample1_image0',
@@ -420,6 +470,50 @@ class TestValidationRun:
         assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(report, '*_validity.png'))) == [
             'step0000002_train_validity.png', 'step0000004_train_validity.png']
         assert glob.glob(os.path.join(report, 'step0000002_train_sample0_dependency.png'))
+
+
+class TestEverySecondStep:
+    """GRPO generating every second step (--steps_per_generation 2: reward calls at global steps 0 and 2), logging and
+    validating every second step, with a held-out split evaluated every second step (--val_dataset, --eval_strategy
+    steps), 4 steps, the model held fixed (--learning_rate 0). The report and the validation land on the calls that
+    hold a logged / N-th step: the report at steps 1 and 3 (the call at step 2 trains steps 3 and 4), ddapo/validity/*
+    in the step-4 record (where the trainer logs the call at step 2); the held-out evaluation logs
+    eval_rewards/DDAPOAttentionORM/mean and eval_ddapo/*; every row, training and held-out, equals naive (fp32, 1e-5);
+    the self-check ran on both paths (old_logps on the first training call, own/shared on the first call that ran
+    the reward's own forwards) and agreed."""
+
+    def test_run(self, runs, tiny_model_dir, tmp_path):
+        import naive_reference
+        from conftest import make_policy
+        output_dir, result = runs.result('every_second_step')
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-5000:]
+        assert '[DDAPO] self-check: old_logps agrees with eager' in log
+        assert '[DDAPO] self-check: own/shared agrees with eager' in log
+        records, _ = logged_means(output_dir)
+        train = {int(r['global_step/max_steps'].split('/')[0]): r for r in records
+                 if 'global_step/max_steps' in r and 'loss' in r}
+        assert 4 in train and train[4]['ddapo/validity/n'] >= 1 and train[4]['ddapo/validity/D/mean'] > 0, train
+        evaluated = [r for r in records if 'eval_rewards/DDAPOAttentionORM/mean' in r]
+        assert len(evaluated) == 2 and all(0 <= r['eval_rewards/DDAPOAttentionORM/mean'] <= 1 and
+                                           0 < r['eval_ddapo/M_V/mean'] < 1 for r in evaluated), evaluated
+        report = glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
+        assert len(report) == 1
+        sections = [line for line in open(report[0]) if line.startswith('## step ')]
+        assert sections == ['## step 1 (train)\n', '## step 3 (eval)\n', '## step 3 (train)\n', '## step 5 (eval)\n'], \
+            sections  # the evaluations at steps 2 and 4, computed at global steps 2 and 4
+        assert glob.glob(os.path.join(os.path.dirname(report[0]), 'step0000003_train_validity.png'))
+        dump = [json.loads(line) for line in open(os.path.join(output_dir, 'dump', 'rank0.jsonl'))]
+        assert sorted({(r['mode'], r['step']) for r in dump}) == [('eval', 2), ('eval', 4), ('train', 0),
+                                                                   ('train', 2)]
+        scored = [r for r in dump if r['reward'] is not None]
+        assert {r['mode'] for r in scored} == {'train', 'eval'} and len(scored) < len(dump)  # held-out text-only rows
+        policy = make_policy(tiny_model_dir('qwen2_5_vl'), 'qwen2_5_vl', str(tmp_path))
+        try:
+            naive = [naive_reference.balance_reward(policy, r) for r in scored]
+        finally:
+            policy.template.remove_post_encode_hook()
+        assert [r['reward'] for r in scored] == pytest.approx(naive, abs=1e-5)
 
 
 def final_adapter(output_dir):

@@ -2,16 +2,15 @@
 multiplied into the advantages of ms-swift's real ``_postprocess_batch``, read by its real GRPO loss."""
 import math
 import os
-import shutil
 import subprocess
-import sys
 from collections import defaultdict, deque
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from test_swift_patch import ROOT, swift_site_dir
+from test_swift_patch import ROOT, patched_swift, run_on_copy, swift_site_dir
 
 DIFFS = [os.path.join(ROOT, 'swift_patches', name)
          for name in ('ms_swift_4.6_grpo_reward_kwargs.diff', 'ms_swift_4.6_grpo_token_weights.diff',
@@ -161,17 +160,10 @@ class TestDiff:
         assert result.returncode == 0, result.stdout + result.stderr
 
     def test_patched_copy_behaves_like_runtime_patch(self, tmp_path):
-        shutil.copytree(os.path.join(swift_site_dir(), 'swift'), tmp_path / 'swift',
-                        ignore=shutil.ignore_patterns('__pycache__'))
-        for diff in DIFFS:
-            result = subprocess.run(['patch', '-p1', '-i', diff], cwd=tmp_path, capture_output=True, text=True)
-            assert result.returncode == 0, result.stdout + result.stderr
-        code = ('import sys; sys.path[:0] = [sys.argv[1], sys.argv[2], sys.argv[3]]; import swift; '
-                'assert swift.__file__.startswith(sys.argv[1]), swift.__file__; '
-                "from test_token_weights_patch import check_token_weight_loss; "
-                "check_token_weight_loss(('diff installed',)); "
-                "from test_swift_patch import check_trainer_kwargs; check_trainer_kwargs('diff installed'); "
-                "from test_old_logps import check_diff_installed; check_diff_installed()")
-        result = subprocess.run([sys.executable, '-c', code, str(tmp_path), ROOT, os.path.dirname(__file__)],
-                                capture_output=True, text=True, timeout=300)
+        diffs = [Path(path).read_text() for path in DIFFS]
+        result = run_on_copy(patched_swift(tmp_path, diffs), (
+            "from test_token_weights_patch import check_token_weight_loss; "
+            "check_token_weight_loss(('diff installed',)); "
+            "from test_swift_patch import check_trainer_kwargs; check_trainer_kwargs('diff installed'); "
+            "from test_old_logps import check_diff_installed; check_diff_installed()"))
         assert result.returncode == 0, result.stderr[-3000:]

@@ -257,13 +257,42 @@ class TestUndefinedMetrics:
             'ddapo/validity/left_out/a': 2.0, 'ddapo/validity/undefined/spearman_token/constant': 3.0}
 
 
-class TestValidating:
-    """Edge cases: 0 never; N every N-th logged step (global_step + 1); a bad value fails at start naming the variable."""
+class TestCadence:
+    """The step rule of validation steps and the report (ddapo.core.cadence.Cadence). Edge cases: 0 never; N every N-th
+    logged step (global_step + 1) with a call every step; calls every k steps (--steps_per_generation k, ...) land on
+    every step at which an N-th step was reached since the previous call, for k = N, k > N and k < N; calls that do not
+    start at 0 (a resumed run); a step called twice (gradient accumulation; the capture, then the reward) answers the
+    same; the report's first step (0, not a resumed run's first call); a bad value fails at start naming the variable."""
 
-    def test_schedule(self):
-        assert [s for s in range(8) if DDAPOConfig(validate_steps=1).validating(s)] == list(range(8))
-        assert [s + 1 for s in range(8) if DDAPOConfig(validate_steps=4).validating(s)] == [4, 8]
-        assert not any(DDAPOConfig().validating(s) for s in range(8))
+    @staticmethod
+    def due(every, steps, first=False):
+        from ddapo.core.cadence import Cadence
+        cadence = Cadence(every, first)
+        return [s for s in steps if cadence.due(s)]
+
+    def test_every_step(self):
+        assert self.due(1, range(8)) == list(range(8))
+        assert [s + 1 for s in self.due(4, range(8))] == [4, 8]
+        assert self.due(0, range(8)) == []
+
+    @pytest.mark.parametrize('every, k, expected', [(2, 2, [2, 4, 6, 8]), (2, 3, [3, 6, 9]), (3, 2, [2, 6, 8]),
+                                                    (4, 4, [4, 8]), (2, 4, [4, 8])])
+    def test_calls_every_k_steps(self, every, k, expected):
+        steps = range(0, 10, k)
+        assert self.due(every, steps) == expected
+        # every N-th step of the run falls inside exactly one due call's span (p, s], p its previous call's step
+        for n in range(every, steps[-1] + 1, every):
+            assert sum(1 for p, s in zip(steps, steps[1:]) if s in expected and p + 1 < n <= s + 1) == 1
+
+    def test_resumed_and_repeated(self):
+        from ddapo.core.cadence import Cadence
+        assert self.due(3, [5, 6, 7, 8]) == [5, 8]
+        cadence = Cadence(2)
+        assert [cadence.due(s) for s in (0, 0, 1, 1, 1, 2)] == [False, False, True, True, True, False]
+
+    def test_report_first_step(self):
+        assert self.due(3, [0, 2, 4, 6], first=True) == [0, 2, 6]
+        assert self.due(3, [4, 6], first=True) == [6]  # a resumed run: its first call is not step 0
 
     def test_bad_value(self):
         with pytest.raises(ValueError, match='DDAPO_VALIDATE_STEPS'):

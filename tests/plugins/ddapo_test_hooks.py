@@ -3,7 +3,8 @@ is part of the product; each hook is switched on by its environment variable.
 
 - ``TEST_DDAPO_DUMP_DIR=DIR``: after every ``ddapo_attention`` call, append one JSON line per completion to
   ``DIR/rank<r>.jsonl`` (global rank): the row's messages, image paths (a scheduler's base64 images as they are),
-  generated ids, loss masks and request_id, its reward, the call's forwards and padding forwards, its token weights
+  generated ids, loss masks and request_id, its reward, the call's mode (train / eval) and global step, the call's
+  forwards and padding forwards, its token weights
   where the reward handed some to the trainer, and on validation steps the row's Eq. (12)-(14) part, its ``D_{i,t}``
   and the step's ``ddapo/validity/*`` metrics, so a test can re-score the rows in one process.
 - ``TEST_DDAPO_OLD_LOGPS_DUMP=FILE``: after every ``_prepare_batch_inputs`` of the GRPO trainer, append one JSON line
@@ -47,6 +48,7 @@ def _dump_after_call(call):
                 images = row.images if row.images and all(isinstance(i, str) for i in row.images) else \
                     swift.image_paths(row)
                 f.write(json.dumps({'messages': row.messages, 'images': images, 'reward': reward,
+                                    'mode': swift.mode, 'step': swift.step,
                                     'response_token_ids': row.response_token_ids,
                                     'response_loss_mask': row.columns.get('response_loss_mask'),
                                     'request_id': row.request_id,

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ddapo.engine.capture import LayerCapture
+from ddapo.core.cadence import Cadence
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.diagnostics import SampleDiagnostics, segments, step_metrics
 from ddapo.core.formulas import layer_set
@@ -111,28 +112,34 @@ class StepLogger:
     def __init__(self, config: DDAPOConfig):
         self.config = config
         self.last_metrics: Dict[str, float] = {}
-        self._last_report_step: Optional[int] = None
+        self._last_report: Optional[tuple] = None  # (step, mode) of the last report step written
+        self._logging: Optional[Cadence] = None  # the logged steps' cadence (logging_steps comes with the trainer)
 
-    @staticmethod
-    def logged(step: int, logging_steps: int) -> bool:
-        """Whether the trainer logs its scalars for the rewards computed at ``global_step`` ``step`` (logged as step
-        ``step + 1``): the first step, which ms-swift logs, and every ``logging_steps``-th.
+    def logged(self, step: int, logging_steps: int) -> bool:
+        """Whether the call at ``global_step`` ``step`` is a step the trainer logs its scalars for: the first call, and
+        every call since which a ``logging_steps``-th step was reached (`Cadence`: with a call every step, every
+        ``logging_steps``-th step; with calls every k steps, the calls whose steps hold a logged one).
 
-        >>> [step + 1 for step in range(8) if StepLogger.logged(step, 3)]
+        >>> logger = StepLogger(DDAPOConfig())
+        >>> [step + 1 for step in range(8) if logger.logged(step, 3)]
         [1, 3, 6]
         """
-        return step == 0 or (step + 1) % logging_steps == 0
+        if self._logging is None or self._logging.every != logging_steps:
+            self._logging = Cadence(logging_steps, first=True)
+        return self._logging.due(step)
 
     def choose(self, outputs: List[Output], main_process: bool, step: int, logging_steps: int,
-               validate: bool = False) -> Dict[int, str]:
+               validate: bool = False, mode: str = 'train') -> Dict[int, str]:
         """The outputs this call shows in the report, ``{position: title}``: the first ``DDAPO_REPORT_SAMPLES`` on the
         main process, on the steps the trainer logs its scalars (`logged`) and on every validation step
-        (``validate``), once per step; empty otherwise."""
+        (``validate``), once per step and mode (a held-out evaluation at a step has a report of its own); empty
+        otherwise."""
         config = self.config
+        logged = self.logged(step, logging_steps)  # asked on every call: the cadence follows every step
         if not config.report or not config.report_samples or not main_process:
             return {}
         # one report per step (a step may call the reward more than once: gradient accumulation)
-        if step == self._last_report_step or not (validate or self.logged(step, logging_steps)):
+        if (step, mode) == self._last_report or not (validate or logged):
             return {}
         return {output.position: sample_title(outputs, output, k)
                 for k, output in enumerate(outputs[:config.report_samples])}
@@ -185,7 +192,7 @@ class StepLogger:
         undefined = statistics.undefined if statistics is not None else {}
         if not samples:
             return StepLog(self.last_metrics, undefined=undefined)
-        self._last_report_step = step
+        self._last_report = (step, mode)
         header = [f'- completions from: {rollout}', f'- attention read: {forward}']
         try:  # a diagnostic: a failure here is the caller's to count, never the step's
             pictures = ReportWriter(os.path.join(output_dir, 'ddapo'), header).write_step(

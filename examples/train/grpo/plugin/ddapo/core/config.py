@@ -142,15 +142,9 @@ class DDAPOConfig:
                                    'every N-th global step, Eq. (12)-(14): one more forward per forward unit (a '
                                    'prompt\'s pack under shared, an output otherwise) on the masked prompt, the '
                                    'ddapo/validity/* metrics and report; 0: never')
-
-    def validating(self, step: int) -> bool:
-        """Whether the rewards computed at ``global_step`` ``step`` (logged as step ``step + 1``) are a validation
-        step: every ``validate_steps``-th logged step.
-
-        >>> [s + 1 for s in range(6) if DDAPOConfig(validate_steps=3).validating(s)], DDAPOConfig().validating(0)
-        ([3, 6], False)
-        """
-        return self.validate_steps > 0 and (step + 1) % self.validate_steps == 0
+    self_check: bool = _setting(True, _parse_bool,
+                                'on the first call that reads each path, score a few outputs per rank again with the '
+                                'eager reference and move every rank to a path that agrees if they differ')
 
     def __post_init__(self):
         for f in fields(self):

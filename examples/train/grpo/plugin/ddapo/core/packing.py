@@ -5,8 +5,9 @@ and every output against it: ``o_g``'s tokens attend to ``q`` and to ``o_g``'s o
 keep the positions (rotary ids included) they have in ``[q ; o_g]``. Each generated row therefore
 sees exactly the keys and positions it sees in its own sequence, and its Eq. (1) sums are the same.
 
-`micro_batch_placements` maps the samples of a micro-batch the trainer collated (right-padded, or packed under
-``--padding_free``) to their rows, for the capture inside the trainer's own forward.
+`micro_batch_placements` maps the samples of a micro-batch the trainer collated (right- or left-padded, or packed
+under ``--padding_free``) to their rows, for the capture inside the trainer's own forward; `misplaced` checks a
+placement against the sample's own ids before anything is read there.
 
 Pure torch on the Hugging Face forward kwargs (``input_ids``, ``attention_mask``, ``position_ids``,
 ``mm_token_type_ids``, pixel tensors): no ms-swift.
@@ -106,8 +107,17 @@ def pack_shared_prompt(members: Sequence[Dict[str, Any]], prompt_len: int,
     and the rows ``s_{g,t} - 1`` of each ``o_g`` in it.
 
     ``o_g`` is ``members[g]``'s ``num_generated[g]`` positions after ``prompt_len``; its position ids are
-    taken from its own sequence. Raises ValueError when the members do not share the prompt or carry a
-    sequence tensor this function does not know how to pack.
+    taken from its own sequence. Members without ``position_ids`` (a family whose collator leaves the plain 1-D
+    positions to the model: InternVL, Gemma 3) get them written out, ``0 .. P + |o_g| - 1`` along ``[q ; o_g]``: the
+    model would otherwise number the packed sequence ``0 .. L - 1`` and run ``o_g``'s rotary positions on after
+    ``o_{g-1}``'s. Raises ValueError when the members do not share the prompt or carry a sequence tensor this
+    function does not know how to pack, and (a structural check) when the packed ids at an output's rows are not its
+    own ids.
+
+    >>> members = [{'input_ids': torch.tensor([[7, 8, 1, 2]])}, {'input_ids': torch.tensor([[7, 8, 3]])}]
+    >>> packed, rows = pack_shared_prompt(members, 2, [2, 1])
+    >>> packed['input_ids'].tolist(), packed['position_ids'].tolist(), rows
+    ([[7, 8, 1, 2, 3]], [[0, 1, 2, 3, 2]], [range(2, 4), range(4, 5)])
     """
     first = members[0]
     for member in members[1:]:
@@ -118,6 +128,10 @@ def pack_shared_prompt(members: Sequence[Dict[str, Any]], prompt_len: int,
                and k not in SEQUENCE_KEYS + DROPPED_KEYS + ('attention_mask',)]
     if unknown:
         raise ValueError(f'pack_shared_prompt: unknown sequence inputs {unknown}')
+    if 'position_ids' not in first:
+        members = [{**m, 'position_ids': torch.arange(m['input_ids'].shape[-1], device=first['input_ids'].device)
+                    .unsqueeze(0)} for m in members]
+        first = members[0]
     packed = {k: v for k, v in first.items() if k not in SEQUENCE_KEYS + DROPPED_KEYS + ('attention_mask',)}
     for key in SEQUENCE_KEYS:
         if key in first:
@@ -126,8 +140,11 @@ def pack_shared_prompt(members: Sequence[Dict[str, Any]], prompt_len: int,
             packed[key] = torch.cat(parts, dim=-1)
     packed['attention_mask'] = tree_mask(prompt_len, num_generated, device=first['input_ids'].device)
     rows, start = [], prompt_len
-    for n in num_generated:
+    for member, n in zip(members, num_generated):
         rows.append(range(start, start + n))
+        own = member['input_ids'][..., prompt_len:prompt_len + n]
+        if n > own.shape[-1] or not torch.equal(packed['input_ids'][..., start:start + n], own):
+            raise ValueError('pack_shared_prompt: the packed ids at an output\'s rows are not its own ids')
         start += n
     return packed, rows
 
@@ -161,27 +178,52 @@ class Placement:
     rows: range
 
 
-def micro_batch_placements(lengths: Sequence[int], prompt_lens: Sequence[int], num_generated: Sequence[int],
-                           packed: bool) -> List[Placement]:
-    """The `Placement` of each sample in a micro-batch the trainer collated from the samples' own encodings (lengths
-    ``lengths``, prompts ``P``, ``|o_i|`` generated tokens right after the prompt).
+LAYOUTS = ('right', 'left', 'packed')
 
-    Right-padded (``packed`` False): sample ``b`` is batch row ``b`` from position 0. Packed (ms-swift's
-    ``--padding_free``): one row, the samples one after another, each starting where the previous ended.
+
+def micro_batch_placements(lengths: Sequence[int], prompt_lens: Sequence[int], num_generated: Sequence[int],
+                           layout: str, width: int) -> List[Placement]:
+    """The `Placement` of each sample in a micro-batch the trainer collated from the samples' own encodings (lengths
+    ``lengths``, prompts ``P``, ``|o_i|`` generated tokens right after the prompt), ``width`` positions wide.
+
+    ``layout`` (`LAYOUTS`): ``right`` (ms-swift's default ``--padding_side right``): sample ``b`` is batch row ``b``
+    from position 0; ``left`` (``--padding_side left``): batch row ``b`` from ``width - length``; ``packed``
+    (``--padding_free``): one row, the samples one after another, each starting where the previous ended.
     Example: lengths ``[5, 3]``, ``P = [3, 2]``, ``|o| = [2, 1]``:
 
-    >>> [(p.batch_index, p.start, p.rows) for p in micro_batch_placements([5, 3], [3, 2], [2, 1], packed=False)]
+    >>> def show(layout, width):
+    ...     return [(p.batch_index, p.start, p.rows) for p in micro_batch_placements([5, 3], [3, 2], [2, 1], layout,
+    ...                                                                               width)]
+    >>> show('right', 5)
     [(0, 0, range(3, 5)), (1, 0, range(2, 3))]
-    >>> [(p.batch_index, p.start, p.rows) for p in micro_batch_placements([5, 3], [3, 2], [2, 1], packed=True)]
+    >>> show('left', 5)
+    [(0, 0, range(3, 5)), (1, 2, range(4, 5))]
+    >>> show('packed', 8)
     [(0, 0, range(3, 5)), (0, 5, range(7, 8))]
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f'micro-batch layout must be one of {LAYOUTS}, got {layout!r}')
     placements, start = [], 0
     for b, (length, prompt_len, n) in enumerate(zip(lengths, prompt_lens, num_generated)):
-        if not packed:
-            start = 0
-        placements.append(Placement(0 if packed else b, start, range(start + prompt_len, start + prompt_len + n)))
+        if layout != 'packed':
+            start = width - length if layout == 'left' else 0
+        placements.append(Placement(0 if layout == 'packed' else b, start,
+                                    range(start + prompt_len, start + prompt_len + n)))
         start += length
     return placements
+
+
+def misplaced(batch_ids: Sequence[Sequence[int]], placement: Placement, ids: Sequence[int]) -> bool:
+    """The structural check of a placement, before anything is read there: whether the micro-batch's ids
+    ``batch_ids`` at the sample's place differ from the sample's own encoding ``ids`` (the rows, and the keys before
+    them, hence ``T`` and ``V`` and their counts). Free: no forward.
+
+    >>> batch = [[0, 0, 5, 6, 7]]  # left-padded
+    >>> misplaced(batch, Placement(0, 2, range(4, 5)), [5, 6, 7]), misplaced(batch, Placement(0, 0, range(2, 3)), [5, 6, 7])
+    (False, True)
+    """
+    row = batch_ids[placement.batch_index]
+    return list(row[placement.start:placement.start + len(ids)]) != list(ids)
 
 
 def split_image_grids(grids: Sequence[Sequence[int]], image_tokens: Sequence[int],

@@ -16,8 +16,9 @@ import torch
 from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, weight_stats
 from ddapo.core.key_sets import KeySets
 from ddapo.core.validity import OutputValidity
-from ddapo.core.formulas import (NotApplicable, gated_rewards, group_robust_rewards, log_tdr, scored_rows,
-                                 sequence_scores, token_env_vision_mass, token_text_mass, token_weights)
+from ddapo.core.formulas import NotApplicable, scored_rows, sequence_scores, token_env_vision_mass, token_text_mass
+from ddapo.core.token_weights import token_weights
+from ddapo.core.variants import gated_rewards, group_robust_rewards, log_tdr
 
 
 @dataclass(frozen=True)

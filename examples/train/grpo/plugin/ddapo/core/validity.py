@@ -18,7 +18,8 @@ import torch
 
 from ddapo.core.formulas import NotApplicable
 
-# Pixel inputs of the image and video processors (Qwen2-VL to Qwen3.5), zeroed in the masked prompt.
+# Pixel inputs of the image and video processors of every supported family (Qwen, InternVL, GLM and Gemma 3 name them
+# alike), zeroed in the masked prompt.
 PIXEL_KEYS = ('pixel_values', 'pixel_values_videos')
 MIN_SPEARMAN_VALUES = 3
 

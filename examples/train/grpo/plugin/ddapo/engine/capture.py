@@ -111,17 +111,23 @@ class LayerCapture:
 
 
 class ForwardCapture:
-    """The `LayerCapture` of every output in one forward, and the decoder layers that ran through a DDAPO attention."""
+    """The `LayerCapture` of every output in one forward, and the decoder layers that ran through a DDAPO attention.
+
+    ``failure``: the error text of the first exception raised while recording (`fail_active`), ``None`` while none
+    was; the wrapper of the trainer's implementation catches it so that the trainer's forward runs on unchanged, and
+    a failed capture is never `complete` (its sums are partial: nothing in it may be read).
+    """
 
     def __init__(self, captures: Sequence[LayerCapture], attention_layers: Sequence[int]):
         self.captures, self.attention_layers = list(captures), list(attention_layers)
         self.layers_seen: List[int] = []
+        self.failure: Optional[str] = None
 
     @property
     def complete(self) -> bool:
-        """Every attention layer of ``L_att`` ran through the DDAPO attention (other softmax layers, such as Gemma 3's
-        sliding-window ones, run through it too and are not read)."""
-        return set(self.attention_layers) <= set(self.layers_seen)
+        """Nothing failed, and every attention layer of ``L_att`` ran through the DDAPO attention (other softmax
+        layers, such as Gemma 3's sliding-window ones, run through it too and are not read)."""
+        return self.failure is None and set(self.attention_layers) <= set(self.layers_seen)
 
     def finish(self) -> List[LayerCapture]:
         return [capture.finish() for capture in self.captures]
@@ -134,13 +140,23 @@ _ACTIVE: ContextVar[Optional[ForwardCapture]] = ContextVar('ddapo_active_capture
 
 
 def _active_for(layer_idx: int) -> Optional['ForwardCapture']:
-    """The active capture if decoder layer ``layer_idx`` is one of ``L_att`` to capture. Every layer that runs through
-    a DDAPO attention is noted, for the completeness check."""
+    """The active capture if decoder layer ``layer_idx`` is one of ``L_att`` to capture and the capture has not failed.
+    Every layer that runs through a DDAPO attention is noted, for the completeness check."""
     active = _ACTIVE.get()
     if active is None:
         return None
     active.layers_seen.append(layer_idx)
+    if active.failure is not None:  # its sums are not read: the later layers skip the work
+        return None
     return active if active.captures and layer_idx in active.captures[0].slot else None
+
+
+def fail_active(layer_idx: int, error: BaseException) -> None:
+    """Mark the active capture failed at decoder layer ``layer_idx`` with ``error`` (the first failure is kept);
+    nothing when no capture is active."""
+    active = _ACTIVE.get()
+    if active is not None and active.failure is None:
+        active.failure = f'layer {layer_idx}: {type(error).__name__}: {error}'
 
 
 def record_probabilities(layer_idx: int, attn_weights: torch.Tensor, key_len: int, query_len: int) -> None:
@@ -178,25 +194,47 @@ def eager_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[
     ``key_start`` on: ``[H, c, S']``.
 
     The same operations as eager (``q k^T * scaling``, the mask, softmax accumulated in float32 and
-    rounded to the query dtype), on a slice of the queries. The mask is what the layer received: a boolean
-    4D mask (``True`` attends), an additive float 4D mask (eager's own), or ``None``, which sdpa uses for a
-    plain causal sequence and flash attention for packed ones: then keys after the chunk's last row, masked for
-    every row, are left out (``S'`` ends at the last row's position) and the causal mask is applied to the chunk's
-    own diagonal block. ``key_start``: where the rows' own sequence starts (a packed row's later samples); keys
-    before it belong to other sequences and are left out (with a 4D mask they are masked anyway).
+    rounded to the query dtype), on a slice of the queries. The mask is what the layer received:
+
+    - a 4D mask, boolean (``True`` attends) or additive float (eager's own): applied as it is;
+    - a 2D padding mask ``[B, S_k]`` (flash attention's on a padded micro-batch): keys where it is 0 are padding and
+      left out, and the causal rule below applies;
+    - ``None`` (sdpa's plain causal sequence, flash attention's unpadded or packed rows): the causal rule alone.
+
+    The causal rule: keys after the chunk's last row, masked for every row, are left out (``S'`` ends at the last
+    row's position) and the causal mask is applied to the chunk's own diagonal block. ``key_start``: where the rows'
+    own sequence starts (a packed row's later samples, a left-padded sample's pad count); keys before it belong to
+    other sequences or are padding, and are left out (with a 4D mask they are masked anyway).
+
+    Example: equal scores, so the keys a row attends share its attention evenly; the last of 4 rows under no
+    mask, left-padded by 2 (2D mask), and the second row of a right-padded one (the pad keys are after it):
+
+    >>> q, k = torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2)
+    >>> eager_rows(q, k, None, 0, slice(3, 4), 1.0).tolist()
+    [[[0.25, 0.25, 0.25, 0.25]]]
+    >>> eager_rows(q, k, torch.tensor([[False, False, True, True]]), 0, slice(3, 4), 1.0).tolist()
+    [[[0.0, 0.0, 0.5, 0.5]]]
+    >>> eager_rows(q, k, torch.tensor([[True, True, False, False]]), 0, slice(1, 2), 1.0).tolist()
+    [[[0.5, 0.5]]]
     """
     keys = key[batch_index]  # [H_kv, S_k, D]
     first, last = rows.start, rows.stop - 1  # query indices
     offset = key.shape[2] - query.shape[2]  # queries are the last positions (a cache holds the first ones)
-    keys = keys[:, key_start:last + offset + 1] if attention_mask is None else keys[:, key_start:]
+    causal = attention_mask is None or attention_mask.dim() == 2  # no 4D mask: the causal rule is applied here
+    keys = keys[:, key_start:last + offset + 1] if causal else keys[:, key_start:]
     keys = keys.repeat_interleave(groups, dim=0)  # [H, S', D]: each key/value head serves `groups` query heads
     scores = torch.matmul(query[batch_index, :, rows], keys.transpose(1, 2)).mul_(scaling)  # [H, c, S']
-    if attention_mask is None:
+    if causal:
         # keys up to the first row's position are open to every row; only the block after it is causal
         lo = first + offset + 1 - key_start
         positions = torch.arange(first + offset - key_start, last + offset + 1 - key_start, device=key.device)
         allowed = torch.arange(lo, keys.shape[1], device=key.device) <= positions.unsqueeze(-1)
         scores[..., lo:].masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != key.shape[2]:  # flash hands a shorter one with a static cache only
+                raise ValueError(f'a 2D mask over {attention_mask.shape[-1]} keys for {key.shape[2]} keys')
+            padding = attention_mask[batch_index, key_start:last + offset + 1] == 0  # [S'], bool or integer mask
+            scores.masked_fill_(padding, torch.finfo(scores.dtype).min)
     elif attention_mask.dtype == torch.bool:
         scores.masked_fill_(~attention_mask[batch_index, :, rows, key_start:], torch.finfo(scores.dtype).min)
     else:

@@ -60,10 +60,13 @@ class ForwardRun:
     # what the debug report shows of the forward that ran it, when that forward was not the reward's own (the old
     # log-prob forward); None: the call's own forward context
     report: Any = None
+    # why the unit failed otherwise (an error while its inputs were laid out, or after its forward): its outputs are
+    # None, the call goes on
+    failure: str = ''
 
     @property
     def complete(self) -> bool:
-        return not self.out_of_memory and self.capture is not None and self.capture.complete
+        return not self.out_of_memory and not self.failure and self.capture is not None and self.capture.complete
 
 
 class ForwardEnvironment(Protocol):
@@ -88,23 +91,25 @@ class ForwardCall:
 
 
 class ForwardScheduler:
-    """Plans and runs the forwards of one reward call (``shared``, ``rows`` or ``eager``, `DDAPOConfig.attention`)."""
+    """Plans and runs the forwards of one reward call (``shared``, ``rows`` or ``eager``: ``attention``, by default
+    `DDAPOConfig.attention`; the self-check's reference and a path it moved away from set it)."""
 
-    def __init__(self, config: DDAPOConfig, attention_layers, hybrid: bool):
+    def __init__(self, config: DDAPOConfig, attention_layers, hybrid: bool, attention: Optional[str] = None):
         self.config, self.attention_layers, self.hybrid = config, tuple(attention_layers), hybrid
+        self.attention = attention or config.attention
         self.padding_forwards = 0  # run by this rank to keep in step with busier ranks, over the run
         self.last_forwards = self.last_padding = 0  # of the last call: its forwards, its padding forwards
 
     @property
     def implementation(self) -> str:
         """The attention function the reward forwards run: the eager reference, or sdpa with eager rows."""
-        return EAGER_ATTENTION if self.config.attention == 'eager' else ROWS_ATTENTION
+        return EAGER_ATTENTION if self.attention == 'eager' else ROWS_ATTENTION
 
     @property
     def packs(self) -> bool:
         """Whether outputs of one prompt share a forward. Not in a hybrid model (linear-attention layers): a linear
         layer carries its state along the whole sequence, so no mask keeps one packed output from seeing another."""
-        return self.config.attention == 'shared' and not self.hybrid
+        return self.attention == 'shared' and not self.hybrid
 
     def units(self, outputs: List[Output]) -> List[List[Output]]:
         """The forwards of this call, each a list of outputs, in order."""
@@ -128,19 +133,41 @@ class ForwardScheduler:
         could not be encoded) would hang them all, and the gather itself must not meet another rank's forward. A
         rank with fewer units than the busiest runs as many padding forwards as those units would have run (two
         per unit on a validation step), on its first output's encoding (``env.padding_encoding()`` when it has none).
+
+        A unit that fails outside its forwards (its inputs cannot be laid out, its capture cannot be finished) is a
+        `ForwardRun` with ``failure`` set, and the forwards it did not run are run as padding: the count agreed with
+        the other ranks holds whatever happens between forwards. An error inside a forward is raised (the call stops
+        on every rank after the gather; under ZeRO-3 a forward is itself a collective, which no reward can repair).
         """
         units = self.units(outputs)
         per_unit = 2 if validate else 1
         padding = (max(env.gather([len(units)])) - len(units)) * per_unit if env.collective else 0
-        runs = []
+        runs, ran = [], [0]
+
+        def forward(**kwargs):
+            ran[0] += 1
+            try:
+                return env.forward(**kwargs)
+            except Exception as error:
+                error.ddapo_inside_forward = True  # a failing forward stops the call (raised on every rank after it)
+                raise
+
         for unit in units:
-            runs.append(self._run_unit(env.forward, unit, report, validate))
+            before = ran[0]
+            try:
+                runs.append(self._run_unit(forward, unit, report, validate))
+            except Exception as error:
+                if getattr(error, 'ddapo_inside_forward', False):
+                    raise
+                # between forwards: this unit's outputs are None, and the other ranks' count of forwards still holds
+                runs.append(ForwardRun(unit, None, failure=f'{type(error).__name__}: {error}'))
+                padding += max(0, per_unit - (ran[0] - before))
         if padding:
             kwargs = (outputs[0].encoded if outputs else env.padding_encoding()).forward_kwargs
             for _ in range(padding):
                 env.forward(**kwargs)
         self.padding_forwards += padding
-        self.last_forwards, self.last_padding = len(units) * per_unit, padding
+        self.last_forwards, self.last_padding = ran[0], padding
         return ForwardCall(runs, padding)
 
     def _out_of_memory(self, error: torch.OutOfMemoryError, length: int, what: str) -> str:
@@ -149,7 +176,7 @@ class ForwardScheduler:
             torch.cuda.empty_cache()
         first_line = (str(error).splitlines() or ['no message'])[0][:200]  # an OutOfMemoryError may have none
         detail = f'{what} of a {length}-token sequence ran out of memory ({first_line})'
-        if self.config.attention == 'shared':
+        if self.attention == 'shared':
             detail += '; a lower DDAPO_PACK_TOKENS packs fewer outputs per forward'
         return detail
 

@@ -2,7 +2,7 @@
 from the modules of the ms-swift side (model spec, encoding, forward environment, trainer I/O)."""
 import math
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from swift.utils import get_logger
 
@@ -11,8 +11,8 @@ from ddapo.core.row import Row
 from ddapo.ms_swift.compat import version_drift
 from ddapo.ms_swift.encoding import EncodedCompletion, SystemTurns, encode_completion, padding_row, reward_rows
 from ddapo.ms_swift.forward_env import PolicyForwards, _forwards_are_collective, policy_forward
-from ddapo.ms_swift.model_spec import model_spec
-from ddapo.ms_swift.old_logps import OLD_LOGPS, ForwardPath, OldLogpsCapture, forward_path
+from ddapo.ms_swift.model_spec import model_spec, unwrap_policy
+from ddapo.ms_swift.old_logps import OLD_LOGPS, OWN, ForwardPath, OldLogpsCapture, forward_path
 from ddapo.ms_swift.trainer_io import (enable_token_weights, image_paths, last_user_turn, log_pictures,
                                        rollout_engine, token_weight_store, vision_pictures)
 
@@ -57,6 +57,11 @@ class SwiftTrainer:
         return int(getattr(getattr(self.trainer, 'state', None), 'global_step', 0) or 0)
 
     @property
+    def dtype(self):
+        """The policy's parameter dtype (the self-check's tolerance depends on it)."""
+        return next(unwrap_policy(self.trainer).parameters()).dtype
+
+    @property
     def logging_steps(self) -> int:
         return max(1, int(getattr(self.trainer.args, 'logging_steps', 1) or 1))
 
@@ -76,16 +81,25 @@ class SwiftTrainer:
         return gather_object(values)
 
     # where attention is read (DDAPO_FORWARD)
-    def choose_forward(self, config) -> ForwardPath:
+    def choose_forward(self, config, validating: Callable[[int], bool]) -> ForwardPath:
         """`forward_path` of ``config.forward`` in this run; for ``old_logps`` the capture hook is handed to the GRPO
-        patch, so the rewards are scored after the old log-prob forward and read it. Raises ValueError at start."""
+        patch, so the rewards are scored after the old log-prob forward and read it (``validating(step)``: whether a
+        step is a validation step, which it leaves to the reward's own forwards). Raises ValueError at start."""
         from swift_patches import grpo_old_logps_scoring
         self.path = forward_path(self.trainer, config.forward)
         if self.path.name == OLD_LOGPS:
             self.capture = OldLogpsCapture(self.trainer, self.spec, self.system_turns, config,
-                                           config.report_samples if config.report else 0)
+                                           config.report_samples if config.report else 0, validating)
             grpo_old_logps_scoring.open_channel(self.trainer, self.capture)
         return self.path
+
+    def use_own(self, why: str) -> None:
+        """Leave ``old_logps`` for the reward's own forwards from the next step on: the channel is closed, so GRPO's
+        step is stock ms-swift again (rewards scored before the old log-prob forward, nothing captured)."""
+        from swift_patches import grpo_old_logps_scoring
+        grpo_old_logps_scoring.open_channel(self.trainer, None)
+        self.capture = None
+        self.path = ForwardPath(OWN, why)
 
     def captured(self) -> Dict[str, Any]:
         """What the old log-prob forwards captured since the last call, by ``request_id`` (empty under ``own``)."""

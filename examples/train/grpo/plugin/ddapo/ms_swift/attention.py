@@ -6,7 +6,8 @@ captured rows to the engine (`ddapo.engine.capture`):
 - ``ddapo_eager`` and ``ddapo_rows``: the reward's own forward (``DDAPO_FORWARD=own``);
 - ``ddapo_over_<implementation>`` (`wrapped_attention`): inside ms-swift's old log-prob forward
   (``DDAPO_FORWARD=old_logps``), the trainer's own implementation (sdpa, eager, flash attention) for the layer's
-  output, unchanged, and the eager formula for the captured rows (the eager map itself when the trainer runs eager).
+  output, unchanged, and the eager formula for the captured rows (the eager map itself when the trainer runs eager);
+  a failure of the recording marks the capture failed and never reaches the trainer's forward.
 
 transformers reads ``text_config._attn_implementation`` at every forward, and the vision tower reads its own
 ``vision_config``: switching the text config switches the language model alone, so only its layers are captured.
@@ -21,7 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ddapo.engine.capture import EAGER_ATTENTION, ROWS_ATTENTION, record_probabilities, record_rows
+from ddapo.engine.capture import EAGER_ATTENTION, ROWS_ATTENTION, fail_active, record_probabilities, record_rows
 
 _EAGER_BY_MODULE: Dict[str, Any] = {}
 
@@ -63,7 +64,12 @@ WRAPPABLE = ('sdpa', 'eager', 'flash_attention_2', 'flash_attention_3')
 def wrapped_attention(original: str) -> str:
     """Register ``ddapo_over_<original>``: the trainer's ``original`` implementation for the layer's output, unchanged,
     and its probabilities of the captured rows handed to the active captures; its mask function is ``original``'s.
-    Returns the name (the name keeps ``original`` in it, for transformers' checks by substring such as ``flash``)."""
+    Returns the name (the name keeps ``original`` in it, for transformers' checks by substring such as ``flash``).
+
+    The recording never raises into the trainer's forward: any exception in it marks the active `ForwardCapture`
+    failed (``failure``, the error text; the capture is then not ``complete``, and the later layers record nothing)
+    and the layer's output is returned as ``original`` computed it. An exception of ``original`` itself is the
+    trainer's and propagates."""
     if original not in WRAPPABLE:
         raise ValueError(f'the old log-prob capture wraps {", ".join(WRAPPABLE)}, not {original!r}')
     name = WRAPPED_PREFIX + original
@@ -73,12 +79,18 @@ def wrapped_attention(original: str) -> str:
         if original == 'eager':  # the modeling file's own eager: its map is the reference itself
             attn_output, attn_weights = _eager_attention_of(module)(module, query, key, value, attention_mask,
                                                                     **kwargs)
-            record_probabilities(module.layer_idx, attn_weights, key.shape[2], query.shape[2])
+            try:
+                record_probabilities(module.layer_idx, attn_weights, key.shape[2], query.shape[2])
+            except Exception as error:  # inside the trainer's forward: the capture fails, the forward goes on
+                fail_active(module.layer_idx, error)
             return attn_output, attn_weights
         attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[original](module, query, key, value, attention_mask,
                                                                       **kwargs)
-        record_rows(module.layer_idx, query, key, attention_mask, kwargs.get('scaling') or query.shape[-1] ** -0.5,
-                    getattr(module, 'num_key_value_groups', 1))
+        try:
+            record_rows(module.layer_idx, query, key, attention_mask,
+                        kwargs.get('scaling') or query.shape[-1] ** -0.5, getattr(module, 'num_key_value_groups', 1))
+        except Exception as error:  # inside the trainer's forward: the capture fails, the forward goes on
+            fail_active(module.layer_idx, error)
         return attn_output, attn_weights
 
     AttentionInterface.register(name, attention)

@@ -73,6 +73,13 @@ INTERNALS = (
     ('transformers.models.qwen2_5_vl.modeling_qwen2_5_vl', 'Qwen2_5_VLAttention.num_key_value_groups',
      'ddapo.ms_swift.attention.ddapo_rows_attention: grouped-query heads'),
     ('transformers.integrations', 'TensorBoardCallback.tb_writer', 'tracker_runs (tests: TestTrackers)'),
+    ('swift.template', 'Template.padding_side', 'ddapo.ms_swift.old_logps.micro_batch_layout: --padding_side'),
+    ('swift.rlhf_trainers.grpo_trainer', 'GRPOTrainer._compute_teacher_logps',
+     'swift_patches.grpo_old_logps_scoring: a forward of self.model the capture must not enter (OPSD)'),
+    ('swift.rlhf_trainers.rollout_mixin', 'RolloutTrainerMixin._server_rollout',
+     'OldLogpsCapture: sets dynamic_num_samples during the rollout (tests: TestFallbacksPerCall)'),
+    ('swift.rlhf_trainers.rollout_mixin', 'RolloutTrainerMixin._template_context',
+     "tests: the micro-batch as ms-swift's _prepare_batch_inputs encodes it"),
 )
 
 

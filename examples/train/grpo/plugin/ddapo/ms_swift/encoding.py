@@ -274,43 +274,112 @@ def locate_completion(encoded: Dict[str, Any], ids: Sequence[int], row: Row,
     return EncodedCompletion(input_ids, prompt_len, len(ids), encoded, labelled, system_turn)
 
 
-def _find(sequence: List[int], part: List[int], start: int) -> int:
-    """The first position from ``start`` where ``part`` occurs in ``sequence``, or -1."""
-    first = part[0]
-    for position in range(start, len(sequence) - len(part) + 1):
-        if sequence[position] == first and sequence[position:position + len(part)] == part:
-            return position
-    return -1
+def _labelled_runs(labels: Sequence[int]) -> List[range]:
+    """The maximal runs of labelled positions (label not -100), in order.
+
+    >>> _labelled_runs([-100, 5, 6, -100, -100, 7, -100, 8])
+    [range(1, 3), range(5, 6), range(7, 8)]
+    """
+    runs, start = [], None
+    for position, label in enumerate(list(labels) + [-100]):  # the sentinel closes a run at the end
+        if label != -100 and start is None:
+            start = position
+        elif label == -100 and start is not None:
+            runs.append(range(start, position))
+            start = None
+    return runs
+
+
+def _mask_runs(mask: Sequence[int]) -> int:
+    """How many maximal runs of 1 a loss mask has: the runs of labels its turn leaves in the encoding.
+
+    >>> _mask_runs([0, 1, 1, 0, 1]), _mask_runs([0, 0])
+    (2, 0)
+    """
+    return sum(1 for j, m in enumerate(mask) if m and (j == 0 or not mask[j - 1]))
+
+
+def _only_occurrence(sequence: List[int], part: List[int], start: int, stop: int) -> int:
+    """The one position in ``[start, stop)`` where ``part`` occurs whole, or -1 where it occurs nowhere or more than
+    once.
+
+    >>> _only_occurrence([3, 4, 3, 4, 5], [3, 4], 1, 5), _only_occurrence([3, 4, 3, 4], [3, 4], 0, 4)
+    (2, -1)
+    """
+    found = [p for p in range(start, stop - len(part) + 1) if sequence[p:p + len(part)] == part]
+    return found[0] if len(found) == 1 else -1
+
+
+def _fits(input_ids: List[int], labels: List[int], start: int, ids: List[int], mask: List[int]) -> bool:
+    """Whether the turn's ids sit at ``start`` with the labels `encode_sample` gives them: the id where the loss mask
+    is 1, -100 where it is 0."""
+    stop = start + len(ids)
+    return (0 <= start and stop <= len(input_ids) and input_ids[start:stop] == ids
+            and labels[start:stop] == [t if m else -100 for t, m in zip(ids, mask)])
 
 
 def locate_trajectory(encoded: Dict[str, Any], response_token_ids: Sequence, loss_mask: Sequence, row: Row,
                       system_turns: Optional[SystemTurns]) -> EncodedCompletion:
-    """A multi-turn trajectory in an ``encode_sample`` encoding (notation section 6). Each turn's ids must appear in
-    order (`GeneratedIdsMismatch`); the rows are the labelled positions up to the end of the last turn's ids (what
-    GRPO's completion mask trains: every turn's trained tokens, and the end of turn the template appends to the turns
-    before the last, not the tail after it); ``P`` is the first row. The model's own tokens are the rows and the
-    turns' ids whose loss mask is 1; ids masked out (environment text a scheduler wrote into a turn) are keys.
+    """A multi-turn trajectory in an ``encode_sample`` encoding (notation section 6), located from its labels.
+
+    ``encode_sample`` puts the turns in the last assistant messages, labels each turn's ids whose loss mask is 1 (the
+    id itself) and puts -100 on its mask-0 ids and on all non-assistant text; the end of turn the template appends
+    after a turn whose last id has mask 1 is labelled too, and lengthens that turn's last run of labels. So the turns'
+    labels are the encoding's last runs of labelled positions, one per run of 1 in their masks (earlier runs are
+    assistant text of the prompt), and each turn starts as many positions before its first run as its mask has 0s
+    before its first 1. A turn whose mask is all 0 carries no label: it is the only place its ids occur between its
+    neighbours. Text anywhere else that holds a turn's ids is never taken for it. `GeneratedIdsMismatch` where the
+    ids and labels there are not the turn's.
+
+    The rows are the labelled positions up to the end of the last turn's ids (what GRPO's completion mask trains:
+    every turn's trained tokens, and the end of turn the template appends to the turns before the last, not the tail
+    after it); ``P`` is the first row. The model's own tokens are the rows and the turns' ids whose loss mask is 1;
+    ids masked out (environment text a scheduler wrote into a turn) are keys.
 
     >>> encoded = {'input_ids': [1, 9, 5, 6, 2, 9, 3, 7, 8], 'labels': [-100, -100, 5, 6, 2, -100, -100, 7, 8]}
     >>> traj = locate_trajectory(encoded, [[5, 6], [7, 8]], [], None, None)
     >>> traj.rows, traj.prompt_len, traj.num_generated, traj.own, traj.turns
     ([2, 3, 4, 7, 8], 2, 7, (2, 3, 4, 7), (range(2, 4), range(7, 9)))
+
+    The user turn quotes the first turn's ids ``[5, 6]`` before the model wrote them; they stay keys:
+
+    >>> encoded = {'input_ids': [1, 5, 6, 9, 5, 6, 2, 9, 3, 7, 8],
+    ...            'labels': [-100, -100, -100, -100, 5, 6, 2, -100, -100, 7, 8]}
+    >>> traj = locate_trajectory(encoded, [[5, 6], [7, 8]], [], None, None)
+    >>> traj.rows, traj.prompt_len, traj.num_generated, traj.own, traj.turns
+    ([4, 5, 6, 9, 10], 4, 7, (4, 5, 6, 9), (range(4, 6), range(9, 11)))
     """
     input_ids = [int(t) for t in encoded['input_ids']]
     labels = [int(t) for t in encoded['labels']]
     masks = [list(m) for m in loss_mask or []]
-    turns, own, cursor = [], set(), 0
-    for k, ids in enumerate(generated_turns(response_token_ids)):
-        if not ids:
-            continue
-        start = _find(input_ids, ids, cursor)
-        if start < 0:
-            raise GeneratedIdsMismatch(f'encoded sequence does not hold generated turn {k + 1} ({len(ids)} ids) after '
-                                       f'position {cursor} (sequence length {len(input_ids)})')
+    turns_ids = generated_turns(response_token_ids)
+    # (turn number, ids, mask) of the non-empty turns; a mask that does not fit its ids counts every id as trained
+    turns_in = [(k, ids, masks[k] if k < len(masks) and len(masks[k]) == len(ids) else [1] * len(ids))
+                for k, ids in enumerate(turns_ids) if ids]
+    runs = _labelled_runs(labels)
+    needed = sum(_mask_runs(mask) for _, _, mask in turns_in)
+    if needed > len(runs):
+        raise GeneratedIdsMismatch(f'the encoding has {len(runs)} runs of labels, and the {len(turns_in)} generated '
+                                   f'turns need {needed}')
+    run = len(runs) - needed  # the first run of the turns' labels
+    floor = runs[run - 1].stop if run else 0  # a turn starts after everything before it
+    turns, own = [], set()
+    for i, (k, ids, mask) in enumerate(turns_in):
+        if 1 in mask:
+            start = runs[run].start - mask.index(1)
+            run += _mask_runs(mask)
+        else:
+            later = next((m for _, _, m in turns_in[i + 1:] if 1 in m), None)
+            stop = len(input_ids) if later is None else runs[run].start - later.index(1)
+            start = _only_occurrence(input_ids, ids, floor, stop)
+        if start < floor or not _fits(input_ids, labels, start, ids, mask):
+            raise GeneratedIdsMismatch(f'the encoding does not hold generated turn {k + 1} ({len(ids)} ids) with its '
+                                       f'labels where they place it (position {start}, sequence length '
+                                       f'{len(input_ids)})')
         turns.append(range(start, start + len(ids)))
-        mask = masks[k] if k < len(masks) and len(masks[k]) == len(ids) else [1] * len(ids)
         own.update(start + j for j, m in enumerate(mask) if m)
-        cursor = start + len(ids)
+        floor = max(start + len(ids), runs[run - 1].stop if run else 0)  # past the end of turn labelled after it
+    cursor = turns[-1].stop if turns else 0
     rows = [p for p in range(cursor) if labels[p] != -100]
     if not rows:
         raise GeneratedIdsMismatch('no generated token of the trajectory carries a label')

@@ -10,19 +10,27 @@ own, and the Eq. (1) sums of the generated rows are captured as the ``rows`` pat
 takes them by ``request_id`` and runs no forward of its own.
 
     sample.encoded (the trainer's encoding) --encoding_of--> [q ; o_i], P, |o_i|, system turn --> T, V
-    the chunk's samples --micro_batch_placements--> batch row, start, rows s_{i,t} - 1 (right-padded or packed)
+    the chunk's samples --micro_batch_placements--> batch row, start, rows s_{i,t} - 1 (right- or left-padded, or
+                        packed), each checked against the micro-batch's ids (`misplaced`) before anything is read there
     the old log-prob forward --ddapo_over_<impl>--> a LayerCapture per sample --> `Captured`, by request_id
+
+What cannot be read exactly in a call is left uncaptured, and the reward scores those rows with forwards of its own
+(counted in ddapo/own_forwards, warned once per cause): a sample whose ids are not where its placement says, a
+request_id two samples share, a step whose rollout split trajectories into several samples (ms-swift sets
+``dynamic_num_samples`` during that rollout, never at start), and a capture that failed inside the forward (the
+trainer's forward itself is never touched by it).
 """
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from swift.model.utils import AttnImpl
 from swift.utils import get_logger
 
 from ddapo.core.key_sets import KeySets
-from ddapo.core.packing import micro_batch_placements, split_image_grids
+from ddapo.core.packing import micro_batch_placements, misplaced, split_image_grids
 from ddapo.core.row import Row
 from ddapo.engine.capture import ForwardCapture, LayerCapture, capturing
 from ddapo.ms_swift.attention import WRAPPABLE, attention_settings, language_attention, language_config, \
@@ -90,9 +98,6 @@ def old_logps_blockers(trainer) -> List[Blocker]:
         blockers.append(Blocker('--dynamic_sample true lets the rewards choose the groups before any forward'))
     if getattr(template, 'sequence_parallel_size', 1) > 1:
         blockers.append(Blocker('--sequence_parallel_size > 1 splits each sequence across ranks'))
-    if getattr(trainer, 'dynamic_num_samples', False):
-        blockers.append(Blocker('the multi-turn scheduler splits trajectories into several training samples, which '
-                                'chunks the batch of the old log-prob forward'))
     implementation = getattr(language_config(unwrap_policy(trainer).config), '_attn_implementation', None)
     if implementation not in WRAPPABLE:
         blockers.append(Blocker(f'the trainer runs attention implementation {implementation!r}; the capture wraps '
@@ -129,6 +134,14 @@ def forward_path(trainer, setting: str) -> ForwardPath:
     return ForwardPath(OLD_LOGPS, 'DDAPO_FORWARD=auto')
 
 
+def micro_batch_layout(template) -> str:
+    """How ms-swift's collator lays a micro-batch out (`ddapo.core.packing.LAYOUTS`): packed under ``--padding_free``,
+    else padded on ``--padding_side`` (the template's, in its training modes)."""
+    if getattr(template, 'padding_free', False):
+        return 'packed'
+    return 'left' if getattr(template, 'padding_side', 'right') == 'left' else 'right'
+
+
 def encoding_of(sample, system_turns: SystemTurns) -> EncodedCompletion:
     """``[q ; o_i]`` (or a whole trajectory) as the trainer encoded it for the old log-prob forward
     (``sample.encoded``), located as the reward's own encoding is (`locate_completion`, `locate_trajectory`). Raises
@@ -156,33 +169,54 @@ class Captured:
 class OldLogpsCapture:
     """The hook of ``swift_patches.grpo_old_logps_scoring``: ``capture(chunk_samples, model_inputs)`` is entered
     around the old log-prob forward of each micro-batch and leaves a `Captured` (or the `NotEncodable` error) per
-    sample, by ``request_id``, for the reward call that follows (`take`). On validation steps
-    (``DDAPO_VALIDATE_STEPS``) it captures nothing: those calls run the reward's own forwards."""
+    sample, by ``request_id``, for the reward call that follows (`take`). ``validating(step)``: whether the step's
+    reward call is a validation step (``DDAPO_VALIDATE_STEPS``, the reward's `Cadence`): those calls run the reward's
+    own forwards, so nothing is captured. What it leaves uncaptured, and why, is in the module docstring; each cause
+    is warned once (`fallbacks` counts them)."""
 
-    def __init__(self, trainer, spec, system_turns: SystemTurns, config, report_samples: int):
+    def __init__(self, trainer, spec, system_turns: SystemTurns, config, report_samples: int,
+                 validating: Callable[[int], bool]):
         self.trainer, self.spec, self.system_turns, self.config = trainer, spec, system_turns, config
-        self.report_samples = report_samples
+        self.report_samples, self.validating = report_samples, validating
         self._captured: Dict[str, Union[Captured, NotEncodable]] = {}
         self._kept = 0  # samples whose per-key attention is kept for the report, since the last `take`
-        self._warned = False
+        self._shared: set = set()  # request_ids several samples carried since the last `take`: none is captured
+        self.fallbacks: Counter = Counter()  # samples left to the reward's own forwards, by cause, over the run
 
     def _step(self) -> int:
         return int(getattr(getattr(self.trainer, 'state', None), 'global_step', 0) or 0)
 
     def take(self) -> Dict[str, Union[Captured, NotEncodable]]:
         """What the old log-prob forwards since the last call captured, by ``request_id``; the store is emptied."""
-        captured, self._captured, self._kept = self._captured, {}, 0
+        captured = {k: v for k, v in self._captured.items() if k not in self._shared}
+        self._captured, self._kept, self._shared = {}, 0, set()
         return captured
+
+    def _fall_back(self, cause: str, count: int, detail: str) -> None:
+        """``count`` samples of this micro-batch are left to the reward's own forwards, for ``cause``; warned once per
+        cause."""
+        if count and cause not in self.fallbacks:
+            get_logger().warning(f'[DDAPO] DDAPO_FORWARD=old_logps: {detail}; those rows are scored with forwards of '
+                                 f'the reward\'s own (ddapo/own_forwards), exact as on the own path. Warned once '
+                                 f'({cause}).')
+        self.fallbacks[cause] += count
 
     @contextmanager
     def __call__(self, batch: Sequence[Any], model_inputs: Dict[str, Any]) -> Iterator[None]:
-        if self.config.validating(self._step()):
+        if self.validating(self._step()):
+            yield
+            return
+        if getattr(self.trainer, 'dynamic_num_samples', False):  # set by this step's rollout, never at start
+            self._fall_back('dynamic_num_samples', len(batch),
+                            'the multi-turn scheduler split trajectories into several training samples in this '
+                            'rollout (ms-swift chunks the old log-prob batch then, and the splits share a request_id)')
             yield
             return
         try:
             encodings, captures, forward, report, name = self._prepare(batch, model_inputs)
         except Exception as error:  # never the trainer's forward: these rows get a forward of their own instead
-            self._failed(error)
+            self._fall_back('set_up', len(batch), f'the capture in the old log-prob forward could not be set up '
+                                                  f'({type(error).__name__}: {error})')
             yield
             return
         config = unwrap_policy(self.trainer).config
@@ -190,6 +224,11 @@ class OldLogpsCapture:
         with language_attention(config, keys, name), capturing(forward):
             report.attention_during = attention_settings(config, keys)
             yield
+        failure = getattr(forward, 'failure', None)
+        if failure is not None:  # raised inside the forward and caught there: the trainer's outputs are its own
+            self._fall_back('capture_failed', len(captures), f'the capture failed inside the old log-prob forward '
+                                                             f'({failure})')
+            captures = []
         finished = forward.finish() if forward.complete else [None] * len(captures)
         length = int(model_inputs['input_ids'].shape[-1])
         for (sample, encoded, key_sets, _), capture in zip(captures, finished):
@@ -198,16 +237,10 @@ class OldLogpsCapture:
             if isinstance(encoded, NotEncodable):
                 self._captured[str(sample.request_id)] = encoded
 
-    def _failed(self, error: Exception) -> None:
-        if not self._warned:
-            self._warned = True
-            get_logger().warning(f'[DDAPO] the capture in the old log-prob forward could not be set up '
-                                 f'({type(error).__name__}: {error}): that micro-batch\'s rows are scored with a '
-                                 'forward of their own (ddapo/own_forwards); warned once.')
-
     def _prepare(self, batch: Sequence[Any], model_inputs: Dict[str, Any]):
         """Each sample's encoding (or why it has none), its `LayerCapture` at its place in the micro-batch, the
-        forward's `ForwardCapture`, what the debug report shows, and the wrapper of the trainer's implementation."""
+        forward's `ForwardCapture`, what the debug report shows, and the wrapper of the trainer's implementation.
+        Samples it cannot place exactly (ids not where the placement says, a request_id seen twice) get no capture."""
         trainer = self.trainer
         encodings: List[Union[EncodedCompletion, NotEncodable]] = []
         with template_state(trainer.template):
@@ -220,15 +253,25 @@ class OldLogpsCapture:
                     encodings.append(EncodingFailed(f'the trainer\'s encoding could not be read '
                                                     f'({type(error).__name__}: {error})'))
         self._image_grids(batch, encodings, model_inputs.get('image_grid_thw'))
+        layout = micro_batch_layout(trainer.template)
+        batch_ids = model_inputs['input_ids'].tolist()
         placements = micro_batch_placements([len(s.encoded['input_ids']) for s in batch],
                                             [e.prompt_len if isinstance(e, EncodedCompletion) else 0 for e in encodings],
                                             [e.num_generated if isinstance(e, EncodedCompletion) else 0
-                                             for e in encodings],
-                                            packed=bool(getattr(trainer.template, 'padding_free', False)))
+                                             for e in encodings], layout, len(batch_ids[0]))
         main = trainer.accelerator.is_main_process
         captures: List[Tuple[Any, EncodedCompletion, KeySets, LayerCapture]] = []
+        wrong, shared = 0, 0
+        ids = [str(sample.request_id) for sample in batch]
         for sample, encoded, placement in zip(batch, encodings, placements):
             if not isinstance(encoded, EncodedCompletion):
+                continue
+            if misplaced(batch_ids, placement, encoded.input_ids):
+                wrong += 1
+                continue
+            if ids.count(str(sample.request_id)) > 1 or str(sample.request_id) in self._captured:
+                self._shared.add(str(sample.request_id))  # an earlier chunk's capture of it is dropped too
+                shared += 1
                 continue
             key_sets = encoded.key_sets(self.spec.vision_token_ids, self.spec.special_ids)
             keep = main and self._kept < self.report_samples
@@ -236,6 +279,9 @@ class OldLogpsCapture:
             captures.append((sample, encoded, key_sets, LayerCapture(
                 key_sets, encoded.key_len, placement.rows, self.spec.attention_layers, placement.batch_index,
                 keep_key_attention=keep, start=placement.start, selected=encoded.selected)))
+        self._fall_back('misplaced', wrong, f'a sample\'s ids are not where the {layout} layout of the micro-batch '
+                                            'places them (a layout the capture does not know)')
+        self._fall_back('shared_request_id', shared, 'samples of the old log-prob forward share a request_id')
         forward = ForwardCapture([c[3] for c in captures], self.spec.attention_layers)
         config = unwrap_policy(trainer).config
         report = ForwardReport(attention_before=attention_settings(config, AttnImpl.attn_impl_keys),
