@@ -54,7 +54,7 @@ def self_check_must_agree(request, monkeypatch):
     if request.node.get_closest_marker('self_check_fault') is None:
         from ddapo.reward import DDAPOAttentionORM
 
-        def move_to(self, path, verdict):
+        def move_to(self, verdict):
             raise AssertionError(f'a self-check disagreed in a test that injects no fault: {verdict}')
 
         monkeypatch.setattr(DDAPOAttentionORM, 'move_to', move_to)

@@ -57,7 +57,7 @@ class TestStopOnEveryRank:
         finally:
             if getattr(policy, grpo_token_weights.STORE, None) is not None:
                 delattr(policy, grpo_token_weights.STORE)
-        assert len(gathers) == 2 and gathers[0][0][1] == 1  # the self-check's (one output compared), the call's
+        assert len(gathers) == 2 and gathers[0][0]['own/shared'][1] == 1  # the self-check's (one output), the call's
 
     def test_gate_reward_too_few_values(self, policy, gathers, monkeypatch):
         from swift.rewards import orms

@@ -216,3 +216,39 @@ class TestRecordingNeverRaises:
         assert torch.equal(plain, captured)
         assert isinstance(forward.failure, str) and 'IndexError' in forward.failure
         assert not forward.complete
+
+
+class TestRealFlashFunction:
+    """transformers' own ``flash_attention_forward`` under ``ddapo_over_flash_attention_2``, with only the kernel call
+    (``_flash_attention_forward``, whose loader needs flash-attn and a GPU) replaced by the stand-in's computation: the
+    kernel is asked for ``flash_attention_2`` by name (transformers passes ``module.config._attn_implementation`` to
+    its loader, which looks any other name up as a hub kernel: the trainer's forward died on every step), the logits
+    are those of the plain forward, and the capture equals each sequence alone. Edge case: the config names the
+    wrapper again after every layer (the recording and the next layer read it)."""
+
+    def test_kernel_asked_by_its_name(self, model, registrations, monkeypatch):
+        from transformers.integrations import flash_attention
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        asked, stand_in = [], flash_stand_in([])
+
+        def kernel(query, key, value, attention_mask, attn_implementation=None, softmax_scale=None, **kwargs):
+            asked.append((attn_implementation, model.config._attn_implementation))
+            output, _ = stand_in(None, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                 attention_mask, scaling=softmax_scale)
+            return output
+
+        monkeypatch.setattr(flash_attention, '_flash_attention_forward', kernel)
+        AttentionInterface.register(FLASH, flash_attention.flash_attention_forward)  # transformers' own function
+        assert ALL_ATTENTION_FUNCTIONS[FLASH] is flash_attention.flash_attention_forward
+        inputs, starts = padded_batch('left')
+        forward = ForwardCapture(captures_for(starts, [0, 1]), LAYERS)
+        with trainer_on(model, FLASH), torch.no_grad():
+            plain = model(**inputs).logits
+            asked.clear()
+            with language_attention(model.config, KEYS, wrapped_attention(FLASH)), capturing(forward):
+                captured = model(**inputs).logits
+                assert model.config._attn_implementation == 'ddapo_over_' + FLASH
+        assert asked == [(FLASH, FLASH)] * len(LAYERS)
+        assert torch.equal(plain, captured) and forward.complete
+        for capture, seq, (prompt_len, _) in zip(forward.finish(), sequences(), SEQUENCES):
+            assert torch.allclose(capture.masses, reference_masses(model, seq, prompt_len), atol=1e-5, rtol=0)

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # torchrun, two processes
 
 class TestLockstep:
     """Edge cases: unequal row counts and unequal scorable counts (a text-only row); a rank with no rows at
-    all (padding forward from a minimal row); metrics gathered over both ranks; DDAPO_REWARD=group with a
+    all (padding forward from a minimal row); the first call's self-check, whose eager forwards differ per rank and
+    are padded in step too; metrics gathered over both ranks; DDAPO_REWARD=group with a
     prompt's outputs split over the ranks; bounded time (no hang)."""
 
     def test_two_ranks(self, tiny_model_dir, tmp_path):
@@ -34,7 +35,9 @@ class TestLockstep:
         for r in results:
             by_case.setdefault(r['case'], {})[r['rank']] = r
         unequal = by_case['unequal']
-        assert unequal[0]['forwards'] == unequal[1]['forwards'] == 3
+        # the reward's 3 forwards each (rank 1: 2 and a padding one), then the self-check's eager forwards, in step too:
+        # rank 0 checks its 3 outputs, rank 1 its one scorable output and pads to 3
+        assert unequal[0]['forwards'] == unequal[1]['forwards'] == 3 + 3
         assert unequal[1]['rewards'][1] is None and None not in unequal[0]['rewards']
         for rank in (0, 1):  # gathered over both ranks: 1 of 5 outputs is not applicable
             assert abs(unequal[rank]['metrics']['ddapo/not_applicable_frac'] - 0.2) < 1e-9

@@ -25,8 +25,6 @@ from conftest import make_policy
 from test_old_logps import capture_for, micro_batch, old_logps_logits, trainer_attention, trainer_layout
 from test_reward import reward_kwargs, rows_of
 
-pytestmark = pytest.mark.slow  # eight tiny builds and their forwards: the full suite only
-
 FAMILIES = ['qwen2_vl', 'qwen2_5_vl', 'qwen3_5', 'internvl', 'internvl_qwen3_moe', 'glm4v', 'glm4v_moe',
             'gemma3_vision']
 TRAINER_ATTENTION = {'gemma3_vision': 'eager'}  # the implementation ms-swift loads each with (sdpa otherwise)

@@ -95,7 +95,7 @@ def capture_for(policy, config=None):
     reward.on_trainer_init(policy)
     swift = reward.swift
     swift.capture = OldLogpsCapture(policy, swift.spec, swift.system_turns, config, config.report_samples,
-                                    reward.validation.due)
+                                    reward.validating)
     swift.path = ForwardPath(OLD_LOGPS, 'test')
     return swift.capture, reward
 

@@ -28,7 +28,7 @@ class TestBadSamples:
         columns = reward_kwargs(qwen25, ['The answer is red', '', 'x', 'red', 'blue'], text_only_rows=(3,))
         columns['response_token_ids'][1] = [[]]  # the model stopped at once
         columns['response_token_ids'][2] = [[tokenizer.convert_tokens_to_ids('<|im_end|>')]]
-        orm = DDAPOAttentionORM()
+        orm = DDAPOAttentionORM(config=DDAPOConfig(self_check=False))  # the path's forwards, not the check's
         calls, handle = count_forwards(qwen25)
         try:
             with mock.patch.object(reward_module.logger, 'warning') as warning:

@@ -104,6 +104,19 @@ class TestOldLogps:
         assert max(abs(a - b) for a, b in zip(rewards[:3], naive)) > 1e-3  # the fault stands: nothing checked it
 
 
+def running_positions(original):
+    """A pack whose later members' positions run on after the earlier members' (what a model numbering the packed
+    sequence 0 .. L - 1 itself did: InternVL's defect)."""
+
+    def pack(members, prompt_len, num_generated):
+        packed, rows = original(members, prompt_len, num_generated)
+        positions = packed['position_ids'].clone()
+        for g, (row, n) in enumerate(zip(rows, num_generated)):  # o_g numbered on after o_1 .. o_{g-1}
+            positions[..., row.start:row.stop] += sum(num_generated[:g])
+        return {**packed, 'position_ids': positions}, rows
+    return pack
+
+
 class TestOwnShared:
     """The first call under own/shared is checked. Edge case: a pack whose later members' positions run on after the
     earlier members' (what a model numbering the packed sequence 0 .. L - 1 itself did, InternVL's defect): caught, the call's
@@ -114,16 +127,7 @@ class TestOwnShared:
         from ddapo.core.config import DDAPOConfig
         from ddapo.engine import capture
         from ddapo.reward import DDAPOAttentionORM
-        original = capture.pack_shared_prompt
-
-        def running_positions(members, prompt_len, num_generated):
-            packed, rows = original(members, prompt_len, num_generated)
-            positions = packed['position_ids'].clone()
-            for g, (row, n) in enumerate(zip(rows, num_generated)):  # o_g numbered on after o_1 .. o_{g-1}
-                positions[..., row.start:row.stop] += sum(num_generated[:g])
-            return {**packed, 'position_ids': positions}, rows
-
-        monkeypatch.setattr(capture, 'pack_shared_prompt', running_positions)
+        monkeypatch.setattr(capture, 'pack_shared_prompt', running_positions(capture.pack_shared_prompt))
         columns = grouped_columns(qwen25)
         reward = DDAPOAttentionORM(config=DDAPOConfig(forward='own'))
         rewards = reward(COMPLETIONS, **columns)
@@ -166,12 +170,63 @@ class TestHalfPrecision:
         assert not reward.checked['old_logps'].agrees, reward.checked
 
 
+class TestReferenceFails:
+    """The reference's own failure (eager runs out of memory: its full S x S maps are the largest of any path) is not
+    the path's disagreement: those outputs are left out of the comparison, nothing is checked (the path is checked on
+    a later call), the path's rewards stand and no rank moves."""
+
+    def test_out_of_memory(self, qwen25, monkeypatch):
+        import ddapo.self_check_stage
+        from ddapo.engine.scheduler import ForwardScheduler
+
+        class OutOfMemory(ForwardScheduler):
+            def _run_unit(self, forward, unit, report, validate):
+                def fails(**kwargs):
+                    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB')
+                return super()._run_unit(fails, unit, report, validate)
+
+        monkeypatch.setattr(ddapo.self_check_stage, 'ForwardScheduler', OutOfMemory)
+        columns = grouped_columns(qwen25)
+        capture, reward = capture_for(qwen25)
+        old_logps_call(qwen25, columns, capture)
+        rewards = reward(COMPLETIONS, **columns)
+        assert reward.checked == {} and reward.swift.path.name == 'old_logps'
+        assert rewards[:3] == pytest.approx([naive_reward(qwen25, row) for row in rows_of(columns)[:3]], abs=1e-5)
+        assert reward.not_applicable == {'no_vision_keys': 1}  # the reference's failures are not the rows'
+
+
+class TestOwnCheckUnderOldLogps:
+    """Under old_logps a validation call reads the reward's own forwards: its own/shared check failing moves the own
+    forwards (to own/rows) and leaves old_logps, checked or not, where it is (the channel stays open)."""
+
+    @pytest.mark.self_check_fault
+    def test_own_path_moves_alone(self, qwen25, monkeypatch):
+        from swift_patches import grpo_old_logps_scoring
+        from ddapo.core.config import DDAPOConfig
+        from ddapo.engine import capture as engine_capture
+        monkeypatch.setattr(engine_capture, 'pack_shared_prompt', running_positions(engine_capture.pack_shared_prompt))
+        columns = grouped_columns(qwen25)
+        capture, reward = capture_for(qwen25, DDAPOConfig(validate_steps=1))
+        grpo_old_logps_scoring.open_channel(qwen25, capture)
+        try:
+            rewards = reward(COMPLETIONS, **columns)  # a validation call: own/shared
+            assert not reward.checked['own/shared'].agrees and 'old_logps' not in reward.checked
+            assert reward.swift.path.name == 'old_logps' and grpo_old_logps_scoring.channel(qwen25) is capture
+            assert reward.scheduler.attention == 'rows'
+            assert rewards[:3] == pytest.approx([naive_reward(qwen25, r) for r in rows_of(columns)[:3]], abs=1e-5)
+        finally:
+            grpo_old_logps_scoring.open_channel(qwen25, None)
+
+
 class TestPureParts:
     """ddapo.core.self_check: the difference, the sample, the tolerance per dtype, the next path (doctests there);
-    edge cases: a reward on one side only is a disagreement; a dtype it does not know takes float32's."""
+    edge cases: a reward on one side only is a disagreement; a reference failure is left out; a dtype it does not
+    know takes float32's; a path that disagreed is never moved to."""
 
     def test_edges(self):
-        from ddapo.core.self_check import Verdict, difference, tolerance
-        assert difference([None, 0.3], [None, 0.3]) == 0.0 and difference([None], [0.3]) == float('inf')
-        assert tolerance('torch.float8_e4m3fn') == tolerance('float32')
+        from ddapo.core.self_check import Verdict, difference, next_path, tolerance
+        assert difference([None, 0.3], [None, 0.3]) == (0.0, 2) and difference([None], [0.3]) == (float('inf'), 1)
+        assert difference([0.3], [None], ['no_vision_keys']) == (float('inf'), 1)  # a reason of the row: compared
+        assert tolerance('torch.float8_e4m3fn') == tolerance('float32') and tolerance('tf32') == 5e-3
         assert Verdict('own/rows', 2e-4, 3, 1e-4).message('own/eager').count('moves to own/eager') == 1
+        assert next_path('old_logps', 'shared', ['own/shared', 'own/rows']) == 'own/eager'

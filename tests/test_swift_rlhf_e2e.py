@@ -476,8 +476,9 @@ class TestEverySecondStep:
     """GRPO generating every second step (--steps_per_generation 2: reward calls at global steps 0 and 2), logging and
     validating every second step, with a held-out split evaluated every second step (--val_dataset, --eval_strategy
     steps), 4 steps, the model held fixed (--learning_rate 0). The report and the validation land on the calls that
-    hold a logged / N-th step: the report at steps 1 and 3 (the call at step 2 trains steps 3 and 4), ddapo/validity/*
-    in the step-4 record (where the trainer logs the call at step 2); the held-out evaluation logs
+    hold a logged / N-th step: the report at steps 1 and 3 (the call at step 2 trains steps 3 and 4) and at each
+    evaluation (steps 2 and 4, as logging.jsonl numbers them), ddapo/validity/* in the step-4 record (where the trainer
+    logs the call at step 2); the held-out evaluation logs
     eval_rewards/DDAPOAttentionORM/mean and eval_ddapo/*; every row, training and held-out, equals naive (fp32, 1e-5);
     the self-check ran on both paths (old_logps on the first training call, own/shared on the first call that ran
     the reward's own forwards) and agreed."""
@@ -500,8 +501,8 @@ class TestEverySecondStep:
         report = glob.glob(os.path.join(output_dir, '**', 'ddapo', 'report.md'), recursive=True)
         assert len(report) == 1
         sections = [line for line in open(report[0]) if line.startswith('## step ')]
-        assert sections == ['## step 1 (train)\n', '## step 3 (eval)\n', '## step 3 (train)\n', '## step 5 (eval)\n'], \
-            sections  # the evaluations at steps 2 and 4, computed at global steps 2 and 4
+        assert sections == ['## step 1 (train)\n', '## step 2 (eval)\n', '## step 3 (train)\n', '## step 4 (eval)\n'], \
+            sections  # numbered as logging.jsonl numbers the evaluations (steps 2 and 4)
         assert glob.glob(os.path.join(os.path.dirname(report[0]), 'step0000003_train_validity.png'))
         dump = [json.loads(line) for line in open(os.path.join(output_dir, 'dump', 'rank0.jsonl'))]
         assert sorted({(r['mode'], r['step']) for r in dump}) == [('eval', 2), ('eval', 4), ('train', 0),

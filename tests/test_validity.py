@@ -290,6 +290,13 @@ class TestCadence:
         cadence = Cadence(2)
         assert [cadence.due(s) for s in (0, 0, 1, 1, 1, 2)] == [False, False, True, True, True, False]
 
+    def test_evaluations_never_move_training(self):
+        """A cadence per mode: an evaluation at step 1 does not take the training call at step 2's N-th step."""
+        from ddapo.reward import DDAPOAttentionORM
+        reward = DDAPOAttentionORM(config=DDAPOConfig(validate_steps=2))
+        assert [reward.validating(s, mode) for s, mode in ((0, 'train'), (1, 'eval'), (2, 'train'), (2, 'train'))] \
+            == [False, True, True, True]
+
     def test_report_first_step(self):
         assert self.due(3, [0, 2, 4, 6], first=True) == [0, 2, 6]
         assert self.due(3, [4, 6], first=True) == [6]  # a resumed run: its first call is not step 0

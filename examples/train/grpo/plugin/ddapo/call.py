@@ -6,7 +6,8 @@ lives for that call only (its rows, results, report samples, why it must stop) a
     run     their forwards, in the forward context (ddapo.engine.scheduler)
     score   each output's R^bal from its captured sums (ddapo.core.scorer); one bad output is one counted None
     check   on the first call of each path (DDAPO_SELF_CHECK): a few outputs per rank again with eager, compared
-            (ddapo.core.self_check); a path that disagrees is left, on every rank, and the call's rewards are eager's
+            (ddapo.self_check_stage, ddapo.core.self_check); a path that disagrees is left, on every rank, and the
+            call's rewards are eager's
     share   token weights to the trainer, the one gather of every rank's outputs, Eq. (8) / (9), metrics and report
 
 What lives across calls (settings, counters, the trainer side, the scheduler, which paths were checked) stays on the
@@ -23,11 +24,11 @@ from ddapo.core.formulas import layer_set
 from ddapo.core.row import Row
 from ddapo.core.scorer import RankShare, RowKeys, Scored, SharedOutput, WeightSettings, group_variant, score_output, \
     token_weight_block
-from ddapo.core.self_check import Verdict, check_sample, difference, next_path, tolerance
 from ddapo.core.validity import OutputValidity, output_validity
-from ddapo.engine.scheduler import ForwardCall, ForwardRun, ForwardScheduler, Output
+from ddapo.engine.scheduler import ForwardCall, ForwardRun, Output
 from ddapo.ms_swift.encoding import EncodingFailed, NotEncodable
 from ddapo.ms_swift.old_logps import OLD_LOGPS
+from ddapo.self_check_stage import self_check
 
 logger = get_logger()
 
@@ -40,12 +41,6 @@ def output_validity_of(scored: Scored, dependency) -> OutputValidity:
     if dependency is None:
         return OutputValidity.left_out('out_of_memory')
     return output_validity(scored.diagnostics.scores.reward_balance, 1.0 - scored.m_text, dependency)
-
-
-def balance_of(scored: Optional[Scored]) -> Optional[float]:
-    """``R^bal_i`` (Eq. 7) of a result, whatever ``DDAPO_REWARD``; None where undefined."""
-    scores = None if scored is None else scored.diagnostics.scores
-    return None if scores is None else scores.reward_balance
 
 
 class RewardCall:
@@ -62,8 +57,8 @@ class RewardCall:
         self.rows: List[Row] = self.swift.rows(kwargs, len(completions))
         self.layers = layer_set(len(self.swift.spec.attention_layers), self.config.layers)  # positions in L_att
         self.results: List[Optional[Scored]] = [None] * len(self.rows)
-        self.validate = orm.validation.due(self.swift.step)
         self.mode = self.swift.mode  # train or eval: read now, the reward's own forwards run in eval mode
+        self.validate = orm.validating(self.swift.step, self.mode)
         # the path this call reads: the old log-prob forward's captures, or the reward's own forwards (their fallback
         # rows under old_logps are own forwards too, but the call's path is what its self-check compares)
         self.path = OLD_LOGPS if self.swift.path.name == OLD_LOGPS and not self.validate else \
@@ -122,8 +117,7 @@ class RewardCall:
                 self.stop_call(scheduler.incomplete_message(incomplete))
             else:
                 self.score_runs(runs, report, titles)
-        self.self_check(sorted(captured) if self.path == OLD_LOGPS else
-                        sorted(o.position for run in call.runs for o in run.unit), runs, titles)
+        self_check(self, sorted(captured), sorted(o.position for run in call.runs for o in run.unit), runs, titles)
         with self.stopping('scoring the outputs'):
             if self.validate:  # outputs that never reached a forward (not encodable)
                 self.validity.update({p: OutputValidity.left_out('reward_not_applicable')
@@ -131,9 +125,25 @@ class RewardCall:
             self.orm.last_validity, self.orm.last_dependencies = self.validity, self.dependencies
             # ms-swift side: token weights, the one gather, the step's metrics and report
             if self.config.token_weights and self.stop is None:
-                swift.hand_over_token_weights(self.rows, [r.token_weights if r is not None else None
-                                                          for r in self.results])
+                swift.hand_over_token_weights(self.rows, self.token_weights())
         return self.share()
+
+    def token_weights(self) -> List[Optional[List[float]]]:
+        """Each output's ``w_{i,t}`` for the trainer, which takes them by ``request_id``; outputs that share their
+        ``request_id`` with another (the splits of one trajectory under a server scheduler) keep weight 1, counted in
+        ``unweighted`` (the trainer could not tell their weights apart)."""
+        ids = Counter(row.request_id for row in self.rows)
+        weights = []
+        for row, result in zip(self.rows, self.results):
+            own = None if result is None else result.token_weights
+            if own is not None and ids[row.request_id] > 1:
+                self.orm.warn_once('unweighted/shared_request_id', 'token weights left out (advantage weight 1) for '
+                                   'outputs that share a request_id (the splits of one trajectory): the trainer '
+                                   'takes weights by request_id. Counted in unweighted')
+                self.orm.unweighted['shared_request_id'] += 1
+                own = None
+            weights.append(own)
+        return weights
 
     # read, encode
     def read_captured(self, captured: Dict[str, Any]) -> Dict[int, ForwardRun]:
@@ -229,54 +239,6 @@ class RewardCall:
         return scored
 
     # check
-    def self_check(self, read: List[int], runs: List[ForwardRun], titles: Dict[int, str]) -> None:
-        """On the first call of a path (every rank reaches it on the same call): this rank's first group of outputs
-        the path scored (``read``: their positions), and a few more, scored again by eager (one sequence each), and every rank's largest
-        difference gathered. Agreement is logged; a disagreement moves every rank to `next_path` and replaces this
-        call's rewards with eager's."""
-        orm, swift = self.orm, self.swift
-        if not self.config.self_check or self.path == 'own/eager' or self.path in orm.checked:
-            return
-        worst, compared = 0.0, 0
-        with self.stopping('the self-check'):
-            scored = [p for p in read if balance_of(self.results[p]) is not None]
-            chosen = [scored[i] for i in check_sample([self.rows[p].prompt_id for p in scored])]
-            path_values = [balance_of(self.results[p]) for p in chosen]
-            eager = self.eager_runs(chosen, {}, validate=False)
-            values = {run.unit[k].position: balance_of(self.score(run.unit[k], run, k, None, count=False))
-                      for run in eager for k in range(len(run.unit))}
-            worst = difference(path_values, [values.get(p) for p in chosen])
-            compared = len(chosen)
-        shares = swift.gather([(worst, compared)])  # every rank, whatever happened above
-        total = sum(n for _, n in shares)
-        if total == 0:  # nothing scored on any rank: the path is checked on a later call
-            return
-        verdict = Verdict(self.path, max(d for d, _ in shares), total, tolerance(swift.dtype))
-        orm.checked[self.path] = verdict
-        self.metrics['ddapo/self_check/max_abs_diff'] = verdict.max_abs_diff
-        if verdict.agrees:
-            if swift.is_main_process:
-                logger.info(verdict.message())
-            return
-        moved = next_path(self.path, self.config.attention)
-        logger.warning(verdict.message(moved))
-        orm.move_to(moved, verdict)
-        with self.stopping('the self-check\'s eager forwards'):
-            read_positions = sorted(o.position for run in runs for o in run.unit)
-            self.samples, self.validity, self.dependencies = {}, {}, {}
-            self.score_runs(self.eager_runs(read_positions, titles, self.validate), None, titles, count=False)
-
-    def eager_runs(self, positions: List[int], titles: Dict[int, str], validate: bool) -> List[ForwardRun]:
-        """The rows at ``positions`` encoded by the reward and run by the eager reference, one sequence each (a
-        collective count under ZeRO-3, as every forward of the reward)."""
-        eager = ForwardScheduler(self.config, self.swift.spec.attention_layers, self.swift.spec.hybrid, 'eager')
-        encoded = {p: self.encode(p, self.rows[p]) for p in positions}
-        outputs = [o for o in encoded.values() if isinstance(o, Output)]
-        with self.swift.policy_forward(eager.implementation) as (env, _):
-            runs = eager.run(outputs, env, report=titles, validate=validate).runs
-        return runs + [ForwardRun([Output(p, self.rows[p], None, None)], None, failure=o.detail)
-                       for p, o in encoded.items() if not isinstance(o, Output)]
-
     # share
     def share(self) -> List[Optional[float]]:
         """The one gather of the call (every rank's outputs, for the metrics, Eq. 8 / 9 and on validation steps
@@ -318,7 +280,7 @@ class RewardCall:
             orm.diagnostic_failed('report', record.failure, self)
         if record.pictures:  # the report's pictures in TensorBoard / wandb / swanlab
             try:
-                swift.log_pictures(swift.step + 1, record.pictures)
+                swift.log_pictures(record.step, record.pictures)
             except Exception as error:
                 orm.diagnostic_failed('trackers', error, self)
         record.metrics.update({f'ddapo/diagnostics_failed/{kind}': float(n) for kind, n in self.failures.items()})

@@ -47,7 +47,7 @@ from ddapo.call import RewardCall
 from ddapo.core.cadence import Cadence
 from ddapo.core.config import DDAPOConfig
 from ddapo.core.scorer import Scored
-from ddapo.core.self_check import Verdict, tolerance
+from ddapo.core.self_check import Verdict, next_path, tolerance
 from ddapo.core.validity import OutputValidity
 from ddapo.engine.scheduler import ForwardRun, ForwardScheduler
 from ddapo.ms_swift.adapter import SwiftTrainer
@@ -92,7 +92,8 @@ class DDAPOAttentionORM(ORM):
         self.swift: Optional[SwiftTrainer] = None
         self.scheduler: Optional[ForwardScheduler] = None
         self.step_log = StepLogger(self.config)
-        self.validation = Cadence(self.config.validate_steps)  # which calls are validation steps (Eq. 12-14)
+        # which calls are validation steps (Eq. 12-14): a cadence per mode, so that evaluations never move training's
+        self._validation = {mode: Cadence(self.config.validate_steps) for mode in ('train', 'eval')}
         self.checked: Dict[str, Verdict] = {}  # the self-check's verdict per path read so far
         self.not_applicable: Counter = Counter()
         self.unweighted: Counter = Counter()  # outputs with a reward but no token weights, by reason
@@ -117,17 +118,22 @@ class DDAPOAttentionORM(ORM):
         self.scheduler = ForwardScheduler(self.config, spec.attention_layers, spec.hybrid)
         if self.config.token_weights:
             self.swift.enable_token_weights()
-        path = self.swift.choose_forward(self.config, self.validation.due)
+        path = self.swift.choose_forward(self.config, self.validating)
         logger.info(f'[DDAPO] policy model {spec.model_type}: {spec.num_layers} decoder layers, {layers_note(spec)}; '
                     f'vision token ids {sorted(spec.vision_token_ids)}')
         logger.info(f'[DDAPO] completions from: {self.swift.rollout}')
         logger.info(f'[DDAPO] attention read: {path.describe()}')
         check = (f'self-check against eager on the first call of each path (DDAPO_SELF_CHECK=1: a few outputs per '
-                 f'rank, at least one whole group; tolerance {tolerance(self.swift.dtype):.0e} on R^bal for '
-                 f'{str(self.swift.dtype).replace("torch.", "")})' if self.config.self_check else
+                 f'rank, at least one whole group; tolerance {tolerance(self.swift.precision):.0e} on R^bal for '
+                 f'{self.swift.precision})' if self.config.self_check else
                  'no self-check (DDAPO_SELF_CHECK=0)')
         logger.info(f'[DDAPO] checks: the ids at every position read are the output\'s own (every call, no forward; '
                     f'a sample the old log-prob forward holds elsewhere falls back to a forward of its own); {check}')
+
+    def validating(self, step: int, mode: str) -> bool:
+        """Whether the ``mode`` (train / eval) call at ``global_step`` ``step`` is a validation step; the same answer
+        for every call of that step and mode (the capture, then the reward call)."""
+        return self._validation[mode].due(step)
 
     def __call__(self, completions: List[str], **kwargs) -> List[Optional[float]]:
         trainer = kwargs.get('trainer')
@@ -137,12 +143,15 @@ class DDAPOAttentionORM(ORM):
             self.on_trainer_init(trainer)
         return RewardCall(self, completions, kwargs).run()
 
-    def move_to(self, path: str, verdict: Verdict) -> None:
-        """After a failed self-check (every rank, the same verdict): read ``path`` from the next call on
-        (``own/<attention>``)."""
-        if self.swift.path.name == 'old_logps':
+    def move_to(self, verdict: Verdict) -> str:
+        """After a failed self-check (every rank, the same verdict): leave ``verdict.path`` from the next call on, for
+        `next_path` (never a path that disagreed already). Returns where to."""
+        failed = [path for path, v in self.checked.items() if not v.agrees]
+        moved = next_path(verdict.path, self.scheduler.attention, failed)
+        if verdict.path == 'old_logps':
             self.swift.use_own(f'the self-check found old_logps {verdict.max_abs_diff:.3g} off eager')
-        self.scheduler.attention = path.split('/', 1)[1]
+        self.scheduler.attention = moved.split('/', 1)[1]
+        return moved
 
     # what calls count and warn, over the run
     def count(self, scored: Scored, call: RewardCall) -> Scored:

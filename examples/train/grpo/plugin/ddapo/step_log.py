@@ -104,6 +104,19 @@ class StepLog:
     pictures: Dict[str, str] = field(default_factory=dict)
     undefined: Dict[str, Dict[str, int]] = field(default_factory=dict)
     failure: Optional[Exception] = None
+    step: int = 0  # the step number of the report section and the trackers' pictures (`report_step`)
+
+
+def report_step(step: int, mode: str) -> int:
+    """The step a call's report section and pictures are numbered with, as ``logging.jsonl`` numbers its scalars: a
+    training call at ``global_step`` ``s`` computes the rewards of step ``s + 1`` (with calls every k steps, the first
+    of them: its scalars are logged at the next logging step); an evaluation runs after step ``s`` and is logged as
+    ``s``.
+
+    >>> report_step(0, 'train'), report_step(2, 'eval')
+    (1, 2)
+    """
+    return step if mode == 'eval' else step + 1
 
 
 class StepLogger:
@@ -115,15 +128,19 @@ class StepLogger:
         self._last_report: Optional[tuple] = None  # (step, mode) of the last report step written
         self._logging: Optional[Cadence] = None  # the logged steps' cadence (logging_steps comes with the trainer)
 
-    def logged(self, step: int, logging_steps: int) -> bool:
-        """Whether the call at ``global_step`` ``step`` is a step the trainer logs its scalars for: the first call, and
-        every call since which a ``logging_steps``-th step was reached (`Cadence`: with a call every step, every
-        ``logging_steps``-th step; with calls every k steps, the calls whose steps hold a logged one).
+    def logged(self, step: int, logging_steps: int, mode: str = 'train') -> bool:
+        """Whether the call at ``global_step`` ``step`` is a step the trainer logs its scalars for: every evaluation
+        (its scalars are logged each time), and for training step 0 and every call since which a
+        ``logging_steps``-th step was reached (`Cadence`: with a call every step, every ``logging_steps``-th step;
+        with calls every k steps, the calls whose steps hold a logged one). Evaluations never move the training
+        cadence.
 
         >>> logger = StepLogger(DDAPOConfig())
-        >>> [step + 1 for step in range(8) if logger.logged(step, 3)]
-        [1, 3, 6]
+        >>> [step + 1 for step in range(8) if logger.logged(step, 3)], logger.logged(4, 3, 'eval')
+        ([1, 3, 6], True)
         """
+        if mode == 'eval':
+            return True
         if self._logging is None or self._logging.every != logging_steps:
             self._logging = Cadence(logging_steps, first=True)
         return self._logging.due(step)
@@ -135,7 +152,7 @@ class StepLogger:
         (``validate``), once per step and mode (a held-out evaluation at a step has a report of its own); empty
         otherwise."""
         config = self.config
-        logged = self.logged(step, logging_steps)  # asked on every call: the cadence follows every step
+        logged = self.logged(step, logging_steps, mode)  # asked on every call: the cadence follows every step
         if not config.report or not config.report_samples or not main_process:
             return {}
         # one report per step (a step may call the reward more than once: gradient accumulation)
@@ -190,13 +207,15 @@ class StepLogger:
             statistics = validity_statistics(validity)
             self.last_metrics.update({**statistics.metrics, **undefined_metrics(statistics.undefined)})
         undefined = statistics.undefined if statistics is not None else {}
+        number = report_step(step, mode)
         if not samples:
-            return StepLog(self.last_metrics, undefined=undefined)
+            return StepLog(self.last_metrics, undefined=undefined, step=number)
         self._last_report = (step, mode)
         header = [f'- completions from: {rollout}', f'- attention read: {forward}']
         try:  # a diagnostic: a failure here is the caller's to count, never the step's
             pictures = ReportWriter(os.path.join(output_dir, 'ddapo'), header).write_step(
-                step + 1, mode, self.last_metrics, samples, layers_note(spec), statistics)
+                number, mode, self.last_metrics, samples, layers_note(spec), statistics)
         except Exception as error:
-            return StepLog(self.last_metrics, undefined=undefined, failure=error)
-        return StepLog(self.last_metrics, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()}, undefined)
+            return StepLog(self.last_metrics, undefined=undefined, failure=error, step=number)
+        return StepLog(self.last_metrics, {f'ddapo/{mode}/{name}': path for name, path in pictures.items()}, undefined,
+                       step=number)

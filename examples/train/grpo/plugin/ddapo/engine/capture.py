@@ -273,12 +273,38 @@ def forward_inputs(members: Sequence[PackMember], pack: bool) -> Tuple[Dict[str,
     otherwise there is exactly one output, run on its own sequence ``[q ; o_i]``.
     """
     if pack:
-        return pack_shared_prompt([m.forward_kwargs for m in members], members[0].prompt_len,
-                                  [m.num_generated for m in members])
-    if len(members) != 1:
+        kwargs, rows = pack_shared_prompt([m.forward_kwargs for m in members], members[0].prompt_len,
+                                          [m.num_generated for m in members])
+    elif len(members) != 1:
         raise ValueError(f'{len(members)} outputs in one forward need pack=True')
-    member = members[0]
-    return member.forward_kwargs, [range(member.prompt_len, member.prompt_len + member.num_generated)]
+    else:
+        member = members[0]
+        kwargs, rows = member.forward_kwargs, [range(member.prompt_len, member.prompt_len + member.num_generated)]
+    check_rows(kwargs['input_ids'], rows, members)
+    return kwargs, rows
+
+
+def check_rows(input_ids: torch.Tensor, rows: Sequence[range], members: Sequence[PackMember]) -> None:
+    """The structural check of the reward's own forwards, before anything is read: the forward's ids at each output's
+    rows are the ids its encoding located there (``input_ids[P : P + |o_i|]`` of the member, which `locate_completion`
+    matched with the generated ids); a member without its encoding's ids (a bare `Member`) is not checked. Raises
+    ValueError: the unit is then a counted None (``reward_forward_failed``), never a number read at the wrong place.
+
+    >>> from types import SimpleNamespace
+    >>> member = SimpleNamespace(input_ids=[7, 8, 1, 2], prompt_len=2, num_generated=2)
+    >>> check_rows(torch.tensor([[7, 8, 1, 2]]), [range(2, 4)], [member])
+    >>> check_rows(torch.tensor([[7, 8, 1, 9]]), [range(2, 4)], [member])
+    Traceback (most recent call last):
+    ...
+    ValueError: the forward's ids at an output's rows are not the ids its encoding holds there
+    """
+    for member, rows_of in zip(members, rows):
+        ids = getattr(member, 'input_ids', None)
+        if ids is None:
+            continue
+        expected = list(ids[member.prompt_len:member.prompt_len + member.num_generated])
+        if input_ids[0, rows_of.start:rows_of.stop].tolist() != expected:
+            raise ValueError('the forward\'s ids at an output\'s rows are not the ids its encoding holds there')
 
 
 def captured_forward(forward, members: Sequence[PackMember], key_sets: Sequence[KeySets],

@@ -139,7 +139,10 @@ class ForwardScheduler:
         the other ranks holds whatever happens between forwards. An error inside a forward is raised (the call stops
         on every rank after the gather; under ZeRO-3 a forward is itself a collective, which no reward can repair).
         """
-        units = self.units(outputs)
+        try:
+            units = self.units(outputs)
+        except Exception:  # before the count's gather, which every rank must join: one output per forward is exact
+            units = [[output] for output in outputs]
         per_unit = 2 if validate else 1
         padding = (max(env.gather([len(units)])) - len(units)) * per_unit if env.collective else 0
         runs, ran = [], [0]

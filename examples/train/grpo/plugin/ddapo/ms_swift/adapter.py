@@ -57,9 +57,21 @@ class SwiftTrainer:
         return int(getattr(getattr(self.trainer, 'state', None), 'global_step', 0) or 0)
 
     @property
-    def dtype(self):
-        """The policy's parameter dtype (the self-check's tolerance depends on it)."""
-        return next(unwrap_policy(self.trainer).parameters()).dtype
+    def precision(self) -> str:
+        """The precision the policy computes in, for the self-check's tolerance: the mixed precision of the trainer's
+        arguments (``--bf16``, and ``--fp16`` on CUDA: autocast, whatever the parameters hold; ms-swift sets
+        ``--fp16`` for float32 weights by default, which autocasts nothing on a CPU), else the parameters' dtype, and
+        ``tf32`` for float32 parameters where CUDA's float32 matmuls run in TF32."""
+        import torch
+        args = self.trainer.args
+        if getattr(args, 'bf16', False):
+            return 'bfloat16'
+        if getattr(args, 'fp16', False) and torch.cuda.is_available():
+            return 'float16'
+        dtype = str(next(unwrap_policy(self.trainer).parameters()).dtype).replace('torch.', '')
+        if dtype == 'float32' and torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32:
+            return 'tf32'
+        return dtype
 
     @property
     def logging_steps(self) -> int:
@@ -81,10 +93,11 @@ class SwiftTrainer:
         return gather_object(values)
 
     # where attention is read (DDAPO_FORWARD)
-    def choose_forward(self, config, validating: Callable[[int], bool]) -> ForwardPath:
+    def choose_forward(self, config, validating: Callable[[int, str], bool]) -> ForwardPath:
         """`forward_path` of ``config.forward`` in this run; for ``old_logps`` the capture hook is handed to the GRPO
-        patch, so the rewards are scored after the old log-prob forward and read it (``validating(step)``: whether a
-        step is a validation step, which it leaves to the reward's own forwards). Raises ValueError at start."""
+        patch, so the rewards are scored after the old log-prob forward and read it (``validating(step, mode)``:
+        whether a call is a validation step, which it leaves to the reward's own forwards). Raises ValueError at
+        start."""
         from swift_patches import grpo_old_logps_scoring
         self.path = forward_path(self.trainer, config.forward)
         if self.path.name == OLD_LOGPS:

@@ -84,8 +84,9 @@ def wrapped_attention(original: str) -> str:
             except Exception as error:  # inside the trainer's forward: the capture fails, the forward goes on
                 fail_active(module.layer_idx, error)
             return attn_output, attn_weights
-        attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[original](module, query, key, value, attention_mask,
-                                                                      **kwargs)
+        with implementation_named(module, original):
+            attn_output, attn_weights = ALL_ATTENTION_FUNCTIONS[original](module, query, key, value, attention_mask,
+                                                                          **kwargs)
         try:
             record_rows(module.layer_idx, query, key, attention_mask,
                         kwargs.get('scaling') or query.shape[-1] ** -0.5, getattr(module, 'num_key_value_groups', 1))
@@ -96,6 +97,24 @@ def wrapped_attention(original: str) -> str:
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
+
+
+@contextmanager
+def implementation_named(module: torch.nn.Module, original: str) -> Iterator[None]:
+    """The layer's config names ``original`` while ``original`` runs: transformers' flash attention passes
+    ``module.config._attn_implementation`` to its kernel loader, which knows ``flash_attention_2/3`` by exact name and
+    would look ``ddapo_over_flash_attention_2`` up as a hub kernel (ValueError in the trainer's forward). Only the
+    attribute's value changes, and it is back before the recording."""
+    config = getattr(module, 'config', None)
+    switched = getattr(config, '_attn_implementation', original)
+    if config is None or switched == original:
+        yield
+        return
+    config._attn_implementation = original
+    try:
+        yield
+    finally:
+        config._attn_implementation = switched
 
 
 def register_attention() -> None:

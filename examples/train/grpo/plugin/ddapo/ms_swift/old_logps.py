@@ -169,13 +169,13 @@ class Captured:
 class OldLogpsCapture:
     """The hook of ``swift_patches.grpo_old_logps_scoring``: ``capture(chunk_samples, model_inputs)`` is entered
     around the old log-prob forward of each micro-batch and leaves a `Captured` (or the `NotEncodable` error) per
-    sample, by ``request_id``, for the reward call that follows (`take`). ``validating(step)``: whether the step's
-    reward call is a validation step (``DDAPO_VALIDATE_STEPS``, the reward's `Cadence`): those calls run the reward's
-    own forwards, so nothing is captured. What it leaves uncaptured, and why, is in the module docstring; each cause
+    sample, by ``request_id``, for the reward call that follows (`take`). ``validating(step, mode)``: whether the
+    step's reward call in that mode is a validation step (``DDAPO_VALIDATE_STEPS``, the reward's cadences): those calls
+    run the reward's own forwards, so nothing is captured. What it leaves uncaptured, and why, is in the module docstring; each cause
     is warned once (`fallbacks` counts them)."""
 
     def __init__(self, trainer, spec, system_turns: SystemTurns, config, report_samples: int,
-                 validating: Callable[[int], bool]):
+                 validating: Callable[[int, str], bool]):
         self.trainer, self.spec, self.system_turns, self.config = trainer, spec, system_turns, config
         self.report_samples, self.validating = report_samples, validating
         self._captured: Dict[str, Union[Captured, NotEncodable]] = {}
@@ -203,7 +203,7 @@ class OldLogpsCapture:
 
     @contextmanager
     def __call__(self, batch: Sequence[Any], model_inputs: Dict[str, Any]) -> Iterator[None]:
-        if self.validating(self._step()):
+        if self.validating(self._step(), 'train' if self.trainer.model.training else 'eval'):
             yield
             return
         if getattr(self.trainer, 'dynamic_num_samples', False):  # set by this step's rollout, never at start
