@@ -31,6 +31,32 @@ for arg in "$@"; do
   esac
 done
 
+# The reference system's five experiments (seed 002; README "The reference experiments"), one table. Its rewards
+# [accuracy, VGR, format, length] are answer_match, ddapo_attention, format and ms-swift's soft_overlong here; each row:
+# EXPERIMENT | --reward_weights | DDAPO_EARLY_REWARD_WEIGHTS (its first 10% of steps) | DDAPO_* settings.
+# Explicit settings win: REWARD_FUNCS, REWARD_WEIGHTS, any DDAPO_* already set, and flags passed after the script's.
+EXPERIMENTS=(
+  "1|2.5 0 0.5 1|1 0 2 1|DDAPO_REWARD=group"
+  "2|0 2.5 0.5 1|0 1 2 1|DDAPO_REWARD=group"
+  "3|2.5 1 0.5 1|1 1 2 1|DDAPO_REWARD=group"
+  "4|2.5 1 0.5 1|1 1 2 1|DDAPO_REWARD=gated DDAPO_GATE_REWARD=answer_match"
+  "5|2.5 0 0.5 1|1 0 2 1|DDAPO_REWARD=group DDAPO_TOKEN_WEIGHTS=1"
+)
+if [ -n "${EXPERIMENT:-}" ]; then
+  PRESET=""
+  for row in "${EXPERIMENTS[@]}"; do [ "${row%%|*}" = "$EXPERIMENT" ] && PRESET=$row; done
+  if [ -z "$PRESET" ]; then
+    echo "run_grpo_with_ddapo.sh: EXPERIMENT=$EXPERIMENT: use 1 to 5, the reference system's experiments (README)." >&2
+    exit 2
+  fi
+  IFS='|' read -r _ PRESET_WEIGHTS PRESET_EARLY PRESET_SETTINGS <<< "$PRESET"
+  REWARD_FUNCS=${REWARD_FUNCS:-"answer_match ddapo_attention format soft_overlong"}
+  REWARD_WEIGHTS=${REWARD_WEIGHTS:-$PRESET_WEIGHTS}
+  export DDAPO_EARLY_REWARD_WEIGHTS=${DDAPO_EARLY_REWARD_WEIGHTS:-$PRESET_EARLY}
+  for setting in $PRESET_SETTINGS; do
+    printenv "${setting%%=*}" >/dev/null || export "${setting?}"  # one set in the environment wins
+  done
+fi
 SYSTEM_PROMPT=${SYSTEM_PROMPT:-"A conversation between User and Assistant. The assistant first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"}
 REWARD_FUNCS=${REWARD_FUNCS:-"ddapo_attention format answer_match"}
 
@@ -173,9 +199,20 @@ esac
 [ -n "$DEEPSPEED" ] && [ "${DS_ACCELERATOR:-}" = cpu ] && CMD+=(--fp16 false --bf16 false)
 [ -n "$GRADIENT_CHECKPOINTING_KWARGS" ] && CMD+=(--gradient_checkpointing_kwargs "$GRADIENT_CHECKPOINTING_KWARGS")
 [ "$DEMO" = 1 ] && CMD+=(--check_model false --seed 1)
+# shellcheck disable=SC2206  # REWARD_WEIGHTS is a space-separated list on purpose
+[ -n "${REWARD_WEIGHTS:-}" ] && CMD+=(--reward_weights $REWARD_WEIGHTS)
+# ms-swift's own length penalty (soft_overlong): the reference's soft_punish_cache=50 of 384-512 tokens; a tenth of a
+# shorter MAX_COMPLETION_LENGTH, rounded up (the demo's 24: 3), which must stay below it
+if [[ " $REWARD_FUNCS " == *" soft_overlong "* ]]; then
+  SOFT_CACHE_LENGTH=${SOFT_CACHE_LENGTH:-$(( MAX_COMPLETION_LENGTH >= 500 ? 50 : (MAX_COMPLETION_LENGTH + 9) / 10 ))}
+  CMD+=(--soft_cache_length "$SOFT_CACHE_LENGTH")
+fi
 CMD+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")
 
 ENV_SHOWN="NPROC_PER_NODE=${NPROC_PER_NODE:-1} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} MAX_PIXELS=$MAX_PIXELS"
+for setting in $(compgen -e | grep '^DDAPO_' | sort); do  # the reward's settings, as the run will read them
+  ENV_SHOWN+=" $(printf '%q' "$setting=${!setting}")"
+done
 if [ "$NNODES" != 1 ]; then
   ENV_SHOWN+=" NNODES=$NNODES NODE_RANK=${NODE_RANK:-} MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-}"
   export NNODES NODE_RANK MASTER_ADDR MASTER_PORT

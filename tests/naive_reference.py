@@ -187,6 +187,34 @@ def balance_reward(policy, row, num_layers_read: int = 8, layers=None) -> float:
     return rho_vis / (rho_text + rho_vis)
 
 
+def modality_entropies(policy, row) -> Tuple[torch.Tensor, torch.Tensor, NaiveKeys]:
+    """``H~^T`` and ``H~^V`` (docs/notation.md section 7, Eq. 15), float64, ``[|L_att|, |o_i|]`` each (every
+    full-attention layer in depth order, every generated token), and the key sets: per layer and token the head mean of
+    the row's attention, renormalised within the key set, its entropy (``0 log 0 = 0``) divided by ``log`` of the set's
+    size. NaN where undefined: fewer than 2 keys in the set, or less attention on it than ``2^-126`` (float32's smallest
+    normal number) per key of the set."""
+    import math
+    batch, input_ids, labels = encode(policy, row)
+    keys = key_sets(policy, input_ids, labels, generated_ids(row), row)
+    attentions = full_attention_maps(policy, eager_attentions(policy, batch))
+    P, n = keys.prompt_len, keys.num_generated
+    heads = torch.stack(attentions)[:, 0, :, P:P + n, :].double().mean(dim=1)  # [layers, n, S]
+    out = []
+    for mask in (keys.text_keys, keys.vision_keys):
+        size = int(mask.sum())
+        values = torch.full(heads.shape[:2], float('nan'), dtype=torch.float64)
+        for layer in range(heads.shape[0]):
+            for t in range(n):
+                on_set = heads[layer, t][mask]
+                total = float(on_set.sum())
+                if size < 2 or total < size * 2.0 ** -126:
+                    continue
+                q = [float(v) / total for v in on_set]
+                values[layer, t] = -sum(p * math.log(p) for p in q if p > 0) / math.log(size)
+        out.append(values)
+    return out[0], out[1], keys
+
+
 def encode_trajectory(policy, row) -> Tuple[dict, List[int], List[int]]:
     """ms-swift's GRPO encoding of a whole multi-turn trajectory, every turn's ids (and loss mask) in its assistant
     message, as training encodes it: the collated forward kwargs, the input ids and the labels."""

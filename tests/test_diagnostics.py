@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, segments, step_metrics, weight_stats
+from ddapo.core.diagnostics import (SampleDiagnostics, segment_attention_entropy, segment_vision_mass, segments,
+                                    step_metrics, weight_stats)
+from ddapo.core.entropy import AttentionEntropy
 from ddapo.core.formulas import head_average, layer_key_attention, sequence_scores
-from ddapo.core.report import ReportSample, ReportWriter, TokenGrid, image_heatmaps, token_line
+from ddapo.core.report import ReportSample, ReportWriter, TokenGrid, entropy_line, image_heatmaps, token_line
+
+NAN = float('nan')
 
 
 def scored(m_text, num_text=10, num_vision=30, segment=None):
@@ -28,6 +32,43 @@ class TestSegmentVisionMass:
 
     def test_two_layers(self):
         assert set(segment_vision_mass(torch.tensor([[[0.9, 0.1]], [[0.5, 0.5]]]))) == {'all'}
+
+
+class TestSegmentAttentionEntropy:
+    """Edge cases (the worked example is a doctest): a 2-layer model gives only `all`; each third reads its own layers
+    (a third whose layers have no vision mass has ``H~^V`` and ``MDI`` NaN, the others not); ``rows`` leaves rows out."""
+
+    def test_two_layers(self):
+        masses, entropies = torch.tensor([[[0.5, 0.5]]] * 2), torch.tensor([[[math.log(2), math.log(2)]]] * 2)
+        assert set(segment_attention_entropy(masses, entropies, 2, 2)) == {'all'}
+
+    def test_thirds_and_rows(self):
+        # 3 layers, 2 tokens, |T| = |V| = 2; the early layer has no vision mass; token 2 is even on both everywhere
+        masses = torch.tensor([[[1.0, 0.0], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]]])
+        log2 = math.log(2)
+        entropies = torch.tensor([[[0.0, NAN], [log2, log2]], [[log2, 0.0], [log2, log2]], [[log2, 0.0], [log2, log2]]])
+        values = segment_attention_entropy(masses, entropies, 2, 2)
+        assert (values['early'].H_T, values['early'].H_V) == pytest.approx((0.5, 1.0))  # token 1 has no early H~^V
+        assert values['late'].MDI == pytest.approx(1 / 1.5)
+        first = segment_attention_entropy(masses, entropies, 2, 2, rows=torch.tensor([True, False]))
+        assert math.isnan(first['early'].H_V) and math.isnan(first['early'].MDI) and first['early'].H_T == 0.0
+
+
+class TestEntropyMetrics:
+    """``ddapo/<segment>/{MDI,H_T,H_V}/mean``: the mean over the scored outputs where defined; a quantity no output
+    defines is not logged; outputs scored without entropies add none, and an unscorable output counts in none."""
+
+    def test_means_and_left_out(self):
+        a, b, c = scored([0.5]), scored([0.5]), scored([0.5])
+        a.segment_entropy = {'all': AttentionEntropy(0.4, 0.6, 0.9), 'late': AttentionEntropy(NAN, 0.2, NAN)}
+        b.segment_entropy = {'all': AttentionEntropy(0.6, 0.2, NAN)}
+        metrics = step_metrics([a, b, c, SampleDiagnostics(reason='no_vision_keys')])
+        assert metrics['ddapo/all/MDI/mean'] == pytest.approx(0.5) and metrics['ddapo/all/H_T/mean'] == pytest.approx(0.4)
+        assert metrics['ddapo/all/H_V/mean'] == pytest.approx(0.9) and metrics['ddapo/late/H_T/mean'] == 0.2
+        assert 'ddapo/late/MDI/mean' not in metrics and 'ddapo/late/H_V/mean' not in metrics
+
+    def test_absent_without_entropies(self):
+        assert not any('/MDI/' in k or '/H_T/' in k for k in step_metrics([scored([0.5])]))
 
 
 class TestStepMetrics:
@@ -117,6 +158,16 @@ class TestImageHeatmaps:
             image_heatmaps(torch.arange(5.), [TokenGrid(2, 3)])
 
 
+class TestEntropyLine:
+    """Edge cases (the worked example is a doctest): segments in the order all, early, middle, late whatever the
+    dict's order; NaN as ``-``."""
+
+    def test_order(self):
+        line = entropy_line({name: AttentionEntropy(0.5, 0.25, 0.125) for name in ('late', 'early', 'all', 'middle')})
+        assert line.index(' all ') < line.index(' early ') < line.index(' middle ') < line.index(' late ')
+        assert 'late 0.500/0.250/0.125' in line
+
+
 class TestTokenLine:
     """Edge cases: docstring example, NaN, newline and table pipe escaped."""
 
@@ -168,6 +219,17 @@ class TestReportWriter:
             picture = np.asarray(Image.open(path).convert('RGB'))
             colours.append(tuple(picture[picture.shape[0] // 2, int(picture.shape[1] * 0.72)]))
         assert colours[0] != colours[1]
+
+    def test_entropy_line(self, tmp_path):
+        """The sample's line of attention entropies when it has them, after the completion; none without."""
+        entropy = {'all': AttentionEntropy(0.4, 0.6, 0.9), 'early': AttentionEntropy(NAN, 0.5, NAN)}
+        with_entropy = ReportSample(title='a', tokens=['x'], m_vis=[0.5], tdr=1.0, reward_balance=0.5, entropy=entropy)
+        without = ReportSample(title='b', tokens=['x'], m_vis=[0.5], tdr=1.0, reward_balance=0.5)
+        ReportWriter(str(tmp_path)).write_step(1, 'train', {}, [with_entropy, without])
+        text = (tmp_path / 'report.md').read_text()
+        line = '- attention entropy (Eq. 15-17), MDI / H~T / H~V: all 0.400/0.600/0.900, early -/0.500/-'
+        assert text.count('attention entropy') == 1 and line in text
+        assert text.index('- completion:') < text.index(line) < text.index('### b')
 
     def test_token_weights_line(self, tmp_path):
         sample = ReportSample(title='p', tokens=['Red', '!'], m_vis=[0.4, 0.6], tdr=1.5, reward_balance=0.4,

@@ -13,7 +13,7 @@ PLUGIN = os.path.join(ROOT, 'examples', 'train', 'grpo', 'plugin', 'plugin.py')
 OVERRIDABLE = ('MODEL', 'MODEL_TYPE', 'TEMPLATE', 'DATASET', 'OUTPUT_DIR', 'NPROC_PER_NODE', 'CUDA_VISIBLE_DEVICES',
                'DEEPSPEED', 'BATCH_SIZE', 'NUM_GENERATIONS', 'REWARD_FUNCS', 'MAX_STEPS', 'ROLLOUT', 'VLLM_MODE',
                'SLEEP_LEVEL', 'VLLM_SERVER_HOST', 'VLLM_SERVER_PORT', 'NNODES', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT',
-               'DS_ACCELERATOR')
+               'DS_ACCELERATOR', 'EXPERIMENT', 'REWARD_WEIGHTS', 'SOFT_CACHE_LENGTH')
 
 
 def run_script(*args, timeout=60, **env):
@@ -239,6 +239,45 @@ class TestPrerequisites:
         result = run_script(MODEL=str(tmp_path), DATASET=f'{data}#100', ROLLOUT='hf', **NO_GPU)
         assert result.returncode == 2
         assert 'NPROC_PER_NODE=2 needs 2 visible GPUs and 0 are visible' in result.stderr and '--demo' in result.stderr
+
+
+# The reference system's experiments (seed 002) as written there: [accuracy, VGR, format, length] weights, early weights
+SEED_EXPERIMENTS = {1: ('2.5 0 0.5 1', '1 0 2 1'), 2: ('0 2.5 0.5 1', '0 1 2 1'), 3: ('2.5 1 0.5 1', '1 1 2 1'),
+                    4: ('2.5 1 0.5 1', '1 1 2 1'), 5: ('2.5 0 0.5 1', '1 0 2 1')}
+
+
+class TestExperiments:
+    """EXPERIMENT=1..5: the printed command has the seed's rewards in its order (answer_match, ddapo_attention, format,
+    ms-swift's soft_overlong with --soft_cache_length 50 at 512 tokens), its weights and early weights, and the
+    reward settings (gated with answer_match for 4, token weights for 5). Edge cases: explicit REWARD_WEIGHTS, DDAPO_*
+    and later flags win; an unknown experiment stops with exit 2; the demo's short completions get a shorter cache."""
+
+    @pytest.mark.parametrize('experiment', sorted(SEED_EXPERIMENTS))
+    def test_preset(self, experiment):
+        result = run_script('--dry-run', EXPERIMENT=str(experiment))
+        assert result.returncode == 0, result.stderr
+        env, argv = composed(result)
+        weights, early = SEED_EXPERIMENTS[experiment]
+        assert flag(argv, '--reward_funcs') == ['answer_match', 'ddapo_attention', 'format', 'soft_overlong']
+        assert flag(argv, '--reward_weights') == weights.split() and env['DDAPO_EARLY_REWARD_WEIGHTS'] == early
+        assert flag(argv, '--soft_cache_length') == ['50'] and flag(argv, '--max_completion_length') == ['512']
+        assert env['DDAPO_REWARD'] == {4: 'gated'}.get(experiment, 'group')
+        assert ('DDAPO_GATE_REWARD' in env) == (experiment == 4) and ('DDAPO_TOKEN_WEIGHTS' in env) == (experiment == 5)
+        from ddapo.core.config import DDAPOConfig  # the settings it exports are valid ones
+        DDAPOConfig.from_env({k: v for k, v in env.items() if k.startswith('DDAPO_')})
+
+    def test_explicit_settings_win(self):
+        result = run_script('--dry-run', '--reward_weights', '1', '1', '1', '1', EXPERIMENT='3', DDAPO_REWARD='balance',
+                            DDAPO_EARLY_REWARD_WEIGHTS='0 0 1 1', MAX_COMPLETION_LENGTH='24')
+        env, argv = composed(result)
+        assert env['DDAPO_REWARD'] == 'balance' and env['DDAPO_EARLY_REWARD_WEIGHTS'] == '0 0 1 1'
+        last = len(argv) - 1 - argv[::-1].index('--reward_weights')
+        assert argv[last + 1:last + 5] == ['1'] * 4  # after the preset's: ms-swift takes the last
+        assert flag(argv, '--soft_cache_length') == ['3']  # a tenth of 24 tokens, rounded up
+
+    def test_unknown_experiment(self):
+        result = run_script('--dry-run', EXPERIMENT='6')
+        assert result.returncode == 2 and 'EXPERIMENT=6: use 1 to 5' in result.stderr
 
 
 @pytest.mark.slow

@@ -256,6 +256,9 @@ class TestSwiftRlhfGrpo:
             assert r['ddapo/num_text_keys/mean'] > 0 and r['ddapo/tdr/median'] > 0 and r['ddapo/eta_V/mean'] > 0
             assert r['ddapo/rho_vis/mean'] > 0 and r['ddapo/rho_text/mean'] > 0
             assert {'ddapo/early/M_V/mean', 'ddapo/middle/M_V/mean', 'ddapo/late/M_V/mean'} <= set(r)
+            # seed 003's diagnostics (notation Eq. 15-17), per third, normalised into [0, 1]
+            assert all(0.0 <= r[f'ddapo/{third}/{name}/mean'] <= 1.0 for third in ('early', 'middle', 'late')
+                       for name in ('MDI', 'H_T', 'H_V'))
         fractions = [r['ddapo/not_applicable_frac'] for r in records if 'ddapo/not_applicable_frac' in r]
         assert all(0.0 <= f <= 1.0 for f in fractions) and max(fractions) > 0  # the text-only rows
         # the report, from the main process, on logging steps

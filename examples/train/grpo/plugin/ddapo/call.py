@@ -225,7 +225,8 @@ class RewardCall:
         trajectory = None if rows is None else RowKeys.of(key_sets, rows, run.captures[k].env_masses)
         scored = score_output(run.captures[k].masses, self.layers, key_sets.num_text_keys, key_sets.num_vision_keys,
                               output.generated, self.swift.spec.special_ids, weights,
-                              token_weight_block(output.encoded.labelled), trajectory)
+                              token_weight_block(output.encoded.labelled), trajectory,
+                              entropies=run.captures[k].entropies)  # seed 003's diagnostics (Eq. 15-17)
         if count:
             self.orm.debug(report, run, self.layers, scored)
         if scored.reward is None:

@@ -118,6 +118,7 @@ class DDAPOAttentionORM(ORM):
         self.scheduler = ForwardScheduler(self.config, spec.attention_layers, spec.hybrid)
         if self.config.token_weights:
             self.swift.enable_token_weights()
+        self.swift.install_warmup(self.config)
         path = self.swift.choose_forward(self.config, self.validating)
         logger.info(f'[DDAPO] policy model {spec.model_type}: {spec.num_layers} decoder layers, {layers_note(spec)}; '
                     f'vision token ids {sorted(spec.vision_token_ids)}')

@@ -90,9 +90,40 @@ def _parse_name(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _parse_weights(name: str, raw: str) -> Tuple[float, ...]:
+    """One finite weight per ``--reward_funcs`` entry, separated by spaces or commas (as ``--reward_weights``)."""
+    try:
+        values = tuple(float(part) for part in raw.replace(',', ' ').split())
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f'{name}={raw!r} is not a list of weights; allowed values: one finite number per '
+                         '--reward_funcs entry, in order, separated by spaces (as --reward_weights), e.g. "1 0 2 1"')
+    return values
+
+
+def _parse_early_steps(name: str, raw: str) -> float:
+    """A fraction of max steps in (0, 1), or a whole number of steps >= 1."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not (0 < value < 1 or (value >= 1 and value == int(value) and math.isfinite(value))):
+        raise ValueError(f'{name}={raw!r} is not a warm-up length; allowed values: a fraction of max steps in (0, 1) '
+                         '(0.1 is the reference system\'s 10%), or a whole number of steps >= 1')
+    return value
+
+
 def _spell(value) -> str:
     """A setting's value as the environment writes it (a tuple as ``LOW,HIGH``)."""
     return ','.join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _spell_field(name: str, value) -> str:
+    """`_spell`, but a weight list as ``--reward_weights`` writes it (an empty one as nothing)."""
+    if name == 'early_reward_weights':
+        return ' '.join(str(v) for v in value)
+    return _spell(value)
 
 
 def _setting(default, parse: Callable[[str, str], object], doc: str):
@@ -111,6 +142,7 @@ _ONLY_WITH: Dict[str, Tuple[str, Callable[['DDAPOConfig'], bool]]] = {
                     'DDAPO_VALIDATE_STEPS)',
                     lambda c: c.attention == 'shared' and (c.forward != 'old_logps' or c.validate_steps > 0)),
     'report_samples': ('DDAPO_REPORT=1', lambda c: c.report),
+    'early_steps': ('DDAPO_EARLY_REWARD_WEIGHTS', lambda c: bool(c.early_reward_weights)),
 }
 
 
@@ -142,6 +174,12 @@ class DDAPOConfig:
                                    'every N-th global step, Eq. (12)-(14): one more forward per forward unit (a '
                                    'prompt\'s pack under shared, an output otherwise) on the masked prompt, the '
                                    'ddapo/validity/* metrics and report; 0: never')
+    early_reward_weights: Tuple[float, ...] = _setting((), _parse_weights,
+                                                       'reward weights, one per --reward_funcs entry, in force for the '
+                                                       'first DDAPO_EARLY_STEPS steps (the warm-up), then '
+                                                       '--reward_weights')
+    early_steps: float = _setting(0.1, _parse_early_steps,
+                                  'the warm-up\'s length: a fraction of max steps in (0, 1), or a step count')
     self_check: bool = _setting(True, _parse_bool,
                                 'on the first call that reads each path, score a few outputs per rank again with the '
                                 'eager reference and move every rank to a path that agrees if they differ')
@@ -149,8 +187,10 @@ class DDAPOConfig:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == 'early_reward_weights' and value == ():
+                continue  # the default: no warm-up (the environment never spells it)
             # the environment's parser on the value's spelling: the same checks and messages, built directly too
-            if f.metadata['parse'](f.name, _spell(value)) != value:
+            if f.metadata['parse'](f.name, _spell_field(f.name, value)) != value:
                 raise ValueError(f'{f.name}={value!r} is not a {type(f.default).__name__} setting; '
                                  f'{f.metadata["doc"]}')
         for field_name, (needs, holds) in _ONLY_WITH.items():
@@ -186,4 +226,5 @@ class DDAPOConfig:
 
     def describe(self) -> str:
         """The settings as they would be written in the environment."""
-        return ', '.join(f'{name}={_spell(getattr(self, field_name))}' for name, field_name in self.variables().items())
+        return ', '.join(f'{name}={_spell_field(field_name, getattr(self, field_name))}'
+                         for name, field_name in self.variables().items())

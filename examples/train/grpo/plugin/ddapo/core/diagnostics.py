@@ -6,6 +6,8 @@
     of a trajectory's environment turns), ddapo/eta_V/mean, ddapo/num_text_keys/mean, ddapo/num_vision_keys/mean,
     ddapo/not_applicable_frac (and ddapo/not_applicable/<reason>_frac per reason),
     ddapo/<segment>/M_V/mean for segment in all, early, middle, late,
+    ddapo/<segment>/MDI/mean, ddapo/<segment>/H_T/mean, ddapo/<segment>/H_V/mean (Eq. 15-17, notation section 7;
+    a metric no output defines is not logged),
     with DDAPO_TOKEN_WEIGHTS=1: ddapo/token_weight/mean, ddapo/token_weight/min, ddapo/token_weight/max,
     ddapo/token_weight/clipped_frac (weights at a DDAPO_TOKEN_WEIGHT_CLIP bound)
 """
@@ -17,9 +19,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ddapo.core.entropy import AttentionEntropy, Counts, output_entropy
 from ddapo.core.formulas import DDAPOScores, layer_set, token_text_mass
 
 THIRDS = ('early', 'middle', 'late')
+ENTROPY_METRICS = ('MDI', 'H_T', 'H_V')  # the fields of AttentionEntropy, logged as ddapo/<segment>/<name>/mean
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class SampleDiagnostics:
     segment_M_vis: Dict[str, float] = field(default_factory=dict)
     token_weights: Optional[WeightStats] = None  # with DDAPO_TOKEN_WEIGHTS=1
     M_V_env: float = 0.0  # the environment's images' part of M^V (notation section 6); 0 for one turn
+    # MDI_i, H~^T_i, H~^V_i (Eq. 16, 17) per segment; empty when the scorer got no entropies
+    segment_entropy: Dict[str, AttentionEntropy] = field(default_factory=dict)
 
     @property
     def M_V_prompt(self) -> Optional[float]:
@@ -81,6 +87,27 @@ def segment_vision_mass(masses: torch.Tensor) -> Dict[str, float]:
         defined = m_text[~torch.isnan(m_text)]
         out[name] = 1.0 - float(defined.mean()) if defined.numel() else math.nan
     return out
+
+
+def segment_attention_entropy(masses: torch.Tensor, entropies: torch.Tensor, num_text_keys: Counts,
+                              num_vision_keys: Counts, rows: Optional[torch.Tensor] = None) -> Dict[str, AttentionEntropy]:
+    """``MDI_i``, ``H~^T_i`` and ``H~^V_i`` (Eq. 16, 17) with ``Lambda`` = each segment of `segments`; ``masses`` and
+    ``entropies`` are ``[L, |o_i|, 2]`` (all layers of ``L_att``), the counts ``|T|``, ``|V|`` or per row (a
+    trajectory), ``rows`` the rows to average over (all by default; `output_entropy`).
+
+    Example: 3 layers, one token, ``|T| = 2``, ``|V| = 4``; the text mass ``0.5`` spread evenly in every layer
+    (``H~^T = 1``); the vision mass ``0.4`` on one key, on two, then on all four (``H~^V = 0, 0.5, 1``); ``all``:
+    ``MDI = 1 / (1 + 0.5)``:
+
+    >>> masses = torch.tensor([[[0.5, 0.4]]] * 3)
+    >>> entropies = torch.tensor([[[math.log(2), math.log(k)]] for k in (1, 2, 4)])
+    >>> {k: (round(e.MDI, 4), round(e.H_V, 4)) for k, e in segment_attention_entropy(masses, entropies, 2, 4).items()}
+    {'all': (0.6667, 0.5), 'early': (1.0, 0.0), 'middle': (0.6667, 0.5), 'late': (0.5, 1.0)}
+    """
+    return {name: output_entropy(masses[layer_set(masses.shape[0], name)],
+                                 entropies[layer_set(entropies.shape[0], name)], num_text_keys,
+                                 num_vision_keys, rows)
+            for name in segments(masses.shape[0])}
 
 
 def _mean(values: List[float]) -> float:
@@ -125,6 +152,11 @@ def step_metrics(samples: List[SampleDiagnostics]) -> Dict[str, float]:
     })
     for name in sorted({k for s in scored for k in s.segment_M_vis}):
         metrics[f'ddapo/{name}/M_V/mean'] = _mean([s.segment_M_vis.get(name, math.nan) for s in scored])
+    for name in sorted({k for s in scored for k in s.segment_entropy}):
+        for quantity in ENTROPY_METRICS:  # left out where no output defines it (notation section 7)
+            value = _mean([getattr(s.segment_entropy[name], quantity) for s in scored if name in s.segment_entropy])
+            if math.isfinite(value):
+                metrics[f'ddapo/{name}/{quantity}/mean'] = value
     weights = [s.token_weights for s in scored if s.token_weights is not None and s.token_weights.count]
     if weights:
         count = sum(w.count for w in weights)

@@ -4,7 +4,7 @@ Per logging step (numbered as in ``logging.jsonl``): the ``ddapo/*`` metrics as 
 outputs, the question, the image paths, the solution, the decoded completion, the generated tokens with their
 ``m^V_{i,t}`` (Eq. 4), the image beside a heat map of the attention each vision token drew
 (``layer_key_attention`` over ``Lambda``, one cell per merged patch), and a line plot of ``m^V_{i,t}`` along the
-completion. On validation steps (``DDAPO_VALIDATE_STEPS``) also a scatter of ``R^bal_i`` against ``D_i`` and, per
+completion, and its attention entropies per third of ``L_att`` (``MDI``, ``H~^T``, ``H~^V``, Eq. 15-17). On validation steps (``DDAPO_VALIDATE_STEPS``) also a scatter of ``R^bal_i`` against ``D_i`` and, per
 sample, ``m^V_{i,t}`` and ``D_{i,t}`` along the completion (Eq. 12-14). The heat map and the token plot are in units
 of the fair share, on fixed scales, so pictures compare across steps and runs: a heat-map cell of 2 drew twice the attention of a key under uniform attention
 (``1 / (|T| + |V|)``), and the token plot marks ``|V| / (|T| + |V|)``, the vision share under uniform attention.
@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ddapo.core.entropy import AttentionEntropy
 
 HEAT_SCALE = (0.0, 4.0)  # heat-map colours, in fair shares: fixed so that pictures compare across steps and runs
 
@@ -55,6 +56,8 @@ class ReportSample:
     M_V: float = math.nan  # M^V_i (Eq. 5)
     M_V_env: float = 0.0  # the environment's images' part of M^V
     picture_images: List[int] = field(default_factory=list)  # per picture: the row image it shows
+    # MDI_i, H~^T_i, H~^V_i (Eq. 16, 17) per segment (SampleDiagnostics.segment_entropy); empty: no line
+    entropy: Dict[str, AttentionEntropy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,22 @@ def token_line(tokens: Sequence[str], m_vis: Sequence[float]) -> str:
     def show(token: str) -> str:
         return token.replace('\n', '\\n').replace('|', '\\|').replace('`', "'") or '∅'
     return ' '.join(f'{show(t)}({v:.2f})' if math.isfinite(v) else f'{show(t)}(-)' for t, v in zip(tokens, m_vis))
+
+
+def entropy_line(entropy: Dict[str, AttentionEntropy]) -> str:
+    """The sample's line of attention entropies (Eq. 15-17): ``MDI``, ``H~^T`` and ``H~^V`` per segment, in the order
+    all, early, middle, late; ``-`` where undefined (notation section 7).
+
+    >>> nan = float('nan')
+    >>> entropy_line({'late': AttentionEntropy(0.5, 0.8, 0.8), 'all': AttentionEntropy(nan, 0.61, nan)})
+    'attention entropy (Eq. 15-17), MDI / H~T / H~V: all -/0.610/-, late 0.500/0.800/0.800'
+    """
+    def show(value: float) -> str:
+        return f'{value:.3f}' if math.isfinite(value) else '-'
+    order = ['all', 'early', 'middle', 'late']
+    names = sorted(entropy, key=lambda name: (order.index(name) if name in order else len(order), name))
+    return 'attention entropy (Eq. 15-17), MDI / H~T / H~V: ' + ', '.join(
+        f'{name} {show(entropy[name].MDI)}/{show(entropy[name].H_T)}/{show(entropy[name].H_V)}' for name in names)
 
 
 def _figure(width: float, height: float):
@@ -319,7 +338,10 @@ class ReportWriter:
                       f'- images: {", ".join(f"`{p}`" for p in sample.image_paths) or "none"}']
             if sample.solution is not None:
                 lines.append(f'- solution: {_inline(sample.solution)}')
-            lines += [f'- completion: {_inline(sample.completion)}', '']
+            lines.append(f'- completion: {_inline(sample.completion)}')
+            if sample.entropy:
+                lines.append(f'- {entropy_line(sample.entropy)}')
+            lines.append('')
             heat_lines: Dict[int, List[str]] = {}  # per row image: its pictures' heat maps
             for j, (image, heat) in enumerate(zip(sample.images, sample.heatmaps)):
                 name = f'{stem}_image{j}.png'

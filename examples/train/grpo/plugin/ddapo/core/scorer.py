@@ -3,6 +3,8 @@
     LayerCapture.masses [|L_att|, |o_i|, 2] --score_output--> m^T_{i,t} over Lambda (Eq. 4), rho_text, rho_vis,
                                                              TDR_i, R^bal_i (Eq. 2-7), M^V_i per segment, and
                                                              with token weights on, w_{i,t} (Eq. 11): a `Scored`
+    LayerCapture.entropies [|L_att|, |o_i|, 2] (optional) ---> MDI_i, H~^T_i, H~^V_i per segment (Eq. 15-17),
+                                                             metrics only
     every rank's `SharedOutput` --group_variant-------------> R^grp_i (Eq. 8) or R^gate_i (Eq. 9), by position
 
 `score_output` is verl's per-sample score: one output's numbers in, its result out; the reward class does the
@@ -13,7 +15,7 @@ from typing import Collection, List, Optional, Sequence, Tuple
 
 import torch
 
-from ddapo.core.diagnostics import SampleDiagnostics, segment_vision_mass, weight_stats
+from ddapo.core.diagnostics import SampleDiagnostics, segment_attention_entropy, segment_vision_mass, weight_stats
 from ddapo.core.key_sets import KeySets
 from ddapo.core.validity import OutputValidity
 from ddapo.core.formulas import NotApplicable, scored_rows, sequence_scores, token_env_vision_mass, token_text_mass
@@ -91,11 +93,14 @@ class RowKeys:
 def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int, num_vision_keys: int,
                  generated: Sequence[int] = (), special_ids: Collection[int] = (),
                  weights: Optional[WeightSettings] = None,
-                 weight_block: Optional[Unweighted] = None, trajectory: Optional[RowKeys] = None) -> Scored:
+                 weight_block: Optional[Unweighted] = None, trajectory: Optional[RowKeys] = None,
+                 entropies: Optional[torch.Tensor] = None) -> Scored:
     """Eq. (4)-(7) (and Eq. 10, 11 with ``weights``) of one output from its Eq. (1) sums ``masses [|L_att|, |o_i|, 2]``
     (``(text, vision)`` per layer and generated token), read at the positions ``layers`` of ``L_att`` (Lambda).
     ``trajectory``: a multi-turn output's per-row key counts (which replace ``|T|`` and ``|V|``) and the environment's
-    share of ``M^V`` (``M_V_env``; 0 for one turn).
+    share of ``M^V`` (``M_V_env``; 0 for one turn). ``entropies``: the capture's per-modality entropies
+    (`LayerCapture.entropies`, ``[|L_att|, |o_i|, 2]``, Eq. 15 in nats); given, the diagnostics hold ``MDI_i``, ``H~^T_i`` and
+    ``H~^V_i`` per segment (Eq. 16, 17, over the rows ``M^V`` per segment averages over), which no reward reads.
 
     Not applicable (notation section 4) where ``masses`` holds inf or NaN, where the completion is only special
     tokens, and wherever `sequence_scores` says so (empty completion, no vision keys, ...). ``weight_block``
@@ -126,14 +131,18 @@ def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int
     if weights is not None and weight_block is None:
         output_weights = token_weights(m_text, text_keys, vision_keys, weights.clip, weights.sigma,
                                        None if trajectory is None else trajectory.follows).tolist()
-    seen, env_share = masses, 0.0
+    seen, env_share, both = masses, 0.0, None
     if trajectory is not None:  # the rows that see both kinds of key (notation section 6)
         rows = scored_rows(m_text, text_keys, vision_keys)
-        seen = masses[:, (trajectory.num_text_keys > 0) & (trajectory.num_vision_keys > 0)]
+        both = (trajectory.num_text_keys > 0) & (trajectory.num_vision_keys > 0)
+        seen = masses[:, both]
         env_share = float(token_env_vision_mass(read, trajectory.env_masses[list(layers)])[rows].mean())
+    entropy = ({} if entropies is None else
+               segment_attention_entropy(masses, entropies, text_keys, vision_keys, both))
     diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(seen),
                                     token_weights=None if output_weights is None else
-                                    weight_stats(output_weights, weights.clip), M_V_env=env_share)
+                                    weight_stats(output_weights, weights.clip), M_V_env=env_share,
+                                    segment_entropy=entropy)
     return Scored(scores.reward_balance, diagnostics, m_text=m_text, token_weights=output_weights,
                   unweighted=weight_block if weights is not None else None)
 

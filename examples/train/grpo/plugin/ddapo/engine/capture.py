@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ddapo.core.entropy import layer_modality_entropies
 from ddapo.core.formulas import head_average, key_attention_sum, layer_modality_masses
 from ddapo.core.key_sets import KeySets
 from ddapo.core.packing import PackMember, pack_shared_prompt
@@ -36,9 +37,10 @@ ROW_CHUNK_ELEMENTS = 1 << 24  # scores per chunk of rows (heads x rows x keys): 
 
 class LayerCapture:
     """Collects, for one output ``o_i`` during one forward, per attention layer of ``L_att`` (in depth order; the
-    decoder-layer indices are ``attention_layers``): the Eq. (1) sums ``masses [|L_att|, |o_i|, 2]`` and the per-key
-    attention ``key_attention [|L_att|, P]`` (`layer_key_attention`). Linear-attention layers have no ``alpha``
-    and no slot.
+    decoder-layer indices are ``attention_layers``): the Eq. (1) sums ``masses [|L_att|, |o_i|, 2]``, the entropies
+    ``entropies [|L_att|, |o_i|, 2]`` of the attention renormalised within ``T`` and within ``V`` (Eq. 15 in nats,
+    `layer_modality_entropies`: the metrics' only, never the reward's) and the per-key attention
+    ``key_attention [|L_att|, P]`` (`layer_key_attention`). Linear-attention layers have no ``alpha`` and no slot.
 
     ``rows`` are the 0-based positions ``s_{i,t} - 1`` of the generated tokens in the forward's sequence
     (batch element ``batch_index``), whose own sequence starts at position ``start`` there (0 but for the samples
@@ -67,6 +69,7 @@ class LayerCapture:
         self.slot = {layer: i for i, layer in enumerate(attention_layers)}  # decoder layer_idx -> row of masses
         num_layers = len(self.slot)
         self.masses = torch.full((num_layers, len(rows), 2), torch.nan, dtype=torch.float32)
+        self.entropies = torch.full((num_layers, len(rows), 2), torch.nan, dtype=torch.float32)
         self.env_masses = torch.zeros((num_layers, len(rows)), dtype=torch.float32)
         self.key_attention = torch.zeros((num_layers, prompt_len), dtype=torch.float32)
         self._key_rows = torch.zeros(num_layers, dtype=torch.float32)
@@ -78,9 +81,10 @@ class LayerCapture:
         layer_idx = self.slot[layer_idx]
         if self._device is None:  # one host-to-device copy per output, not one per layer (each would synchronise)
             self._device = head_mean.device
-            self.masses, self.env_masses, self.key_attention, self._key_rows, self.text_keys, self.vision_keys = (
-                t.to(head_mean.device) for t in (self.masses, self.env_masses, self.key_attention, self._key_rows,
-                                                 self.text_keys, self.vision_keys))
+            (self.masses, self.entropies, self.env_masses, self.key_attention, self._key_rows, self.text_keys,
+             self.vision_keys) = (t.to(head_mean.device) for t in (
+                 self.masses, self.entropies, self.env_masses, self.key_attention, self._key_rows, self.text_keys,
+                 self.vision_keys))
             if self.env_keys is not None:
                 self.env_keys = self.env_keys.to(head_mean.device)
         prompt_len = self.text_keys.numel()
@@ -89,7 +93,9 @@ class LayerCapture:
             on_prompt = torch.nn.functional.pad(on_prompt, (0, prompt_len - on_prompt.shape[1]))
         text_keys, vision_keys = self.text_keys, self.vision_keys
         rows = slice(first_row, first_row + head_mean.shape[0])
-        self.masses[layer_idx, rows] = layer_modality_masses(on_prompt, text_keys, vision_keys)
+        masses = layer_modality_masses(on_prompt, text_keys, vision_keys)
+        self.masses[layer_idx, rows] = masses
+        self.entropies[layer_idx, rows] = layer_modality_entropies(on_prompt, text_keys, vision_keys, masses)
         if self.env_keys is not None:
             self.env_masses[layer_idx, rows] = on_prompt @ self.env_keys.to(on_prompt.dtype)
         if not self.keep_key_attention:
@@ -104,9 +110,11 @@ class LayerCapture:
         """Move the sums to the CPU (one transfer per output), turn the key sums into means, and keep a trajectory's
         rows."""
         self.key_attention = (self.key_attention / self._key_rows.clamp_min(1).unsqueeze(-1)).cpu()
-        self.masses, self.env_masses, self._key_rows = self.masses.cpu(), self.env_masses.cpu(), self._key_rows.cpu()
+        self.masses, self.entropies = self.masses.cpu(), self.entropies.cpu()
+        self.env_masses, self._key_rows = self.env_masses.cpu(), self._key_rows.cpu()
         if self.selected is not None:
-            self.masses, self.env_masses = self.masses[:, self.selected], self.env_masses[:, self.selected]
+            self.masses, self.entropies, self.env_masses = (
+                t[:, self.selected] for t in (self.masses, self.entropies, self.env_masses))
         return self
 
 

@@ -13,6 +13,7 @@ from ddapo.ms_swift.encoding import EncodedCompletion, SystemTurns, encode_compl
 from ddapo.ms_swift.forward_env import PolicyForwards, _forwards_are_collective, policy_forward
 from ddapo.ms_swift.model_spec import model_spec, unwrap_policy
 from ddapo.ms_swift.old_logps import OLD_LOGPS, OWN, ForwardPath, OldLogpsCapture, forward_path
+from ddapo.ms_swift.warmup import install_warmup
 from ddapo.ms_swift.trainer_io import (enable_token_weights, image_paths, last_user_turn, log_pictures,
                                        rollout_engine, token_weight_store, vision_pictures)
 
@@ -159,6 +160,11 @@ class SwiftTrainer:
             for key, value in metrics.items():
                 if math.isfinite(value):  # the trainer averages lists at logging: a NaN would poison the mean
                     store[mode][key].append(value)
+
+    # the reward-weight warm-up
+    def install_warmup(self, config) -> None:
+        """`install_warmup`: the early reward weights until ``DDAPO_EARLY_STEPS``; raises ValueError at start."""
+        install_warmup(self.trainer, config)
 
     # token weights (Eq. 11)
     def enable_token_weights(self) -> None:
