@@ -38,7 +38,7 @@ SHORTCUT_REWARDS = os.path.join(HERE, 'shortcut_rewards.py')
 sys.path.insert(0, HERE)
 from ablation_ddapo_weight import launcher_system_prompt, spread  # noqa: E402
 from ddapo_demo import WarmStart, warm_start  # noqa: E402
-from tiny_qwen_vl import COLOURS, SHAPES, build_tiny_qwen_vl  # noqa: E402
+from tiny_qwen_vl import COLOURS, SHAPES, VLLM_SIZES, build_tiny_qwen_vl  # noqa: E402
 
 # The launcher's rewards under EXPERIMENT=k (answer_match ddapo_attention format soft_overlong), then the two halves
 # of the held-out accuracy, weighted 0: logged, never optimised.
@@ -129,7 +129,10 @@ def prepare(output_dir: str, args: argparse.Namespace) -> Dict[str, str]:
     """The data, the tiny Qwen2.5-VL and its warm start on the warm rows (cached), for every run of the study."""
     paths = build_shortcut_dataset(output_dir, args.train_rows, args.held_out_rows, args.share, args.warm_share,
                                    args.warm_grey)
-    base = build_tiny_qwen_vl(os.path.join(output_dir, 'tiny-qwen2_5_vl'), 'qwen2_5_vl')
+    # --wide: the 64-wide, 6-layer build (the demo's is 32-wide, 4 layers), for a model too small to learn both cues
+    text, vision = VLLM_SIZES['qwen2_5_vl'] if args.wide else (None, None)
+    base = build_tiny_qwen_vl(os.path.join(output_dir, 'tiny-qwen2_5_vl'), 'qwen2_5_vl', text_size=text,
+                              vision_size=vision, num_layers=6 if args.wide else 4)
     recipe = WarmStart(steps=args.warm_steps)
     paths['model'] = warm_start(base, paths['warm'], os.path.join(output_dir, 'tiny-qwen2_5_vl-warm'),
                                 launcher_system_prompt(), recipe)
@@ -249,6 +252,7 @@ def main() -> None:
     parser.add_argument('--warm-share', type=float, default=1.0, help='the same for the warm start\'s rows')
     parser.add_argument('--warm-grey', type=float, default=0.5,
                         help='warm-start rows whose shape is grey, so that only the note tells the colour')
+    parser.add_argument('--wide', action='store_true', help='a 64-wide, 6-layer tiny model instead of the demo\'s')
     parser.add_argument('--train-rows', type=int, default=64)
     parser.add_argument('--held-out-rows', type=int, default=24)
     parser.add_argument('--warm-steps', type=int, default=1200,
