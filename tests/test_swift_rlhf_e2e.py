@@ -268,6 +268,7 @@ class TestSwiftRlhfGrpo:
         assert text.startswith('# DDAPO report\n\n- completions from: Transformers generate'), text[:300]
         assert '- attention read: old_logps (DDAPO_FORWARD=auto)' in text[:600]
         assert text.count('## step ') >= 2 and 'm^V per generated token:' in text
+        assert 'MDI' in text  # the sample's seed 003 diagnostics line
         assert glob.glob(os.path.join(os.path.dirname(reports[0]), '*_image0.png'))
 
 

@@ -191,7 +191,8 @@ class StepLogger:
             vision_share=scores.num_vision_keys / (scores.num_text_keys + scores.num_vision_keys),
             dependency=None if dependency is None else dependency.tolist(),
             turns=None if encoded.rows is None else trajectory_turns(row.messages, encoded.turns, encoded.rows),
-            M_V=scores.M_vis, M_V_env=scored.diagnostics.M_V_env, picture_images=[g.image for g in view.grids])
+            M_V=scores.M_vis, M_V_env=scored.diagnostics.M_V_env, picture_images=[g.image for g in view.grids],
+            entropy=scored.diagnostics.segment_entropy)
 
     def log(self, mode: str, diagnostics: List[SampleDiagnostics], samples: List[ReportSample], step: int,
             output_dir: str, rollout: str, spec, validity: Optional[List[OutputValidity]] = None,

@@ -51,7 +51,7 @@ def layer_modality_entropies(head_mean: torch.Tensor, text_keys: torch.Tensor, v
         masses = head_mean @ key_masks
     defined = masses >= SMALLEST_NORMAL  # 1 / m^X is finite
     inverse = torch.where(defined, 1.0 / masses.clamp_min(SMALLEST_NORMAL), 0.0)  # [rows, 2]
-    shares = head_mean * (inverse @ key_masks.T) ** 0.999  # MUTANT q_j = h_j / m^X on X, 0 off T and V
+    shares = head_mean * (inverse @ key_masks.T)  # q_j = h_j / m^X on X, 0 off T and V
     entropies = 0.0 - torch.special.xlogy(shares, shares) @ key_masks  # 0 - 0 is +0
     return torch.where(defined, entropies, torch.nan)
 
