@@ -50,11 +50,23 @@ if [ -n "${EXPERIMENT:-}" ]; then
     exit 2
   fi
   IFS='|' read -r _ PRESET_WEIGHTS PRESET_EARLY PRESET_SETTINGS <<< "$PRESET"
+  if [ -n "${REWARD_FUNCS:-}" ] && [ -z "${REWARD_WEIGHTS:-}" ]; then
+    echo "run_grpo_with_ddapo.sh: EXPERIMENT=$EXPERIMENT with REWARD_FUNCS=$REWARD_FUNCS: set REWARD_WEIGHTS (and" \
+      "DDAPO_EARLY_REWARD_WEIGHTS, or an empty one for no warm-up) to one weight per reward function." >&2
+    exit 2
+  fi
   REWARD_FUNCS=${REWARD_FUNCS:-"answer_match ddapo_attention format soft_overlong"}
   REWARD_WEIGHTS=${REWARD_WEIGHTS:-$PRESET_WEIGHTS}
-  export DDAPO_EARLY_REWARD_WEIGHTS=${DDAPO_EARLY_REWARD_WEIGHTS:-$PRESET_EARLY}
+  export DDAPO_EARLY_REWARD_WEIGHTS=${DDAPO_EARLY_REWARD_WEIGHTS-$PRESET_EARLY}  # set empty: no warm-up
+  OWN_REWARD=0
+  printenv DDAPO_REWARD >/dev/null && OWN_REWARD=1
   for setting in $PRESET_SETTINGS; do
-    printenv "${setting%%=*}" >/dev/null || export "${setting?}"  # one set in the environment wins
+    name=${setting%%=*}
+    # one set in the environment wins; DDAPO_REWARD set decides the variant with its gate, as a group
+    if printenv "$name" >/dev/null || { [ "$name" = DDAPO_GATE_REWARD ] && [ "$OWN_REWARD" = 1 ]; }; then
+      continue
+    fi
+    export "${setting?}"
   done
 fi
 SYSTEM_PROMPT=${SYSTEM_PROMPT:-"A conversation between User and Assistant. The assistant first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"}
@@ -201,10 +213,14 @@ esac
 [ "$DEMO" = 1 ] && CMD+=(--check_model false --seed 1)
 # shellcheck disable=SC2206  # REWARD_WEIGHTS is a space-separated list on purpose
 [ -n "${REWARD_WEIGHTS:-}" ] && CMD+=(--reward_weights $REWARD_WEIGHTS)
-# ms-swift's own length penalty (soft_overlong): the reference's soft_punish_cache=50 of 384-512 tokens; a tenth of a
-# shorter MAX_COMPLETION_LENGTH, rounded up (the demo's 24: 3), which must stay below it
+# ms-swift's own length penalty (soft_overlong): the reference's soft_punish_cache=50 (at 384 and 512 tokens); a tenth
+# of a completion length of 100 or less, rounded up (the demo's 24: 3), since ms-swift needs the cache below it
 if [[ " $REWARD_FUNCS " == *" soft_overlong "* ]]; then
-  SOFT_CACHE_LENGTH=${SOFT_CACHE_LENGTH:-$(( MAX_COMPLETION_LENGTH >= 500 ? 50 : (MAX_COMPLETION_LENGTH + 9) / 10 ))}
+  COMPLETION_LENGTH=$MAX_COMPLETION_LENGTH  # a later --max_completion_length flag is the one ms-swift takes
+  for ((i = 0; i + 1 < ${#PASSTHROUGH[@]}; i++)); do
+    [ "${PASSTHROUGH[i]}" = --max_completion_length ] && COMPLETION_LENGTH=${PASSTHROUGH[i + 1]}
+  done
+  SOFT_CACHE_LENGTH=${SOFT_CACHE_LENGTH:-$(( COMPLETION_LENGTH > 100 ? 50 : (COMPLETION_LENGTH + 9) / 10 ))}
   CMD+=(--soft_cache_length "$SOFT_CACHE_LENGTH")
 fi
 CMD+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")

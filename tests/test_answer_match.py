@@ -234,17 +234,33 @@ class TestAnswerMatchORM:
 
 
 class TestWarmupWithoutDDAPO:
-    """A warm-up setting in a run whose --reward_funcs lack ddapo_attention (which installs the warm-up) stops at
-    start, naming the fix. Edge cases: with ddapo_attention it builds; without the setting it builds; no args (a
-    reward used outside swift rlhf) builds."""
+    """A warm-up setting in a run whose rewards lack ddapo_attention (which installs the warm-up) stops at start,
+    naming the fix: ``on_trainer_init`` on ms-swift's GRPOTrainer with the reward names it builds
+    (``reward_func_names``; its args hold no --reward_funcs). Edge cases: with ddapo_attention it passes; without the
+    setting it passes."""
 
     def test_refused(self, monkeypatch):
-        from types import SimpleNamespace
+        from swift.rlhf_trainers.grpo_trainer import GRPOTrainer
         from ddapo.answer_match import AnswerMatchORM
+        trainer = object.__new__(GRPOTrainer)
+        trainer.reward_func_names = ['AnswerMatchORM', 'Format']
         monkeypatch.setenv('DDAPO_EARLY_REWARD_WEIGHTS', '1 2')
         with pytest.raises(ValueError, match='no ddapo_attention.*add ddapo_attention with weight 0'):
-            AnswerMatchORM(SimpleNamespace(reward_funcs=['answer_match', 'format']))
-        AnswerMatchORM(SimpleNamespace(reward_funcs=['answer_match', 'ddapo_attention']))
-        AnswerMatchORM()
+            AnswerMatchORM().on_trainer_init(trainer)
+        trainer.reward_func_names = ['AnswerMatchORM', 'DDAPOAttentionORM']
+        AnswerMatchORM().on_trainer_init(trainer)
         monkeypatch.delenv('DDAPO_EARLY_REWARD_WEIGHTS')
-        AnswerMatchORM(SimpleNamespace(reward_funcs=['answer_match']))
+        trainer.reward_func_names = ['AnswerMatchORM']
+        AnswerMatchORM().on_trainer_init(trainer)
+
+
+class TestArticleInsideASentence:
+    """The article / pronoun rule holds only where ``A`` or ``I`` opens a sentence: a second letter inside the
+    answer is still a letter, so naming two is wrong. Edge cases: after a comma, after "or", a new sentence."""
+
+    @pytest.mark.parametrize('completion, expected', [
+        ('<answer>B or A looks right</answer>', 0.0), ('B, though A seems plausible', 0.0),
+        ('<answer>B</answer>', 1.0), ('It is B. A dog is not shown.', 1.0), ('A dog. The answer is B', 1.0)])
+    def test_second_letter(self, completion, expected):
+        from ddapo.answer_match import answers_match
+        assert float(answers_match(completion, 'B')) == expected

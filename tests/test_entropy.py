@@ -448,3 +448,22 @@ class TestTrajectory:
         metrics = reward.last_metrics
         assert all(0 <= metrics[f'ddapo/{s}/{q}/mean'] <= 1 for s in ('all', 'early', 'middle', 'late')
                    for q in ('MDI', 'H_T', 'H_V'))
+
+
+class TestEntropyFailureIsADiagnostic:
+    """A failure in the entropies (metrics only) never costs the output its reward: the reward is the one without
+    them, the failure is handed to the caller (``diagnostic_failure``) to count. Edge case: the entropy segments
+    are empty."""
+
+    def test_failure(self, monkeypatch):
+        from ddapo.core import scorer
+        masses = torch.tensor([[[0.6, 0.2], [0.3, 0.5]]])
+        plain = scorer.score_output(masses, [0], 10, 30)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError('entropy bug')
+
+        monkeypatch.setattr(scorer, 'segment_attention_entropy', broken)
+        scored = scorer.score_output(masses, [0], 10, 30, entropies=torch.zeros(1, 2, 2))
+        assert scored.reward == plain.reward and isinstance(scored.diagnostic_failure, RuntimeError)
+        assert scored.diagnostics.segment_entropy == {}

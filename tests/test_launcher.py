@@ -275,6 +275,21 @@ class TestExperiments:
         assert argv[last + 1:last + 5] == ['1'] * 4  # after the preset's: ms-swift takes the last
         assert flag(argv, '--soft_cache_length') == ['3']  # a tenth of 24 tokens, rounded up
 
+    def test_groups_and_lengths(self):
+        """DDAPO_REWARD set decides the variant with its gate (no stray DDAPO_GATE_REWARD); an empty
+        DDAPO_EARLY_REWARD_WEIGHTS is no warm-up; the cache is the reference's 50 at 384 tokens, and follows a later
+        --max_completion_length; REWARD_FUNCS without REWARD_WEIGHTS stops (exit 2)."""
+        env, argv = composed(run_script('--dry-run', EXPERIMENT='4', DDAPO_REWARD='balance',
+                                        DDAPO_EARLY_REWARD_WEIGHTS='', MAX_COMPLETION_LENGTH='384'))
+        assert env['DDAPO_REWARD'] == 'balance' and 'DDAPO_GATE_REWARD' not in env
+        assert env['DDAPO_EARLY_REWARD_WEIGHTS'] == '' and flag(argv, '--soft_cache_length') == ['50']
+        from ddapo.core.config import DDAPOConfig
+        assert DDAPOConfig.from_env({k: v for k, v in env.items() if k.startswith('DDAPO_')}).early_reward_weights == ()
+        _, argv = composed(run_script('--dry-run', '--max_completion_length', '40', EXPERIMENT='3'))
+        assert flag(argv, '--soft_cache_length') == ['4']
+        result = run_script('--dry-run', EXPERIMENT='3', REWARD_FUNCS='answer_match ddapo_attention format')
+        assert result.returncode == 2 and 'set REWARD_WEIGHTS' in result.stderr
+
     def test_unknown_experiment(self):
         result = run_script('--dry-run', EXPERIMENT='6')
         assert result.returncode == 2 and 'EXPERIMENT=6: use 1 to 5' in result.stderr

@@ -15,6 +15,10 @@ class TestSwitchStep:
     """Edge cases: a fraction rounds up and never gives 0 steps; a count is taken as it is; a fraction without max
     steps, and a length <= 0, raise."""
 
+    def test_decimal_fractions(self):
+        """ceil of the exact product: float rounding would add a step (0.07 x 100 = 7.000000000000001)."""
+        assert [switch_step(f, 100) for f in (0.07, 0.28, 0.55)] == [7, 28, 55] and switch_step(0.28, 25) == 7
+
     def test_fraction_and_count(self):
         assert [switch_step(0.1, n) for n in (1, 6, 10, 11, 100)] == [1, 1, 1, 2, 10]
         assert switch_step(2, 6) == 2 and switch_step(10, 6) == 10  # a count longer than the run: early all along
@@ -41,10 +45,12 @@ class TestSettings:
         config = DDAPOConfig.from_env({'DDAPO_EARLY_REWARD_WEIGHTS': '1, 0 2 1', 'DDAPO_EARLY_STEPS': '5'})
         assert config.early_reward_weights == (1.0, 0.0, 2.0, 1.0) and config.early_steps == 5
         assert DDAPOConfig(early_reward_weights=(1, 2)).early_reward_weights == (1, 2)
+        assert DDAPOConfig.from_env({'DDAPO_EARLY_REWARD_WEIGHTS': ' '}).early_reward_weights == ()  # off
 
     @pytest.mark.parametrize('environ, message', [
         ({'DDAPO_EARLY_REWARD_WEIGHTS': '1 nan'}, 'DDAPO_EARLY_REWARD_WEIGHTS=.*one finite number per --reward_funcs'),
-        ({'DDAPO_EARLY_REWARD_WEIGHTS': ''}, 'not a list of weights'),
+        ({'DDAPO_EARLY_REWARD_WEIGHTS': '1', 'DDAPO_EARLY_STEPS': 'inf'}, 'not a warm-up length'),
+        ({'DDAPO_EARLY_REWARD_WEIGHTS': '1', 'DDAPO_EARLY_STEPS': '1e400'}, 'not a warm-up length'),
         ({'DDAPO_EARLY_REWARD_WEIGHTS': '1', 'DDAPO_EARLY_STEPS': '2.5'}, 'a fraction of max steps in \\(0, 1\\)'),
         ({'DDAPO_EARLY_REWARD_WEIGHTS': '1', 'DDAPO_EARLY_STEPS': '0'}, 'not a warm-up length'),
         ({'DDAPO_EARLY_STEPS': '0.2'}, 'DDAPO_EARLY_STEPS is set but has no effect without DDAPO_EARLY_REWARD_WEIGHTS'),

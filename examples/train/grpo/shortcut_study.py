@@ -111,8 +111,19 @@ def write_dataset(path: str, rows: List[Dict], image_size: int = 112, seed: int 
 def build_shortcut_dataset(output_dir: str, train_rows: int = 64, held_out_rows: int = 16, share: float = 0.8,
                            warm_share: float = 1.0, warm_grey: float = 0.5) -> Dict[str, str]:
     """The warm start's rows (``warm_grey`` of them grey: the note alone tells), GRPO's training rows and the
-    held-out set (half ``in``, half ``counter``) under ``output_dir`` (reused when present); their jsonl paths by
-    name."""
+    held-out set (half ``in``, half ``counter``) under ``output_dir`` (reused when built with the same settings,
+    ``data.json``); their jsonl paths by name."""
+    settings = {'train_rows': train_rows, 'held_out_rows': held_out_rows, 'share': share, 'warm_share': warm_share,
+                'warm_grey': warm_grey}
+    marker = os.path.join(output_dir, 'data.json')
+    if not os.path.exists(marker) or json.load(open(marker)) != settings:  # other settings: built again
+        for name in ('warm', 'train', 'held_out'):
+            jsonl = os.path.join(output_dir, name, 'train.jsonl')
+            if os.path.exists(jsonl):
+                os.remove(jsonl)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(marker, 'w') as f:
+        json.dump(settings, f)
     parts = {'warm': (shortcut_rows(train_rows, warm_share, seed=10, grey_share=warm_grey), 10),
              'train': (shortcut_rows(train_rows, share, seed=11), 11),
              'held_out': (shortcut_rows(held_out_rows // 2, 1.0, seed=12, prior='in') +
@@ -131,10 +142,11 @@ def prepare(output_dir: str, args: argparse.Namespace) -> Dict[str, str]:
                                    args.warm_grey)
     # --wide: the 64-wide, 6-layer build (the demo's is 32-wide, 4 layers), for a model too small to learn both cues
     text, vision = VLLM_SIZES['qwen2_5_vl'] if args.wide else (None, None)
-    base = build_tiny_qwen_vl(os.path.join(output_dir, 'tiny-qwen2_5_vl'), 'qwen2_5_vl', text_size=text,
+    name = 'tiny-qwen2_5_vl-wide' if args.wide else 'tiny-qwen2_5_vl'  # a build is reused from its folder
+    base = build_tiny_qwen_vl(os.path.join(output_dir, name), 'qwen2_5_vl', text_size=text,
                               vision_size=vision, num_layers=6 if args.wide else 4)
     recipe = WarmStart(steps=args.warm_steps)
-    paths['model'] = warm_start(base, paths['warm'], os.path.join(output_dir, 'tiny-qwen2_5_vl-warm'),
+    paths['model'] = warm_start(base, paths['warm'], os.path.join(output_dir, f'{name}-warm'),
                                 launcher_system_prompt(), recipe)
     return paths
 
@@ -263,15 +275,20 @@ def main() -> None:
     args = parser.parse_args()
     paths = prepare(args.output_dir, args)
     curves: Dict[int, Dict[int, List[Dict[str, float]]]] = {}
-    records = {}
+    records, failed = {}, {}
     for experiment in args.experiments:
         for seed in args.seeds:
             name = f'experiment{experiment}_seed{seed}'
-            run_records = run(experiment, seed, paths, os.path.join(args.output_dir, name), args)
+            try:
+                run_records = run(experiment, seed, paths, os.path.join(args.output_dir, name), args)
+            except subprocess.CalledProcessError as error:  # one failed run costs that run, said in the JSON
+                failed[name] = f'exit {error.returncode}: see {os.path.join(args.output_dir, name, "run.log")}'
+                print(f'{name}: FAILED ({failed[name]})', flush=True)
+                continue
             records[name] = run_records
             curves.setdefault(experiment, {})[seed] = evaluations(run_records)
             print(f'{name}: ' + json.dumps(curves[experiment][seed][-1]), flush=True)
-    result = {'settings': {k: v for k, v in vars(args).items() if k not in ('json', 'plot')},
+    result = {'settings': {k: v for k, v in vars(args).items() if k not in ('json', 'plot')}, 'failed': failed,
               'summary': summarize(curves), 'evaluations': curves,
               'reward_weights': {name: [{k: v for k, v in r.items() if k.startswith('ddapo/reward_weight/')}
                                         for r in rs if any(k.startswith('ddapo/reward_weight/') for k in r)]

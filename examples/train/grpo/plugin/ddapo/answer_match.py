@@ -27,8 +27,8 @@ The rules, and where each comes from (the code is our own; the behaviour is comp
 - Two different letters named as the answer give no answer (wrong): VLMEvalKit's ``can_infer_option`` (a
   count of one letter is required) and MMMU-Pro's unique match after ``Answer:``. MMMU instead takes the last
   candidate, and a random letter when it finds none; a reward must not guess, so neither is done here.
-- A bare ``A`` or ``I`` before a lower-case word is the article or the pronoun (``A dog``, ``I think``):
-  VLMEvalKit flags ``A`` as a possible quantifier; the exact rule (`named_letters`) is ours.
+- A bare ``A`` or ``I`` opening a sentence before a lower-case word is the article or the pronoun (``A dog``,
+  ``I think``; inside a sentence, ``B or A looks right``, it is a letter): VLMEvalKit flags ``A`` as a possible quantifier; the exact rule (`named_letters`) is ours.
 - The option text alone names its option when it equals exactly one option: A-OKVQA scores a
   multiple-choice prediction by equality with ``choices[correct_choice_idx]`` (allenai/aokvqa
   ``evaluation/eval_predictions.py``). VLMEvalKit (``can_infer_text``) and MMMU accept a contained option text;
@@ -194,6 +194,8 @@ def named_letters(answer: str, options: Optional[Mapping[str, str]] = None) -> F
     ['B']
     >>> sorted(named_letters('A or B')), sorted(named_letters('I think it is B')), sorted(named_letters('A dog'))
     (['A', 'B'], ['B'], [])
+    >>> sorted(named_letters('B or A looks right')), sorted(named_letters('B, though A seems plausible'))
+    (['A', 'B'], ['A', 'B'])
     """
     options = options or {}
     lead = _MENTION.match(answer)
@@ -210,7 +212,10 @@ def named_letters(answer: str, options: Optional[Mapping[str, str]] = None) -> F
     letters = set()
     for mention in _MENTION.finditer(answer):
         letter = mention.group('letter')
-        if letter in 'AI' and not (mention.group('open') or mention.group('mark')):
+        before = answer[:mention.start()].rstrip()
+        # the article or pronoun opens a sentence ("A dog", "I think"); inside one ("B or A looks right") it is a letter
+        opens = not before or before[-1] in '.!?'
+        if letter in 'AI' and not (mention.group('open') or mention.group('mark')) and opens:
             word = _NEXT_WORD.match(answer, mention.end())
             if word and word.group(1) not in _LETTER_WORDS:
                 continue
@@ -283,17 +288,18 @@ class AnswerMatchORM(ORM):
 
     Multiple-choice rows may carry their options in an ``options`` or ``choices`` column (`row_options`).
 
-    At start it refuses a reward-weight warm-up (``DDAPO_EARLY_REWARD_WEIGHTS``) in a run without
-    ``ddapo_attention``, whose settings those are: nothing would apply it.
+    At start (``on_trainer_init``, which the reward-kwargs patch calls once the trainer has built its rewards) it
+    refuses a reward-weight warm-up (``DDAPO_EARLY_REWARD_WEIGHTS``) in a run without ``ddapo_attention``, whose
+    setting that is: nothing would apply it.
     """
 
-    def __init__(self, args=None, **kwargs):
-        super().__init__(args, **kwargs)
-        funcs = list(getattr(args, 'reward_funcs', None) or [])
-        if os.environ.get('DDAPO_EARLY_REWARD_WEIGHTS') and funcs and 'ddapo_attention' not in funcs:
+    def on_trainer_init(self, trainer) -> None:
+        names = list(getattr(trainer, 'reward_func_names', None) or [])
+        if os.environ.get('DDAPO_EARLY_REWARD_WEIGHTS') and 'DDAPOAttentionORM' not in names:
             raise ValueError('DDAPO_EARLY_REWARD_WEIGHTS is set, and --reward_funcs has no ddapo_attention, whose '
                              'setting it is (the warm-up is installed by that reward): add ddapo_attention with weight '
-                             '0 to --reward_funcs and --reward_weights, or unset DDAPO_EARLY_REWARD_WEIGHTS.')
+                             f'0 to --reward_funcs and --reward_weights, or unset DDAPO_EARLY_REWARD_WEIGHTS (rewards: '
+                             f'{", ".join(names)}).')
 
     def __call__(self, completions: List[str], solution: Optional[List[str]] = None, **kwargs) -> List[Optional[float]]:
         solutions = solution or [None] * len(completions)

@@ -229,6 +229,8 @@ class RewardCall:
                               entropies=run.captures[k].entropies)  # seed 003's diagnostics (Eq. 15-17)
         if count:
             self.orm.debug(report, run, self.layers, scored)
+            if scored.diagnostic_failure is not None:
+                self.orm.diagnostic_failed('attention_entropy', scored.diagnostic_failure, self)
         if scored.reward is None:
             return self.orm.count(scored, self) if count else scored
         if scored.unweighted is not None and count:

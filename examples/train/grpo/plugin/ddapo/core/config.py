@@ -91,7 +91,10 @@ def _parse_name(name: str, raw: str) -> str:
 
 
 def _parse_weights(name: str, raw: str) -> Tuple[float, ...]:
-    """One finite weight per ``--reward_funcs`` entry, separated by spaces or commas (as ``--reward_weights``)."""
+    """One finite weight per ``--reward_funcs`` entry, separated by spaces or commas (as ``--reward_weights``); an
+    empty value is no warm-up (how a launcher preset's warm-up is turned off)."""
+    if not raw.strip():
+        return ()
     try:
         values = tuple(float(part) for part in raw.replace(',', ' ').split())
     except ValueError:
@@ -108,7 +111,7 @@ def _parse_early_steps(name: str, raw: str) -> float:
         value = float(raw.strip())
     except ValueError:
         value = -1.0
-    if not (0 < value < 1 or (value >= 1 and value == int(value) and math.isfinite(value))):
+    if not (math.isfinite(value) and (0 < value < 1 or (value >= 1 and value == int(value)))):
         raise ValueError(f'{name}={raw!r} is not a warm-up length; allowed values: a fraction of max steps in (0, 1) '
                          '(0.1 is the reference system\'s 10%), or a whole number of steps >= 1')
     return value

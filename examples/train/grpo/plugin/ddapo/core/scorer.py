@@ -39,6 +39,7 @@ class Scored:
     m_text: Optional[torch.Tensor] = None  # m^T_{i,t} over Lambda (Eq. 4)
     token_weights: Optional[List[float]] = None  # w_{i,t} (Eq. 11)
     unweighted: Optional['Unweighted'] = None  # token weights on, but left out for this output
+    diagnostic_failure: Optional[Exception] = None  # a metric-only computation (the entropies) that failed
 
     @classmethod
     def not_applicable(cls, reason: str, detail: str) -> 'Scored':
@@ -137,14 +138,18 @@ def score_output(masses: torch.Tensor, layers: Sequence[int], num_text_keys: int
         both = (trajectory.num_text_keys > 0) & (trajectory.num_vision_keys > 0)
         seen = masses[:, both]
         env_share = float(token_env_vision_mass(read, trajectory.env_masses[list(layers)])[rows].mean())
-    entropy = ({} if entropies is None else
-               segment_attention_entropy(masses, entropies, text_keys, vision_keys, both))
+    entropy, failure = {}, None
+    try:  # a diagnostic (Eq. 15-17): its failure is the caller's to count, never the reward's
+        if entropies is not None:
+            entropy = segment_attention_entropy(masses, entropies, text_keys, vision_keys, both)
+    except Exception as error:
+        failure = error
     diagnostics = SampleDiagnostics(scores=scores, segment_M_vis=segment_vision_mass(seen),
                                     token_weights=None if output_weights is None else
                                     weight_stats(output_weights, weights.clip), M_V_env=env_share,
                                     segment_entropy=entropy)
     return Scored(scores.reward_balance, diagnostics, m_text=m_text, token_weights=output_weights,
-                  unweighted=weight_block if weights is not None else None)
+                  unweighted=weight_block if weights is not None else None, diagnostic_failure=failure)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,15 @@ class RewardWeightWarmup(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.switch = switch_step(self.early_steps, int(state.max_steps or 0))
+        if 0 < state.max_steps <= self.switch:
+            get_logger().warning(f'[DDAPO] DDAPO_EARLY_STEPS={self.early_steps:g} covers all {state.max_steps} steps: '
+                                 'the run never reaches --reward_weights')
         get_logger().info(
             f'[DDAPO] reward-weight warm-up: steps 1..{self.switch} weigh the rewards ({", ".join(self.names)}) with '
             f'DDAPO_EARLY_REWARD_WEIGHTS {list(self.early)}, from step {self.switch + 1} on with --reward_weights '
-            f'{list(self.regular)} (DDAPO_EARLY_STEPS={self.early_steps:g} of {state.max_steps} steps)')
+            f'{list(self.regular)} (DDAPO_EARLY_STEPS={self.early_steps:g} of {state.max_steps} steps; a generation '
+            'made before the switch trains with the weights of its step, and ddapo/reward_weight/* is averaged over '
+            'each logging window)')
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.switch is None:  # a trainer that never began (tests): the phase from max steps as it stands
